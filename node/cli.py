@@ -1,0 +1,254 @@
+"""The ``triage-node`` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from node import __version__
+from node.config import Settings, load_settings
+from node.errors import ConfigError, NodeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="triage-node",
+    help="DICOM-native AI triage node: receive studies, run models, return DICOM results.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (see config.example.toml).",
+        envvar="TRIAGE_NODE_CONFIG",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+def _settings(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: DICOM listener, study completion and web server, until Ctrl-C."""
+    from node.logs import configure_logging
+    from node.runtime import Node
+    from node.verification import c_echo
+
+    settings = _settings(config)
+    configure_logging(settings.logging.level, json_format=settings.logging.json_format)
+    node = Node(settings)
+    with console.status("Preparing database and starting listeners..."):
+        try:
+            node.start()
+        except (NodeError, OSError) as exc:
+            err_console.print(f"[red]error:[/red] cannot start: {exc}")
+            raise typer.Exit(1) from None
+    d = settings.dicom
+    echo_host = "127.0.0.1" if d.host in ("0.0.0.0", "::") else d.host  # noqa: S104
+    check = c_echo(
+        echo_host, node.dicom.port, called_ae_title=d.ae_title, calling_ae_title=d.ae_title
+    )
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] on {d.host}:{node.dicom.port}")
+    grid.add_row("Accepts", ", ".join(str(c) for c in d.allowed_callers) or "(nobody)")
+    grid.add_row(
+        "Web",
+        f"{node.web_url}healthz  (API docs {node.web_url}docs)" if node.web_url else "disabled",
+    )
+    grid.add_row(
+        "Data",
+        f"{node.store.data_dir}  (free {_human_bytes(node.store.free_bytes())}, "
+        f"refuses below {_human_bytes(settings.storage.min_free_bytes)})",
+    )
+    grid.add_row("Database", node.engine.url.render_as_string(hide_password=True))
+    grid.add_row(
+        "Studies", f"complete after {settings.study.quiet_seconds:g} s without a new instance"
+    )
+    grid.add_row(
+        "Self-check",
+        f"[green]C-ECHO to {d.ae_title}@{echo_host}:{node.dicom.port} succeeded[/green]"
+        if check.ok
+        else f"[red]C-ECHO failed: {check.detail}[/red]",
+    )
+    grid.add_row(
+        "Try",
+        f"TCP_NODELAY=1 storescu -aec {d.ae_title} {echo_host} {node.dicom.port} FILE.dcm"
+        f"   then: triage-node studies",
+    )
+    console.print(Panel(grid, title=f"triage-node {__version__} is running", expand=False))
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        console.print("Stopping...")
+        node.stop()
+    if not check.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def studies(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many studies.")] = 100,
+) -> None:
+    """List studies, most urgent first: UID, accession, modality, instances, status, priority."""
+    from node.db.engine import make_engine, make_sessionmaker
+    from node.worklist import list_studies
+
+    settings = _settings(config)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = list_studies(session, limit=limit)
+    except Exception as exc:
+        err_console.print(f"[red]error:[/red] cannot read studies: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+        return
+    if not rows:
+        console.print("No studies yet.")
+        return
+    header = (
+        "StudyInstanceUID",
+        "Accession",
+        "Modality",
+        "Instances",
+        "Status",
+        "Priority",
+        "First received (UTC)",
+        "Last received (UTC)",
+    )
+    lines = [
+        (
+            r.study_instance_uid,
+            r.accession_number or "-",
+            r.modalities or "-",
+            str(r.instance_count),
+            r.status if r.version == 1 else f"{r.status}(v{r.version})",
+            r.priority,
+            f"{r.first_received_at:%Y-%m-%d %H:%M:%S}",
+            f"{r.last_received_at:%Y-%m-%d %H:%M:%S}",
+        )
+        for r in rows
+    ]
+    if not console.is_terminal:
+        # One line per study, tab-separated, for scripts and pipes.
+        for line in (header, *lines):
+            print("\t".join(line))
+        return
+    table = Table(box=None, header_style="bold")
+    for col in header:
+        table.add_column(col, no_wrap=True)
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)
+
+
+@app.command()
+def echo(
+    host: Annotated[str, typer.Argument(help="Host of the remote AE.")],
+    port: Annotated[int, typer.Argument(help="Port of the remote AE.")],
+    aec: Annotated[str, typer.Option("--aec", help="Called AE title.")] = "ANY-SCP",
+    aet: Annotated[str, typer.Option("--aet", help="Our calling AE title.")] = "TRIAGE",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send a C-ECHO (verification) to a DICOM AE."""
+    from node.verification import c_echo
+
+    result = c_echo(host, port, called_ae_title=aec, calling_ae_title=aet, timeout=timeout)
+    (console if result.ok else err_console).print(result.detail)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOption = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from node.db import migrate
+    from node.db.engine import make_engine
+
+    settings = _settings(config)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    engine = make_engine(settings.database_url)
+    try:
+        with console.status(f"Upgrading {engine.url.render_as_string(hide_password=True)}..."):
+            migrate.upgrade(engine, revision)
+        console.print(f"Database at revision {migrate.current_revision(engine)}.")
+    except Exception as exc:
+        err_console.print(f"[red]error:[/red] upgrade failed: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """Show the database's revision and whether it is up to date."""
+    from node.db import migrate
+    from node.db.engine import make_engine
+
+    engine = make_engine(_settings(config).database_url)
+    try:
+        current, head = migrate.current_revision(engine), migrate.head_revision()
+    finally:
+        engine.dispose()
+    console.print(f"current {current or '(empty)'}; newest {head}")
+    raise typer.Exit(0 if current == head else 1)
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="TOML file.")],
+) -> None:
+    """Validate a configuration file; print every problem with its line."""
+    _settings(path)
+    console.print(f"{path}: OK")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Ingest: the DICOM C-ECHO/C-STORE SCP and what it does with each received instance."""

@@ -1,0 +1,311 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP for every storage SOP class (pynetdicom).
+
+Handlers do one thing each and return a status; the C-STORE handler follows
+PS3.4 B.2.3: the instance is on disk and in the catalogue before Success goes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined,unused-ignore]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.catalog import Catalog
+from node.config import DicomSettings
+from node.errors import NodeError, RejectedInstance
+from node.ingest import status
+from node.ingest.callers import CallerPolicy
+from node.ingest.inspect import inspect_instance
+from node.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide settings that keep PHI out of logs and accept private storage classes.
+
+    pynetdicom logs C-FIND/C-MOVE identifiers by default; they hold patient data.
+    pydicom warns with element values on invalid input; we validate ourselves.
+    """
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    # Vendors send private SOP classes; a node in front of PACS must take them too.
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+
+
+class NoDelayAssociationServer(ThreadedAssociationServer):
+    """Accepted sockets get TCP_NODELAY: without it every small PDU waits for an ACK."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+class _UidLocks:
+    """Striped locks so two associations storing the same SOP Instance serialise."""
+
+    def __init__(self, stripes: int = 64) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def __call__(self, uid: str) -> threading.Lock:
+        return self._locks[zlib.crc32(uid.encode()) % len(self._locks)]
+
+
+@dataclass
+class _AssociationTally:
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+
+
+@dataclass
+class StoreSCP:
+    """The C-STORE/C-ECHO service: event handlers bound to a store and a catalogue."""
+
+    store: InstanceStore
+    catalog: Catalog
+    callers: CallerPolicy
+    _locks: _UidLocks = field(default_factory=_UidLocks)
+    _tallies: dict[int, _AssociationTally] = field(default_factory=dict)
+
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_RELEASED, self.on_finished),
+            (evt.EVT_ABORTED, self.on_finished),
+        ]
+
+    # -- association ----------------------------------------------------------------
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject unknown callers before negotiation (PS3.8 9.3.4: calling AE not recognised)."""
+        requestor = event.assoc.requestor
+        # The requestor's ae_title is only filled in during negotiation; read the request.
+        primitive = requestor.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+        if self.callers.admits(calling, requestor.address):
+            log.info("association requested calling_ae=%s address=%s", calling, requestor.address)
+            self._tallies[id(event.assoc)] = _AssociationTally()
+            return
+        log.warning(
+            "association rejected calling_ae=%s address=%s reason=calling AE not allowed",
+            calling,
+            requestor.address,
+        )
+        # rejected-permanent, service-user, calling-AE-title-not-recognized
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()
+
+    def on_finished(self, event: evt.Event) -> None:
+        tally = self._tallies.pop(id(event.assoc), None)
+        if tally is not None:
+            log.info(
+                "association ended calling_ae=%s stored=%d duplicates=%d failed=%d",
+                event.assoc.requestor.ae_title.strip(),
+                tally.stored,
+                tally.duplicates,
+                tally.failed,
+            )
+
+    # -- services ---------------------------------------------------------------------
+    def on_echo(self, event: evt.Event) -> int:
+        return status.SUCCESS
+
+    def on_store(self, event: evt.Event) -> int:
+        """Persist the bytes as received, then acknowledge (PS3.4 B.2.3). Never raises."""
+        tally = self._tallies.setdefault(id(event.assoc), _AssociationTally())
+        calling = event.assoc.requestor.ae_title.strip()
+        request = event.request
+        assert isinstance(request, C_STORE)
+        sop_class = str(request.AffectedSOPClassUID or "")
+        sop_instance = str(request.AffectedSOPInstanceUID or "")
+        data = b""
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            result = self._store(data, calling, sop_class, sop_instance)
+        except Exception:
+            # A bug must not take the listener down, nor lose the data: quarantine it.
+            log.exception("unexpected error storing sop_instance_uid=%s", sop_instance)
+            result = self._quarantine(
+                data,
+                RejectedInstance(status.INTERNAL_ERROR, "internal error", sop_instance),
+                calling,
+                sop_class,
+                sop_instance,
+            )
+        if result == status.SUCCESS:
+            tally.stored += 1
+        elif result == _DUPLICATE:
+            tally.duplicates += 1
+            result = status.SUCCESS
+        else:
+            tally.failed += 1
+        return result
+
+    def _store(self, data: bytes, calling: str, sop_class: str, sop_instance: str) -> int:
+        try:
+            self.store.ensure_space(len(data))
+        except RejectedInstance as exc:
+            log.warning("refused sop_instance_uid=%s reason=%s", sop_instance, exc.reason)
+            return exc.status
+        try:
+            header = inspect_instance(
+                data, requested_sop_class_uid=sop_class, requested_sop_instance_uid=sop_instance
+            )
+        except RejectedInstance as exc:
+            return self._quarantine(data, exc, calling, sop_class, sop_instance)
+
+        with self._locks(header.sop_instance_uid):
+            try:
+                if self.catalog.has_instance(header.sop_instance_uid):
+                    self.catalog.record_duplicate(header.sop_instance_uid)
+                    log.info("duplicate sop_instance_uid=%s kept once", header.sop_instance_uid)
+                    return _DUPLICATE
+                rel = self.store.instance_relpath(
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    header.sop_instance_uid,
+                )
+                stored = self.store.write(rel, data)
+                self.catalog.record_instance(header, stored, calling)
+            except RejectedInstance as exc:
+                log.warning(
+                    "refused sop_instance_uid=%s reason=%s", header.sop_instance_uid, exc.reason
+                )
+                return exc.status
+            except SQLAlchemyError as exc:
+                # The file may be on disk without a row; the sender retries and it is replaced.
+                log.error(
+                    "database error sop_instance_uid=%s error=%s",
+                    header.sop_instance_uid,
+                    type(exc).__name__,
+                )
+                return status.OUT_OF_RESOURCES_DATABASE
+            except NodeError as exc:
+                log.error(
+                    "storage error sop_instance_uid=%s error=%s", header.sop_instance_uid, exc
+                )
+                return status.OUT_OF_RESOURCES_DISK
+        log.debug(
+            "stored sop_instance_uid=%s study_uid=%s",
+            header.sop_instance_uid,
+            header.study_instance_uid,
+        )
+        return status.SUCCESS
+
+    def _quarantine(
+        self,
+        data: bytes,
+        exc: RejectedInstance,
+        calling: str,
+        sop_class: str,
+        sop_instance: str,
+    ) -> int:
+        """Keep refused bytes with the reason; answer the rejection's status."""
+        log.warning(
+            "rejected sop_instance_uid=%s status=0x%04X reason=%s",
+            sop_instance,
+            exc.status,
+            exc.reason,
+        )
+        record = {
+            "calling_ae_title": calling,
+            "sop_class_uid": sop_class,
+            "sop_instance_uid": sop_instance,
+            "status": exc.status,
+            "reason": exc.reason,
+        }
+        try:
+            rel = self.store.quarantine(data, record)
+        except NodeError as qexc:
+            log.error("cannot quarantine sop_instance_uid=%s error=%s", sop_instance, qexc)
+            return status.OUT_OF_RESOURCES_DISK
+        try:
+            self.catalog.record_quarantine(
+                calling_ae_title=calling,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                status=exc.status,
+                reason=exc.reason,
+                path=rel,
+                size_bytes=len(data),
+            )
+        except SQLAlchemyError as dbexc:
+            # The JSON sidecar next to the bytes still records the reason.
+            log.error("cannot record quarantine in database error=%s", type(dbexc).__name__)
+        return exc.status
+
+
+#: Internal marker: stored before, answered as Success.
+_DUPLICATE = -1
+
+
+class DicomServer:
+    """Owns the pynetdicom AE and its listening socket."""
+
+    def __init__(self, settings: DicomSettings, scp: StoreSCP) -> None:
+        configure_pynetdicom()
+        self.settings = settings
+        self.scp = scp
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_pdu_size = settings.max_pdu_size
+        ae.maximum_associations = settings.maximum_associations
+        ae.acse_timeout = settings.acse_timeout
+        ae.dimse_timeout = settings.dimse_timeout
+        ae.network_timeout = settings.network_timeout
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.port
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        server = self.ae.make_server(
+            (self.settings.host, self.settings.port),
+            evt_handlers=self.scp.handlers(),
+            server_class=NoDelayAssociationServer,
+        )
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
+        self._thread.start()
+        log.info(
+            "DICOM SCP listening ae_title=%s host=%s port=%d",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.ae.shutdown()

@@ -1,0 +1,145 @@
+"""The instance store: Part 10 files on disk, written so that nothing acknowledged is lost.
+
+Layout under ``data_dir``::
+
+    instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    quarantine/<UTC time>_<random>.dcm   (+ .json with the reason)
+    tmp/                                  (same filesystem, so rename is atomic)
+
+A write goes to ``tmp/``, is fsynced, renamed into place and the directory
+fsynced: after a crash at any point the final path holds either nothing or
+the whole file, never a part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from node.errors import OutOfResources, StorageError
+from node.ingest import status
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    relative_path: str
+    size_bytes: int
+    sha256: str
+
+
+class InstanceStore:
+    """Durable, atomic file writes for received instances and quarantined data."""
+
+    def __init__(self, data_dir: Path, *, min_free_bytes: int = 0, fsync: bool = True) -> None:
+        self.data_dir = data_dir.resolve()
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self.instances_dir = self.data_dir / "instances"
+        self.quarantine_dir = self.data_dir / "quarantine"
+        self.tmp_dir = self.data_dir / "tmp"
+        for d in (self.instances_dir, self.quarantine_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- space -------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.data_dir).free
+
+    def ensure_space(self, incoming: int) -> None:
+        """Refuse before writing anything if the write would go below ``min_free_bytes``."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise OutOfResources(
+                status.OUT_OF_RESOURCES_DISK,
+                f"free disk {free} bytes minus {incoming} incoming is below the "
+                f"minimum of {self.min_free_bytes} bytes",
+            )
+
+    # -- instances ---------------------------------------------------------------------
+    @staticmethod
+    def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        """Where an instance lives. UIDs are validated (digits and dots) before this is called."""
+        return f"instances/{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
+
+    def path(self, relative_path: str) -> Path:
+        return self.data_dir / relative_path
+
+    def exists(self, relative_path: str) -> bool:
+        return (self.data_dir / relative_path).is_file()
+
+    def write(self, relative_path: str, data: bytes) -> StoredFile:
+        """Write ``data`` atomically and durably at ``relative_path``; replaces any old file."""
+        final = self.data_dir / relative_path
+        self._makedirs(final.parent)
+        tmp = self.tmp_dir / f"{final.name}.{secrets.token_hex(6)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            if self.fsync:
+                self._fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfResources(
+                    status.OUT_OF_RESOURCES_DISK, "disk full while writing"
+                ) from exc
+            raise StorageError(f"cannot write {relative_path}: {exc.strerror}") from exc
+        return StoredFile(relative_path, len(data), hashlib.sha256(data).hexdigest())
+
+    def read(self, relative_path: str) -> bytes:
+        return (self.data_dir / relative_path).read_bytes()
+
+    def remove(self, relative_path: str) -> None:
+        (self.data_dir / relative_path).unlink(missing_ok=True)
+
+    # -- quarantine --------------------------------------------------------------------
+    def quarantine(self, data: bytes, record: dict[str, object]) -> str:
+        """Keep refused bytes with a JSON sidecar saying why; returns the relative path.
+
+        If even that cannot be written (disk full), the error propagates: the
+        caller answers "out of resources" and the sender keeps its copy.
+        """
+        now = datetime.now(UTC)
+        stem = f"{now:%Y%m%dT%H%M%S%fZ}_{secrets.token_hex(4)}"
+        rel = f"quarantine/{stem}.dcm"
+        self.write(rel, data)
+        sidecar = {**record, "received_at": now.isoformat(), "size_bytes": len(data)}
+        self.write(f"quarantine/{stem}.json", json.dumps(sidecar, indent=2).encode())
+        return rel
+
+    # -- internals ---------------------------------------------------------------------
+    def _makedirs(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        missing: list[Path] = []
+        d = directory
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            # New directory entries must reach the disk too, parent first.
+            for created in reversed(missing):
+                self._fsync_dir(created.parent)
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

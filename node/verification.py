@@ -1,0 +1,48 @@
+"""Verification SOP class SCU (C-ECHO, PS3.4 Annex A): is that AE there and does it talk to us?
+
+Used by ``serve`` to show the listener works, by ``triage-node echo`` and, later,
+by the admin page's test button for destinations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class EchoResult:
+    ok: bool
+    detail: str
+
+
+def c_echo(
+    host: str,
+    port: int,
+    *,
+    called_ae_title: str,
+    calling_ae_title: str,
+    timeout: float = 10.0,
+) -> EchoResult:
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae_title)
+    try:
+        if assoc.is_rejected:
+            return EchoResult(False, "association rejected")
+        if not assoc.is_established:
+            return EchoResult(False, "no association (connection refused or timed out)")
+        rsp = assoc.send_c_echo()
+        code = int(getattr(rsp, "Status", -1)) if rsp else -1
+        if code == 0:
+            return EchoResult(True, "C-ECHO success")
+        return EchoResult(False, "no response" if code < 0 else f"C-ECHO status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()

@@ -1,0 +1,1 @@
+"""Web application: health, REST API and (later) the worklist pages."""

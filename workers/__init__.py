@@ -1,0 +1,1 @@
+"""triage-node: workers."""
