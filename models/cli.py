@@ -1,0 +1,117 @@
+"""`triage-node model ...`: train and evaluate the shipped models.
+
+TensorFlow is imported inside the commands only, so that registering this app in the node
+CLI costs nothing to commands that never touch a model.
+"""
+
+import json
+import math
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Train and evaluate the triage models.", no_args_is_help=True)
+
+
+class Task(StrEnum):
+    pneumonia = "pneumonia"
+    lungs = "lungs"
+
+
+DEFAULT_SIZE = {Task.pneumonia: 128, Task.lungs: 256}
+DEFAULT_BATCH = {Task.pneumonia: 32, Task.lungs: 4}
+
+
+def _quiet_tf() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@app.command()
+def train(
+    task: Annotated[Task, typer.Argument(help="pneumonia (classifier) or lungs (U-Net)")],
+    *,
+    data: Annotated[
+        Path,
+        typer.Option(help="pneumonia: dir with NORMAL/ PNEUMONIA/; lungs: dir with images/ masks/"),
+    ],
+    out: Annotated[Path, typer.Option(help="output dir for weights + metadata")],
+    backbone: Annotated[
+        str, typer.Option(help="cxrnet|resnet50|densenet121|efficientnetb0|mobilenetv2")
+    ] = "cxrnet",
+    backbone_weights: Annotated[
+        Path | None, typer.Option(help="local pretrained backbone weights file")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="square input size")] = None,
+    epochs: int = 50,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    time_budget_min: Annotated[
+        float | None, typer.Option(help="stop after the epoch crossing this many minutes")
+    ] = None,
+    seed: int = 20240601,
+    version: str = "1.0.0",
+) -> None:
+    """Train a model reproducibly (fixed seed) and write weights + metadata to OUT."""
+    _quiet_tf()
+    from models.train import (
+        TrainSettings,
+        train_classifier,
+        train_segmenter,
+    )
+
+    settings = TrainSettings(
+        input_size=input_size or DEFAULT_SIZE[task],
+        epochs=epochs,
+        batch_size=batch_size or DEFAULT_BATCH[task],
+        seed=seed,
+        time_budget_s=time_budget_min * 60 if time_budget_min else math.inf,
+        version=version,
+    )
+    if task is Task.pneumonia:
+        meta = train_classifier(
+            data, out, settings, backbone=backbone, backbone_weights=backbone_weights
+        )
+    else:
+        meta = train_segmenter(data, out, settings)
+    typer.echo(f"wrote {meta.name} {meta.version} to {out} (sha256 {meta.weights_sha256})")
+
+
+@app.command()
+def evaluate(
+    task: Annotated[Task, typer.Argument(help="pneumonia or lungs")],
+    *,
+    data: Annotated[
+        Path,
+        typer.Option(help="pneumonia: dir with NORMAL/ PNEUMONIA/; lungs: dir with images/ masks/"),
+    ],
+    weights: Annotated[Path | None, typer.Option(help="weights dir (default: shipped)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
+    holdout: Annotated[
+        bool, typer.Option(help="lungs: only the images the model's metadata lists as held out")
+    ] = False,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for 95% CIs")] = 2000,
+) -> None:
+    """Evaluate a model on a labelled folder; metrics with bootstrap 95% CIs."""
+    _quiet_tf()
+    from models.report import (
+        evaluate_classifier_dir,
+        evaluate_segmenter_dir,
+        render,
+    )
+
+    if task is Task.pneumonia:
+        report = evaluate_classifier_dir(data, weights, n_boot=bootstrap, show_progress=True)
+    else:
+        report = evaluate_segmenter_dir(
+            data, weights, holdout_only=holdout, n_boot=bootstrap, show_progress=True
+        )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render(report)
+
+
+if __name__ == "__main__":
+    app()

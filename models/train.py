@@ -1,0 +1,322 @@
+"""Training of the triage classifier and the lung U-Net, reproducible from a seed.
+
+Only `train/` data is used for fitting and for every choice made during training (early
+stopping, learning-rate drops, temperature, decision threshold); `val/` is for reporting.
+"""
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models import data as data_mod
+from models.architectures import build_classifier, build_unet
+from models.evaluate import choose_threshold, fit_temperature
+from models.losses import dice_bce_loss, dice_metric
+from models.registry import (
+    CLASSIFIER_NAME,
+    SEGMENTER_NAME,
+    ModelMetadata,
+    load_weights,
+    save_weights,
+    write_model,
+)
+
+console = Console(stderr=True)
+
+
+def configure_runtime(seed: int) -> None:
+    """Seed Python, NumPy and TF and ask TF for deterministic kernels."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+class RichProgress(keras.callbacks.Callback):  # type: ignore[misc]
+    """One Rich progress bar per epoch, and a summary line of the logged metrics."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int) -> None:
+        super().__init__()
+        self.steps = steps_per_epoch
+        self.epochs = epochs
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[loss]}"),
+            console=console,
+        )
+        self.task: Any = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            f"epoch {epoch + 1}/{self.epochs}", total=self.steps, loss=""
+        )
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        self.progress.update(self.task, advance=1, loss=f"loss {loss:.4f}" if loss else "")
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        self.progress.stop()
+        self.progress.remove_task(self.task)
+        summary = " ".join(
+            f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()) if isinstance(v, float)
+        )
+        console.print(f"epoch {epoch + 1}: {summary}")
+
+
+class TimeBudget(keras.callbacks.Callback):  # type: ignore[misc]
+    """Stop after the epoch that crosses the wall-clock budget (shared CPUs need a bound)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.exhausted = False
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if time.monotonic() - self.start > self.seconds:
+            self.exhausted = True
+            self.model.stop_training = True
+
+
+class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
+    """Keep the best weights on disk as training goes, so an interrupted run leaves a model."""
+
+    def __init__(self, path: Path, monitor: str, mode: str) -> None:
+        super().__init__()
+        self.path, self.monitor, self.sign = path, monitor, (1.0 if mode == "min" else -1.0)
+        self.best = math.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and self.sign * value < self.best:
+            self.best = self.sign * value
+            save_weights(self.model, self.path)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    input_size: int
+    epochs: int = 50
+    batch_size: int = 32
+    seed: int = 20240601
+    time_budget_s: float = math.inf
+    learning_rate: float = 1e-3
+    patience: int = 5
+    version: str = "1.0.0"
+
+
+def _logits(model: Any, images: Any) -> np.ndarray:
+    """Pre-softmax scores of a classifier over a batched dataset, in order."""
+    logits_model = keras.Model(model.input, model.get_layer("logits").output)
+    fn = tf.function(lambda x: logits_model(x, training=False))
+    return np.concatenate([np.asarray(fn(x)) for x, _ in images], axis=0)
+
+
+def train_classifier(
+    data_dir: Path,
+    out_dir: Path,
+    settings: TrainSettings,
+    *,
+    backbone: str = "cxrnet",
+    backbone_weights: Path | None = None,
+    tune_fraction: float = 0.15,
+) -> ModelMetadata:
+    """Fit on a patient-level part of `data_dir` (NORMAL/, PNEUMONIA/), tune on the rest."""
+    configure_runtime(settings.seed)
+    items = data_mod.list_classification(data_dir)
+    fit_items, tune_items = data_mod.split_by_patient(items, tune_fraction, settings.seed)
+    fit_labels = [it.label for it in fit_items]
+    weights = data_mod.class_weights(fit_labels)
+    console.print(
+        f"{len(items)} unique images; fit {len(fit_items)} / tune {len(tune_items)} "
+        f"(patient-level); class weights {weights}"
+    )
+    size, bs = settings.input_size, settings.batch_size
+    train_ds = data_mod.classification_dataset(
+        fit_items, size, bs, training=True, seed=settings.seed
+    )
+    tune_ds = data_mod.classification_dataset(tune_items, size, bs, training=False)
+    architecture: dict[str, Any] = {"backbone": backbone}
+    model = build_classifier(size, backbone, backbone_weights=backbone_weights)
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+    )
+    steps = math.ceil(len(fit_items) / bs)
+    budget = TimeBudget(settings.time_budget_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=settings.patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2),
+        Checkpoint(out_dir / "checkpoint.weights.npz", "val_loss", "min"),
+        budget,
+        RichProgress(steps, settings.epochs),
+    ]
+    history = model.fit(
+        train_ds,
+        epochs=settings.epochs,
+        steps_per_epoch=steps,
+        validation_data=tune_ds,
+        class_weight=weights,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
+    val_losses = history.history["val_loss"]
+    if budget.exhausted:
+        # EarlyStopping only restores at a patience stop; do the same at a budget stop.
+        load_weights(model, out_dir / "checkpoint.weights.npz")
+    tune_logits = _logits(model, tune_ds)
+    tune_labels = np.array([it.label for it in tune_items])
+    temperature = fit_temperature(tune_logits, tune_labels)
+    scaled = tune_logits / temperature
+    tune_probs = np.exp(scaled - scaled.max(1, keepdims=True))
+    tune_probs /= tune_probs.sum(1, keepdims=True)
+    threshold = choose_threshold(tune_probs[:, 1], tune_labels)
+    console.print(f"temperature {temperature:.3f}, threshold {threshold:.3f}")
+    meta = ModelMetadata(
+        name=CLASSIFIER_NAME,
+        version=settings.version,
+        task="classification",
+        input_size=size,
+        architecture=architecture,
+        class_names=[c.lower() for c in data_mod.CLASS_NAMES],
+        decision_threshold=threshold,
+        temperature=temperature,
+        weights_file="",
+        weights_sha256="",
+        weights_dtype="float32",
+        training_data=_summary(data_dir, fit_items, tune_items),
+        training={
+            "seed": settings.seed,
+            "batch_size": bs,
+            "optimizer": "adam",
+            "learning_rate": settings.learning_rate,
+            "epochs_run": len(val_losses),
+            "max_epochs": settings.epochs,
+            "best_epoch": int(np.argmin(val_losses)) + 1,
+            "best_tune_loss": float(np.min(val_losses)),
+            "early_stopping_patience": settings.patience,
+            "time_budget_exhausted": budget.exhausted,
+            "class_weights": {str(k): v for k, v in weights.items()},
+            "backbone_weights": backbone_weights.name if backbone_weights else None,
+            "augmentation": _augmentation(),
+        },
+    )
+    return write_model(model, meta, out_dir)
+
+
+def _augmentation() -> dict[str, Any]:
+    return {
+        "rotation_deg": data_mod.MAX_ROTATION_DEG,
+        "zoom": list(data_mod.ZOOM_RANGE),
+        "shift_fraction": data_mod.MAX_SHIFT_FRACTION,
+        "horizontal_flip": True,
+    }
+
+
+def _summary(
+    data_dir: Path,
+    fit_items: Sequence[data_mod.LabelledImage],
+    tune_items: Sequence[data_mod.LabelledImage],
+) -> dict[str, Any]:
+    def counts(items: Sequence[data_mod.LabelledImage]) -> dict[str, int]:
+        return {c: sum(it.label == i for it in items) for i, c in enumerate(data_mod.CLASS_NAMES)}
+
+    return {
+        "source": f"{data_dir.parent.name}/{data_dir.name}",
+        "deduplicated_by": "sha256",
+        "split": "by patient",
+        "fit": counts(fit_items),
+        "tune": counts(tune_items),
+        "fit_patients": len({it.patient for it in fit_items}),
+        "tune_patients": len({it.patient for it in tune_items}),
+    }
+
+
+def train_segmenter(
+    data_dir: Path, out_dir: Path, settings: TrainSettings, *, steps_per_epoch: int = 16
+) -> ModelMetadata:
+    """Fit the U-Net on every image of `data_dir` except the fixed hold-out.
+
+    With 27 training images there is nothing to spare for early stopping: the run goes for
+    a fixed number of epochs (or the time budget) with learning-rate drops on the training
+    loss, and the final weights are kept.
+    """
+    configure_runtime(settings.seed)
+    items = data_mod.list_segmentation(data_dir)
+    holdout = data_mod.lungs_holdout(items)
+    fit_items = [it for it in items if it.image.name not in holdout]
+    console.print(f"{len(fit_items)} training images, {len(holdout)} held out")
+    size, bs = settings.input_size, settings.batch_size
+    train_ds = data_mod.segmentation_dataset(fit_items, size, bs, training=True, seed=settings.seed)
+    model = build_unet(size)
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=dice_bce_loss,
+        metrics=[dice_metric],
+    )
+    budget = TimeBudget(settings.time_budget_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=4, min_lr=1e-5),
+        Checkpoint(out_dir / "checkpoint.weights.npz", "loss", "min"),
+        budget,
+        RichProgress(steps_per_epoch, settings.epochs),
+    ]
+    history = model.fit(
+        train_ds,
+        epochs=settings.epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
+    meta = ModelMetadata(
+        name=SEGMENTER_NAME,
+        version=settings.version,
+        task="segmentation",
+        input_size=size,
+        architecture={"base_filters": 64, "depth": 3},
+        class_names=["lung"],
+        decision_threshold=0.5,
+        weights_file="",
+        weights_sha256="",
+        # float16 halves the 31 MB float32 file to fit the 20 MB limit; see the card.
+        weights_dtype="float16",
+        training_data={
+            "source": data_dir.name,
+            "fit_images": len(fit_items),
+            "held_out": sorted(holdout),
+            "split": "fixed: sorted index % 5 == 2 held out",
+        },
+        training={
+            "seed": settings.seed,
+            "batch_size": bs,
+            "optimizer": "adam",
+            "learning_rate": settings.learning_rate,
+            "steps_per_epoch": steps_per_epoch,
+            "epochs_run": len(history.history["loss"]),
+            "max_epochs": settings.epochs,
+            "final_loss": float(history.history["loss"][-1]),
+            "time_budget_exhausted": budget.exhausted,
+            "loss": "dice + bce",
+            "augmentation": {**_augmentation(), "gamma": [0.8, 1.25], "brightness": 0.1},
+        },
+    )
+    return write_model(model, meta, out_dir)

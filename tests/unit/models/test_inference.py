@@ -1,0 +1,90 @@
+"""Inference API input contract: any size, any bit depth, order kept, 2-D only."""
+
+from pathlib import Path
+from typing import Literal
+
+import keras
+import numpy as np
+import pytest
+
+from models.architectures import build_classifier, build_unet
+from models.inference import Classifier, LungSegmenter
+from models.registry import ModelMetadata
+
+
+def _meta(task: Literal["classification", "segmentation"], size: int) -> ModelMetadata:
+    return ModelMetadata(
+        name="toy",
+        version="0",
+        task=task,
+        input_size=size,
+        architecture={},
+        class_names=["normal", "pneumonia"],
+        decision_threshold=0.5,
+        weights_file="",
+        weights_sha256="",
+        weights_dtype="float32",
+    )
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    keras.utils.set_random_seed(0)
+    model = build_classifier(48, widths=(8, 16), dense_units=(8, 8))
+    return Classifier(model, _meta("classification", 48), batch_size=2)
+
+
+def _images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [
+        rng.integers(0, 255, (100, 80)).astype(np.uint8),
+        rng.integers(0, 4095, (300, 300)).astype(np.uint16),
+        rng.integers(-1000, 3000, (100, 80)).astype(np.int16),
+        rng.uniform(0, 1, (64, 64)),
+        rng.integers(0, 255, (100, 80)).astype(np.uint8),
+    ]
+
+
+def test_predict_any_size_and_dtype_keeps_order(classifier: Classifier) -> None:
+    images = _images()
+    probs = classifier.predict(images)
+    assert probs.shape == (5, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    one_by_one = np.concatenate([classifier.predict([im]) for im in images])
+    np.testing.assert_allclose(probs, one_by_one, atol=1e-5)
+
+
+def test_bit_depth_does_not_change_the_answer(classifier: Classifier) -> None:
+    image8 = np.random.default_rng(3).integers(0, 255, (120, 90)).astype(np.uint8)
+    image16 = image8.astype(np.uint16) * 257
+    np.testing.assert_allclose(
+        classifier.predict([image8]), classifier.predict([image16]), atol=1e-5
+    )
+
+
+def test_explain_shapes(classifier: Classifier) -> None:
+    maps = classifier.explain(_images())
+    assert [m.shape for m in maps] == [im.shape for im in _images()]
+    assert all(m.min() >= 0 and m.max() <= 1 for m in maps)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3)), np.zeros(7), np.array([["a"]])])
+def test_rejects_non_2d_or_non_numeric(classifier: Classifier, bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="image 0"):
+        classifier.predict([bad])
+
+
+def test_segmenter_masks_have_each_input_shape() -> None:
+    keras.utils.set_random_seed(0)
+    seg = LungSegmenter(build_unet(32, base_filters=4, depth=2), _meta("segmentation", 32))
+    images = _images()
+    masks = seg.predict(images)
+    assert [m.shape for m in masks] == [im.shape for im in images]
+    assert all(m.dtype == np.bool_ for m in masks)
+    probs = seg.predict_proba(images)
+    np.testing.assert_array_equal(masks[0], probs[0] >= 0.5)
+
+
+def test_classifier_module_has_no_dicom_imports() -> None:
+    source = (Path(__file__).resolve().parents[3] / "models" / "inference.py").read_text()
+    assert "pydicom" not in source and "pynetdicom" not in source
