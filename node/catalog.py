@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,11 +50,6 @@ def _insert(session: Session, table: Any) -> Any:
     if dialect == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"database dialect {dialect!r} is not supported")
-
-
-def _rowcount(result: Any) -> int:
-    assert isinstance(result, CursorResult)
-    return int(result.rowcount)
 
 
 def _merge_modalities(current: str, modality: str | None) -> str:
@@ -143,59 +138,58 @@ class Catalog:
             reopened = study.status != StudyStatus.RECEIVING
             version = study.version + 1 if reopened else study.version
 
-            series_new = (
-                _rowcount(
-                    session.execute(
-                        _insert(session, Series)
-                        .values(
-                            study_id=study.id,
-                            series_instance_uid=header.series_instance_uid,
-                            modality=header.modality,
-                            series_number=header.series_number,
-                            series_description=header.series_description,
-                            body_part_examined=header.body_part_examined,
-                            instance_count=0,
-                            first_received_at=now,
-                            last_received_at=now,
-                        )
-                        .on_conflict_do_nothing(index_elements=["series_instance_uid"])
-                    )
+            new_series_id = session.execute(
+                _insert(session, Series)
+                .values(
+                    study_id=study.id,
+                    series_instance_uid=header.series_instance_uid,
+                    modality=header.modality,
+                    series_number=header.series_number,
+                    series_description=header.series_description,
+                    body_part_examined=header.body_part_examined,
+                    instance_count=0,
+                    first_received_at=now,
+                    last_received_at=now,
                 )
-                == 1
+                .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+                .returning(Series.id)
+            ).scalar()
+            series_new = new_series_id is not None
+            series_id = (
+                new_series_id
+                or session.execute(
+                    select(Series.id).where(
+                        Series.series_instance_uid == header.series_instance_uid
+                    )
+                ).scalar_one()
             )
-            series_id = session.execute(
-                select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
-            ).scalar_one()
 
-            inserted = (
-                _rowcount(
-                    session.execute(
-                        _insert(session, Instance)
-                        .values(
-                            study_id=study.id,
-                            series_id=series_id,
-                            sop_instance_uid=header.sop_instance_uid,
-                            sop_class_uid=header.sop_class_uid,
-                            transfer_syntax_uid=header.transfer_syntax_uid,
-                            instance_number=header.instance_number,
-                            rows=header.rows,
-                            columns=header.columns,
-                            number_of_frames=header.number_of_frames,
-                            photometric_interpretation=header.photometric_interpretation,
-                            path=stored.relative_path,
-                            size_bytes=stored.size_bytes,
-                            sha256=stored.sha256,
-                            calling_ae_title=calling_ae_title,
-                            received_at=now,
-                            study_version=version,
-                            duplicate_count=0,
-                        )
-                        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                    )
+            # RETURNING yields no row when the SOP Instance is already there.
+            inserted_id = session.execute(
+                _insert(session, Instance)
+                .values(
+                    study_id=study.id,
+                    series_id=series_id,
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                    instance_number=header.instance_number,
+                    rows=header.rows,
+                    columns=header.columns,
+                    number_of_frames=header.number_of_frames,
+                    photometric_interpretation=header.photometric_interpretation,
+                    path=stored.relative_path,
+                    size_bytes=stored.size_bytes,
+                    sha256=stored.sha256,
+                    calling_ae_title=calling_ae_title,
+                    received_at=now,
+                    study_version=version,
+                    duplicate_count=0,
                 )
-                == 1
-            )
-            if not inserted:
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(Instance.id)
+            ).scalar()
+            if inserted_id is None:
                 session.execute(
                     update(Instance)
                     .where(Instance.sop_instance_uid == header.sop_instance_uid)

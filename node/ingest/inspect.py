@@ -90,7 +90,8 @@ def inspect_instance(
             f"{requested_sop_instance_uid}",
             requested_sop_instance_uid,
         )
-    _check_pixel_data(ds, header, len(data))
+    _check_truncation(ds, header, len(data))
+    _check_pixel_data(ds, header)
     return header
 
 
@@ -161,22 +162,32 @@ def _header(ds: Dataset) -> InstanceHeader:
     )
 
 
-def _check_pixel_data(ds: Dataset, header: InstanceHeader, stream_length: int) -> None:
+def _check_truncation(ds: Dataset, header: InstanceHeader, stream_length: int) -> None:
+    """Refuse a dataset whose last element claims more bytes than were sent.
+
+    pydicom stops quietly at the end of a short stream; DCMTK would refuse the
+    same bytes ("premature end of stream"), and so do we.
+    """
+    for elem in ds._dict.values():
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        # A deferred value is not read; what the stream still holds after its offset is.
+        available = len(elem.value) if elem.value is not None else stream_length - elem.value_tell
+        if available < elem.length:
+            raise RejectedInstance(
+                status.CANNOT_PARSE,
+                f"dataset truncated in element {elem.tag}: {available} of {elem.length} bytes",
+                header.sop_instance_uid,
+            )
+
+
+def _check_pixel_data(ds: Dataset, header: InstanceHeader) -> None:
     """Refuse pixel data whose size or encapsulation contradicts the header (no decoding)."""
     if _PIXEL_DATA not in ds:
         return
     # The stubs say DataElement, but a deferred read returns the RawDataElement.
     elem: DataElement | RawDataElement = ds.get_item(_PIXEL_DATA, keep_deferred=True)
     length = elem.length if isinstance(elem, RawDataElement) else len(elem.value or b"")
-    if isinstance(elem, RawDataElement) and length != 0xFFFFFFFF:
-        # A deferred value is not read; what the stream still holds after its offset is.
-        available = len(elem.value) if elem.value is not None else stream_length - elem.value_tell
-        if available < length:
-            raise RejectedInstance(
-                status.PIXEL_DATA_INCONSISTENT,
-                f"pixel data truncated: {available} of {length} bytes present",
-                header.sop_instance_uid,
-            )
     compressed = bool(header.transfer_syntax_uid) and UID(header.transfer_syntax_uid).is_compressed
     if compressed or length == 0xFFFFFFFF:
         value = elem.value if elem.value is not None else ds.PixelData

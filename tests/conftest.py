@@ -1,0 +1,94 @@
+"""Fixtures shared by all tests: data, databases (SQLite and PostgreSQL), nodes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from node.config import Settings, load_settings
+from node.runtime import Node
+from tests.nodes import SHARED_DATA, free_port
+
+#: The PostgreSQL server of these machines; the test command starts it when down.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"test data not found at {SHARED_DATA} (../shared/data)"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dicom_corpus(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "dicom").rglob("*.dcm"))
+
+
+def _postgres_database() -> Iterator[str]:
+    name = f"triage_test_{secrets.token_hex(4)}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each backend the node supports."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+    else:
+        yield from _postgres_database()
+
+
+def node_config(tmp_path: Path, database_url: str | None = None, **sections: Any) -> dict[str, Any]:
+    """A complete config document for a test node on free ports under ``tmp_path``."""
+    cfg: dict[str, Any] = {
+        "dicom": {"port": free_port(), "host": "127.0.0.1"},
+        "storage": {"data_dir": str(tmp_path / "var"), "min_free_bytes": 0},
+        "study": {"quiet_seconds": 3600},
+        "web": {"enabled": False, "port": free_port()},
+    }
+    if database_url:
+        cfg["database"] = {"url": database_url}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start in-process nodes: ``start_node(database_url=None, **sections)``."""
+    started: list[Node] = []
+
+    def _start(database_url: str | None = None, **sections: Any) -> Node:
+        settings = Settings.model_validate(node_config(tmp_path, database_url, **sections))
+        node = Node(settings)
+        node.start()
+        started.append(node)
+        return node
+
+    yield _start
+    for node in reversed(started):
+        node.stop()
+
+
+@pytest.fixture
+def example_config() -> Path:
+    path = Path(__file__).resolve().parents[1] / "config.example.toml"
+    load_settings(path)
+    return path

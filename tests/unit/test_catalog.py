@@ -1,0 +1,128 @@
+"""The catalogue on SQLite and PostgreSQL: idempotent recording, completion, re-opening."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from pydicom.uid import CTImageStorage
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.catalog import Catalog
+from node.db import migrate
+from node.db.engine import make_engine, make_sessionmaker
+from node.db.models import Instance, Series, Study, StudyStatus
+from node.db.types import utcnow
+from node.ingest.inspect import InstanceHeader
+from node.storage import StoredFile
+from tests.dicomgen import TEST_ROOT
+
+_serial = itertools.count(1)
+
+
+def uid() -> str:
+    """Short UIDs, so that an instance number can be appended within 64 characters."""
+    return f"{TEST_ROOT}{next(_serial)}"
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database_url)
+    migrate.upgrade(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def header(study: str, series: str, n: int, modality: str = "CT") -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=f"{study}.{n}",
+        study_instance_uid=study,
+        series_instance_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality=modality,
+        accession_number="A1",
+    )
+
+
+def stored(n: int) -> StoredFile:
+    return StoredFile(f"instances/x/{n}.dcm", 1000 + n, "0" * 64)
+
+
+def test_records_study_series_and_counts(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    study, s1, s2 = (uid() for _ in range(3))
+    for n in range(3):
+        catalog.record_instance(header(study, s1, n), stored(n), "CT1")
+    catalog.record_instance(header(study, s2, 9, modality="SR"), stored(9), "CT1")
+    with sessions() as session:
+        row = session.execute(select(Study).where(Study.study_instance_uid == study)).scalar_one()
+        assert (row.instance_count, row.series_count) == (4, 2)
+        assert row.modalities == "CT\\SR"
+        assert row.status == StudyStatus.RECEIVING
+        assert row.size_bytes == 1000 + 1001 + 1002 + 1009
+        counts = dict(
+            session.execute(select(Series.series_instance_uid, Series.instance_count)).all()
+        )
+        assert counts == {s1: 3, s2: 1}
+
+
+def test_same_instance_twice_is_recorded_once(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    first = catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+    second = catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+    assert first.is_new and not second.is_new
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+        assert session.scalar(select(Instance.duplicate_count)) == 1
+        assert session.scalar(select(Study.instance_count)) == 1
+
+
+def test_quiet_study_completes_and_late_instance_reopens_it(
+    sessions: sessionmaker[Session],
+) -> None:
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    t0 = utcnow()
+    catalog.record_instance(header(study, series, 1), stored(1), "CT1", now=t0)
+    assert catalog.complete_quiet_studies(10, now=t0 + timedelta(seconds=5)) == []
+    done = catalog.complete_quiet_studies(10, now=t0 + timedelta(seconds=11))
+    assert [(d.study_instance_uid, d.version) for d in done] == [(study, 1)]
+    assert catalog.complete_quiet_studies(10, now=t0 + timedelta(seconds=60)) == []
+
+    late = catalog.record_instance(
+        header(study, series, 2), stored(2), "CT1", now=t0 + timedelta(seconds=61)
+    )
+    assert late.reopened and late.study_version == 2
+    with sessions() as session:
+        row = session.execute(select(Study)).scalar_one()
+        assert (row.status, row.version, row.instance_count, row.completed_at) == (
+            StudyStatus.RECEIVING,
+            2,
+            2,
+            None,
+        )
+        versions = (
+            session.execute(select(Instance.study_version).order_by(Instance.id)).scalars().all()
+        )
+        assert versions == [1, 2]
+    done = catalog.complete_quiet_studies(10, now=t0 + timedelta(seconds=80))
+    assert [(d.study_instance_uid, d.version) for d in done] == [(study, 2)]
+
+
+def test_quarantine_rows(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    catalog.record_quarantine(
+        calling_ae_title="CT1",
+        sop_class_uid="1.2",
+        sop_instance_uid="x" * 80,
+        status=0xC001,
+        reason="dataset cannot be parsed",
+        path="quarantine/a.dcm",
+        size_bytes=10,
+    )
+    assert catalog.counts() == {}

@@ -1,0 +1,115 @@
+"""Configuration: defaults, TOML + environment, errors with key and line."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from node.config import AllowedCaller, Settings, load_settings
+from node.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_mode() -> None:
+    s = load_settings()
+    assert s.database_url.startswith("sqlite:///")
+    assert s.database_url.endswith("var/triage-node.db")
+    assert s.dicom.ae_title == "TRIAGE"
+    assert s.dicom.max_pdu_size >= 1 << 20
+
+
+def test_toml_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[dicom]\nport = 4242\nae_title = "NODE1"\n[study]\nquiet_seconds = 5\n')
+    monkeypatch.setenv("TRIAGE_NODE_DICOM__PORT", "5000")
+    s = load_settings(cfg)
+    assert s.dicom.port == 5000  # environment wins over the file
+    assert s.dicom.ae_title == "NODE1"
+    assert s.study.quiet_seconds == 5
+
+
+def test_mistakes_are_reported_with_key_line_and_reason(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        "[dicom]\n"
+        "port = 70000\n"
+        'allowed_callers = ["CT1@10.0.0.0/8", "MR1@not-an-ip"]\n'
+        "prot = 1\n"
+        "[study]\n"
+        "quiet_seconds = -1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    problems = info.value.problems
+    assert any(p.startswith("line 2: dicom.port:") and "65535" in p for p in problems)
+    assert any(p.startswith("line 3: dicom.allowed_callers.1.host:") for p in problems)
+    assert any(p.startswith("line 4: dicom.prot:") for p in problems)
+    assert any(p.startswith("line 6: study.quiet_seconds:") for p in problems)
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "broken.toml"
+    cfg.write_text("[dicom]\nport = \n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_settings(cfg)
+
+
+@pytest.mark.parametrize("title", ["", "A" * 17, "BAD\\AE", "   "])
+def test_invalid_ae_titles_are_refused(title: str) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(dicom={"ae_title": title})
+
+
+def test_allowed_caller_forms() -> None:
+    s = load_settings(
+        dicom={
+            "allowed_callers": [
+                "CT1",
+                "MR1@10.1.2.3",
+                {"ae_title": "US1", "host": "192.168.0.0/16"},
+            ]
+        }
+    )
+    ct, mr, us = s.dicom.allowed_callers
+    assert ct.admits("CT1", "203.0.113.9")
+    assert mr.admits("MR1", "10.1.2.3") and not mr.admits("MR1", "10.1.2.4")
+    assert us.admits("US1", "192.168.7.7") and not us.admits("US1", "10.0.0.1")
+    assert not ct.admits("CT2", "10.0.0.1")
+    assert AllowedCaller.parse("X@1.2.3.4") == {"ae_title": "X", "host": "1.2.3.4"}
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not AllowedCaller:
+            keys |= _keys(ann, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def _doc_keys(doc: dict[str, object], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            keys |= _doc_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def test_example_config_documents_every_key(example_config: Path) -> None:
+    """config.example.toml is valid and sets every key the settings model has."""
+    text = example_config.read_text()
+    documented = _doc_keys(tomllib.loads(text))
+    # Keys may also be documented as commented-out examples ("# key = ...").
+    commented = {
+        line.lstrip("# ").split("=")[0].strip() for line in text.splitlines() if "=" in line
+    }
+    missing = {
+        k for k in _keys(Settings) if k not in documented and k.split(".")[-1] not in commented
+    }
+    assert not missing, f"config.example.toml lacks: {sorted(missing)}"

@@ -1,0 +1,39 @@
+"""The instance store writes atomically, refuses below the free-space floor, quarantines with reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node.errors import OutOfResources
+from node.ingest import status
+from node.storage import InstanceStore
+
+
+def test_write_is_atomic_and_complete(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    rel = store.instance_relpath("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    stored = store.write(rel, b"DICM" * 1000)
+    assert store.read(rel) == b"DICM" * 1000
+    assert stored.size_bytes == 4000 and len(stored.sha256) == 64
+    assert list(store.tmp_dir.iterdir()) == []  # no temp file left behind
+    store.write(rel, b"new")  # replaces atomically
+    assert store.read(rel) == b"new"
+
+
+def test_refuses_below_free_space_floor_before_writing(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, min_free_bytes=1 << 62)
+    with pytest.raises(OutOfResources) as info:
+        store.ensure_space(1000)
+    assert info.value.status == status.OUT_OF_RESOURCES_DISK == 0xA700
+
+
+def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    rel = store.quarantine(b"broken", {"reason": "dataset cannot be parsed", "status": 0xC001})
+    assert store.read(rel) == b"broken"
+    sidecar = json.loads(store.path(rel).with_suffix(".json").read_text())
+    assert sidecar["reason"] == "dataset cannot be parsed"
+    assert sidecar["size_bytes"] == 6
