@@ -52,6 +52,9 @@ def train(
     ] = None,
     seed: int = 20240601,
     version: str = "1.0.0",
+    warmup_size: Annotated[
+        int | None, typer.Option(help="lungs: train first at this smaller size")
+    ] = None,
 ) -> None:
     """Train a model reproducibly (fixed seed) and write weights + metadata to OUT."""
     _quiet_tf()
@@ -74,7 +77,7 @@ def train(
             data, out, settings, backbone=backbone, backbone_weights=backbone_weights
         )
     else:
-        meta = train_segmenter(data, out, settings)
+        meta = train_segmenter(data, out, settings, warmup_size=warmup_size)
     typer.echo(f"wrote {meta.name} {meta.version} to {out} (sha256 {meta.weights_sha256})")
 
 
@@ -88,6 +91,9 @@ def evaluate(
     ],
     weights: Annotated[Path | None, typer.Option(help="weights dir (default: shipped)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON only")] = False,
+    as_markdown: Annotated[
+        bool, typer.Option("--markdown", help="print model-card tables")
+    ] = False,
     holdout: Annotated[
         bool, typer.Option(help="lungs: only the images the model's metadata lists as held out")
     ] = False,
@@ -109,6 +115,10 @@ def evaluate(
         )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
+    elif as_markdown:
+        from models.card import markdown
+
+        typer.echo(markdown(report))
     else:
         render(report)
 

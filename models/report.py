@@ -112,10 +112,10 @@ def render(report: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI (bootstrap)", justify="right")
-    for key, value in report.items():
-        if isinstance(value, float):
-            lo, hi = report["ci95"].get(key, (float("nan"), float("nan")))
-            table.add_row(key, f"{value:.4f}", f"{lo:.4f} - {hi:.4f}")
+    for key, (lo, hi) in report["ci95"].items():
+        table.add_row(key, f"{report[key]:.4f}", f"{lo:.4f} - {hi:.4f}")
+    if "threshold" in report:
+        table.add_row("decision threshold", f"{report['threshold']:.4f}", "")
     if "confusion_matrix" in report:
         (tn, fp), (fn, tp) = report["confusion_matrix"]
         table.add_row("confusion [[TN FP] [FN TP]]", f"[[{tn} {fp}] [{fn} {tp}]]", "")

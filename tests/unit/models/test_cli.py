@@ -1,0 +1,51 @@
+"""`triage-node model ...` commands: JSON keys, and no TensorFlow at import time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from models.cli import app
+
+CLASSIFIER_KEYS = {
+    "accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "kappa",
+    "confusion_matrix",
+    "n",
+}
+
+
+def test_cli_module_does_not_import_tensorflow() -> None:
+    code = "import sys, models.cli; assert 'tensorflow' not in sys.modules, 'tf imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
+
+
+def test_evaluate_pneumonia_json(val_slice: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["evaluate", "pneumonia", "--data", str(val_slice), "--json", "--bootstrap", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report.keys() >= CLASSIFIER_KEYS
+    assert report["n"] == 40
+    assert sum(map(sum, report["confusion_matrix"])) == 40
+
+
+def test_evaluate_lungs_json(lungs_dir: Path, tmp_path: Path) -> None:
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+        for src in sorted((lungs_dir / sub).iterdir())[:2]:
+            (tmp_path / sub / src.name).symlink_to(src)
+    result = CliRunner().invoke(
+        app, ["evaluate", "lungs", "--data", str(tmp_path), "--json", "--bootstrap", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"dice", "iou", "n"} <= report.keys() and report["n"] == 2

@@ -1,0 +1,61 @@
+"""The shipped weights: integrity, size limit, and scores on fixed slices of held-out data.
+
+The slices are `val/` (never used for training or tuning) and the lung hold-out listed in
+the metadata; the bounds sit below the measured values in the model cards, with room for
+the small-sample noise of 40 and 4 images.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import data
+from models.inference import load_classifier, load_segmenter
+from models.registry import CLASSIFIER_NAME, SEGMENTER_NAME, SHIPPED_DIR, ModelMetadata, sha256_of
+from models.report import evaluate_classifier_dir, evaluate_segmenter_dir, read_grayscale
+
+MAX_BYTES = 20 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", [CLASSIFIER_NAME, SEGMENTER_NAME])
+def test_shipped_files_are_intact_small_and_carded(name: str) -> None:
+    meta = ModelMetadata.read(SHIPPED_DIR / f"{name}.json")
+    weights = SHIPPED_DIR / meta.weights_file
+    assert weights.stat().st_size < MAX_BYTES
+    assert sha256_of(weights) == meta.weights_sha256
+    assert meta.name == name and meta.version.count(".") == 2
+    assert (SHIPPED_DIR.parent / "cards" / f"{name}.md").is_file()
+
+
+def test_no_stray_files_in_weights_dir() -> None:
+    for path in SHIPPED_DIR.iterdir():
+        assert path.stat().st_size < MAX_BYTES, path.name
+        assert path.name.endswith((".json", ".weights.npz")), path.name
+
+
+def test_classifier_on_fixed_val_slice(val_slice: Path) -> None:
+    report = evaluate_classifier_dir(val_slice, n_boot=50)
+    assert report["n"] == 40
+    assert report["auc"] >= 0.85
+    assert report["accuracy"] >= 0.75
+    assert report["sensitivity"] >= 0.75
+    assert 0.0 <= report["calibration"]["brier"] <= 0.2
+
+
+def test_classifier_outputs_are_probabilities(val_slice: Path) -> None:
+    clf = load_classifier()
+    images = [read_grayscale(p) for p in sorted((val_slice / "PNEUMONIA").iterdir())[:4]]
+    probs = clf.predict(images)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    maps = clf.explain(images[:2])
+    assert [m.shape for m in maps] == [im.shape for im in images[:2]]
+
+
+def test_segmenter_on_lung_holdout(lungs_dir: Path) -> None:
+    seg = load_segmenter()
+    held = seg.metadata.training_data["held_out"]
+    assert set(held) == data.lungs_holdout(data.list_segmentation(lungs_dir))
+    report = evaluate_segmenter_dir(lungs_dir, holdout_only=True, n_boot=50, limit=4)
+    assert report["n"] == 4
+    assert report["dice"] >= 0.85
