@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from models.cli import app as model_app
 from node import __version__
 from node.config import Settings, load_settings
 from node.errors import ConfigError, NodeError
@@ -31,6 +32,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+# models.cli imports TensorFlow only inside its commands, so this stays cheap.
+app.add_typer(model_app, name="model")
 
 ConfigOption = Annotated[
     Path | None,

@@ -72,6 +72,8 @@ class Node:
 
     def start(self) -> None:
         self.prepare_database()
+        if removed := self.store.discard_partial_writes():
+            log.info("discarded %d partial writes left by an interrupted run", removed)
         self.dicom.start()
         self.completion.start()
         if self.settings.web.enabled:

@@ -46,6 +46,14 @@ class InstanceStore:
         for d in (self.instances_dir, self.quarantine_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
 
+    def discard_partial_writes(self) -> int:
+        """Remove temp files of writes that a crash interrupted (never acknowledged)."""
+        removed = 0
+        for leftover in self.tmp_dir.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     # -- space -------------------------------------------------------------------------
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free

@@ -7,6 +7,7 @@ checked for a size or structure that contradicts the header.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -15,7 +16,7 @@ from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.errors import RejectedInstance
 from node.ingest import status
@@ -68,6 +69,9 @@ def inspect_instance(
     """
     try:
         ds = dcmread(BytesIO(data), defer_size=_DEFER)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # Offsets then point into the inflated stream: read it all, defer nothing.
+            ds = dcmread(BytesIO(data))
         header = _header(ds)
     except RejectedInstance:
         raise
@@ -90,7 +94,9 @@ def inspect_instance(
             f"{requested_sop_instance_uid}",
             requested_sop_instance_uid,
         )
-    _check_truncation(ds, header, len(data))
+    deflated = header.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    # Deflated datasets are read whole, so every value's own length tells.
+    _check_truncation(ds, header, sys.maxsize if deflated else len(data))
     _check_pixel_data(ds, header)
     return header
 

@@ -293,6 +293,8 @@ class DicomServer:
             evt_handlers=self.scp.handlers(),
             server_class=NoDelayAssociationServer,
         )
+        # Registered like AE.start_server() does, so AE.shutdown() closes it too.
+        self.ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
         self._thread.start()
@@ -304,8 +306,5 @@ class DicomServer:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        self.ae.shutdown()
+        self.ae.shutdown()  # shuts down and closes our server, then active associations
+        self._server = None

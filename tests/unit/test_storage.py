@@ -1,4 +1,4 @@
-"""The instance store writes atomically, refuses below the free-space floor, quarantines with reasons."""
+"""The instance store: atomic writes, a free-space floor, quarantine with reasons."""
 
 from __future__ import annotations
 
