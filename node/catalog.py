@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,9 +42,10 @@ class CompletedStudy:
     version: int
 
 
-def _insert(session: Session, table: Any) -> Any:
+def _insert(session: Session | Connection, table: Any) -> Any:
     """INSERT ... ON CONFLICT for the session's dialect (SQLite and PostgreSQL)."""
-    dialect = session.get_bind().dialect.name
+    bind = session.get_bind() if isinstance(session, Session) else session
+    dialect = bind.dialect.name
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":
@@ -66,17 +67,22 @@ class Catalog:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        # The ingest path runs Core statements on a Connection: per instance, the
+        # ORM Session's bookkeeping cost more CPU than the statements themselves.
+        bind = sessions.kw["bind"]
+        assert isinstance(bind, Engine)
+        self._engine = bind
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self._sessions() as session:
-            found = session.execute(
+        with self._engine.connect() as conn:
+            found = conn.execute(
                 select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
             ).first()
             return found is not None
 
     def record_duplicate(self, sop_instance_uid: str) -> None:
-        with self._sessions.begin() as session:
-            session.execute(
+        with self._engine.begin() as conn:
+            conn.execute(
                 update(Instance)
                 .where(Instance.sop_instance_uid == sop_instance_uid)
                 .values(duplicate_count=Instance.duplicate_count + 1)
@@ -95,7 +101,7 @@ class Catalog:
         version: the newcomer is never dropped, and later stages see the bump.
         """
         now = now or utcnow()
-        with self._sessions.begin() as session:
+        with self._engine.begin() as session:
             study_values = {
                 "study_instance_uid": header.study_instance_uid,
                 "accession_number": header.accession_number,
@@ -216,6 +222,9 @@ class Catalog:
                     queued_at=None,
                     started_at=None,
                     finished_at=None,
+                    attempts=0,
+                    lease_owner=None,
+                    lease_until=None,
                 )
             session.execute(update(Study).where(Study.id == study.id).values(**study_update))
             session.execute(

@@ -177,6 +177,32 @@ class WebSettings(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
 
 
+class RoutingSettings(_Section):
+    """Where the routing rules come from (see ``rules.example.toml``)."""
+
+    #: A rules file imported as the first version when the database holds none.
+    #: Empty: the packaged default rules (chest CR/DX -> both models, routine).
+    rules_file: Path | None = None
+
+
+class PipelineSettings(_Section):
+    """Queueing and processing of complete studies."""
+
+    #: Celery broker. Empty: the embedded broker (SQLite file under data_dir, no server).
+    #: Production: "redis://host:6379/0" or "amqp://user:pass@host:5672//".
+    broker_url: str = ""
+    #: Worker processes "serve" starts itself (0: run workers elsewhere, "triage-node worker").
+    workers: int = Field(default=1, ge=0)
+    #: A pneumonia probability at or above this raises a routine study to urgent.
+    escalate_threshold: float = Field(default=0.85, ge=0, le=1)
+    escalate_to: Literal["urgent", "stat"] = "urgent"
+    #: Attempts per study before it is marked failed, and the first retry delay (doubles).
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    #: How long a worker holds a study; a dead worker's study is handed out again after it.
+    lease_seconds: float = Field(default=600.0, gt=0)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -200,6 +226,8 @@ class Settings(BaseSettings):
     study: StudySettings = Field(default_factory=StudySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -217,6 +245,12 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.storage.data_dir / 'triage-node.db').resolve()}"
+
+    @property
+    def broker_url(self) -> str:
+        if self.pipeline.broker_url:
+            return self.pipeline.broker_url
+        return f"sqla+sqlite:///{(self.storage.data_dir / 'broker.db').resolve()}"
 
     @classmethod
     def settings_customise_sources(

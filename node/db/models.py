@@ -11,7 +11,10 @@ import enum
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -95,11 +98,32 @@ class Study(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    # -- routing (decided when the study completes) --------------------------------
+    #: Priority the matching rule gave; ``priority`` may be raised by model results.
+    base_priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.ROUTINE)
+    routing_rule: Mapped[str | None] = mapped_column(String(64))
+    rule_set_version: Mapped[int | None] = mapped_column(Integer)
+    #: Model names the rule asked for, and destination names for the results.
+    routing_models: Mapped[list[str] | None] = mapped_column(JSON)
+    routing_destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    #: Series the rule matched (the worker analyses only these).
+    routing_series: Mapped[list[str] | None] = mapped_column(JSON)
+
+    # -- processing ---------------------------------------------------------------------
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Who holds the study while processing, and until when (a lease: a dead worker's
+    #: study is handed out again once it expires).
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The key finding for the worklist: label and probability of the triage model.
+    key_finding: Mapped[str | None] = mapped_column(String(64))
+    key_score: Mapped[float | None] = mapped_column(Float)
+
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
     __table_args__ = (
         Index("ix_studies_status_last_received", "status", "last_received_at"),
-        Index("ix_studies_worklist", "priority", "last_received_at"),
+        Index("ix_studies_worklist", "priority", "key_score", "last_received_at"),
         Index("ix_studies_accession_number", "accession_number"),
         Index("ix_studies_patient_id", "patient_id"),
     )
@@ -168,3 +192,51 @@ class QuarantinedInstance(Base):
     reason: Mapped[str] = mapped_column(Text)
     path: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class Finding(Base):
+    """One model result: per image (``sop_instance_uid`` set) or for the whole study.
+
+    Written by the worker in one transaction per study version, replacing any
+    earlier findings of that version, so a task that runs twice leaves one result.
+    """
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    #: None for the study-level summary of a model.
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    frame_number: Mapped[int | None] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    #: "classification" or "segmentation".
+    kind: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    lung_area_px: Mapped[int | None] = mapped_column(Integer)
+    lung_area_mm2: Mapped[float | None] = mapped_column(Float)
+    #: Paths relative to ``storage.data_dir`` of the heatmap / mask arrays (.npy).
+    heatmap_path: Mapped[str | None] = mapped_column(String(255))
+    mask_path: Mapped[str | None] = mapped_column(String(255))
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_findings_study_version", "study_id", "study_version"),)
+
+
+class RuleSet(Base):
+    """A version of the routing rules document, as an admin saved it."""
+
+    __tablename__ = "rule_sets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, unique=True)
+    content: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    #: Exactly one version is active; rollback activates an older one.
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
