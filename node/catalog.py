@@ -8,7 +8,7 @@ instance is counted as a duplicate, never stored twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -94,11 +94,18 @@ class Catalog:
         stored: StoredFile,
         calling_ae_title: str,
         now: datetime | None = None,
+        *,
+        before_commit: Callable[[], object] | None = None,
     ) -> Recorded:
         """Record one stored instance, creating or updating its study and series.
 
         A study that had completed (or gone further) is re-opened as a new
         version: the newcomer is never dropped, and later stages see the bump.
+
+        ``before_commit`` runs inside the transaction after every statement,
+        just before COMMIT; if it raises, nothing is recorded. The SCP passes
+        "wait until the file is durable" here: the statements run while the
+        file is fsynced, and a committed row still always has its file.
         """
         now = now or utcnow()
         with self._engine.begin() as session:
@@ -201,6 +208,8 @@ class Catalog:
                     .where(Instance.sop_instance_uid == header.sop_instance_uid)
                     .values(duplicate_count=Instance.duplicate_count + 1)
                 )
+                if before_commit is not None:
+                    before_commit()
                 return Recorded(study.id, study.version, is_new=False, reopened=False)
 
             study_update: dict[str, Any] = {
@@ -232,6 +241,8 @@ class Catalog:
                 .where(Series.id == series_id)
                 .values(instance_count=Series.instance_count + 1, last_received_at=now)
             )
+            if before_commit is not None:
+                before_commit()
         if reopened:
             log.info("study re-opened study_uid=%s version=%d", header.study_instance_uid, version)
         return Recorded(study.id, version, is_new=True, reopened=reopened)

@@ -33,6 +33,11 @@ class StoredFile:
     sha256: str
 
 
+def describe(relative_path: str, data: bytes) -> StoredFile:
+    """What :meth:`InstanceStore.write` records for ``data``, known before the write ends."""
+    return StoredFile(relative_path, len(data), hashlib.sha256(data).hexdigest())
+
+
 class InstanceStore:
     """Durable, atomic file writes for received instances and quarantined data."""
 
@@ -80,8 +85,11 @@ class InstanceStore:
     def exists(self, relative_path: str) -> bool:
         return (self.data_dir / relative_path).is_file()
 
-    def write(self, relative_path: str, data: bytes) -> StoredFile:
-        """Write ``data`` atomically and durably at ``relative_path``; replaces any old file."""
+    def write(self, relative_path: str, data: bytes, *, sha256: str | None = None) -> StoredFile:
+        """Write ``data`` atomically and durably at ``relative_path``; replaces any old file.
+
+        ``sha256`` is the data's digest when the caller has it already (see :func:`describe`).
+        """
         final = self.data_dir / relative_path
         self._makedirs(final.parent)
         tmp = self.tmp_dir / f"{final.name}.{secrets.token_hex(6)}.part"
@@ -106,7 +114,7 @@ class InstanceStore:
                     status.OUT_OF_RESOURCES_DISK, "disk full while writing"
                 ) from exc
             raise StorageError(f"cannot write {relative_path}: {exc.strerror}") from exc
-        return StoredFile(relative_path, len(data), hashlib.sha256(data).hexdigest())
+        return StoredFile(relative_path, len(data), sha256 or hashlib.sha256(data).hexdigest())
 
     def read(self, relative_path: str) -> bytes:
         return (self.data_dir / relative_path).read_bytes()
