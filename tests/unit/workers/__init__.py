@@ -1,0 +1,1 @@
+"""Unit tests of the worker stages that need no broker or model."""

@@ -1,0 +1,390 @@
+"""DICOM to model input: range, orientation and refusals, on real files and odd synthetic ones."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels.utils import pack_bits
+from pydicom.sequence import Sequence
+
+from node.errors import NodeError
+from tests.unit.workers.conftest import PATIENT, build
+from workers.pixels import ImageFrame, UnreadablePixels, read_frames
+
+Write = Callable[[Dataset], Path]
+
+
+def _band(image: np.ndarray, rows: tuple[float, float], cols: tuple[float, float]) -> float:
+    """Mean of a region given as fractions of height and width."""
+    h, w = image.shape
+    return float(
+        image[int(rows[0] * h) : int(rows[1] * h), int(cols[0] * w) : int(cols[1] * w)].mean()
+    )
+
+
+# Regions of a PA chest film, as fractions of (height, width), checked by eye on PNGs of
+# RG1 and 966: mid-lung rows; the patient's right lung (image left, aerated in both
+# films), the mediastinum/spine in the centre, and the upper abdomen at the bottom.
+MID_LUNG = (0.35, 0.50)
+IMAGE_LEFT_LUNG = (0.25, 0.35)
+IMAGE_RIGHT_LUNG = (0.65, 0.75)
+MEDIASTINUM = (0.47, 0.53)
+UPPER_LUNGS = ((0.25, 0.40), (0.20, 0.80))
+ABDOMEN = ((0.85, 0.95), (0.20, 0.80))
+
+
+@pytest.fixture(scope="module")
+def rg1(dicom_dir: Path) -> ImageFrame:
+    (frame,) = read_frames(dicom_dir / "modalities/cr/RG1_UNCR.dcm")
+    return frame
+
+
+@pytest.fixture(scope="module")
+def rg1_j2k(dicom_dir: Path) -> ImageFrame:
+    (frame,) = read_frames(dicom_dir / "modalities/cr/RG1_J2KI.dcm")
+    return frame
+
+
+@pytest.fixture(scope="module")
+def dx(dicom_dir: Path) -> ImageFrame:
+    (frame,) = read_frames(dicom_dir / "modalities/dx/966_fixed.dcm")
+    return frame
+
+
+def _assert_model_input(frame: ImageFrame) -> None:
+    assert frame.pixels.dtype == np.float32
+    assert frame.pixels.shape == (frame.rows, frame.columns)
+    assert frame.pixels.min() >= 0.0 and frame.pixels.max() <= 1.0
+    assert frame.pixels.std() > 0.1, "no real contrast left"
+
+
+# -- the chest radiographs -------------------------------------------------------------
+
+
+def test_cr_monochrome1_15_bit(rg1: ImageFrame) -> None:
+    _assert_model_input(rg1)
+    assert (rg1.rows, rg1.columns) == (1955, 1841)
+    assert rg1.frame_number == 1
+    assert rg1.photometric_interpretation == "MONOCHROME1"
+    assert rg1.voi_source == "window"
+    # RG1's PixelSpacing is 0\0: not a spacing, so none is reported.
+    assert rg1.pixel_spacing_mm is None and rg1.spacing_source is None
+
+
+def test_cr_inverted_by_anatomy(rg1: ImageFrame, dicom_dir: Path) -> None:
+    """Lungs darker than the mediastinum after conversion, the opposite in the raw data."""
+    lungs = [_band(rg1.pixels, MID_LUNG, c) for c in (IMAGE_LEFT_LUNG, IMAGE_RIGHT_LUNG)]
+    centre = _band(rg1.pixels, MID_LUNG, MEDIASTINUM)
+    assert max(lungs) < centre - 0.15
+    # The same check on the stored MONOCHROME1 values fails: skipping the inversion
+    # would be caught.
+    raw = dcmread(dicom_dir / "modalities/cr/RG1_UNCR.dcm").pixel_array
+    raw_lungs = [_band(raw, MID_LUNG, c) for c in (IMAGE_LEFT_LUNG, IMAGE_RIGHT_LUNG)]
+    assert min(raw_lungs) > _band(raw, MID_LUNG, MEDIASTINUM)
+
+
+def test_cr_top_is_top(rg1: ImageFrame) -> None:
+    """The dense upper abdomen at the bottom is brighter than the aerated upper lungs."""
+    assert _band(rg1.pixels, *ABDOMEN) > _band(rg1.pixels, *UPPER_LUNGS) + 0.15
+    flipped = rg1.pixels[::-1]
+    assert not _band(flipped, *ABDOMEN) > _band(flipped, *UPPER_LUNGS)
+
+
+def test_jpeg2000_lossy_agrees_with_uncompressed(rg1: ImageFrame, rg1_j2k: ImageFrame) -> None:
+    assert rg1_j2k.pixels.shape == rg1.pixels.shape
+    _assert_model_input(rg1_j2k)
+    correlation = np.corrcoef(rg1.pixels.ravel(), rg1_j2k.pixels.ravel())[0, 1]
+    assert correlation > 0.99
+    assert float(np.abs(rg1.pixels - rg1_j2k.pixels).mean()) < 0.01
+
+
+def test_dx_16_bit_jpeg2000_lossless(dx: ImageFrame) -> None:
+    _assert_model_input(dx)
+    assert (dx.rows, dx.columns) == (2128, 2000)
+    assert dx.photometric_interpretation == "MONOCHROME1"
+    assert dx.pixel_spacing_mm == (0.16, 0.16) and dx.spacing_source == "PixelSpacing"
+    # The patient's left lung (image right) is opacified in this film: only the right
+    # lung is aerated, so only it is compared with the mediastinum.
+    lung = _band(dx.pixels, MID_LUNG, IMAGE_LEFT_LUNG)
+    assert lung < _band(dx.pixels, MID_LUNG, MEDIASTINUM) - 0.15
+    assert _band(dx.pixels, *ABDOMEN) > _band(dx.pixels, *UPPER_LUNGS)
+    # MONOCHROME1 with Presentation LUT Shape INVERSE is one inversion, not two (the
+    # checks above would fail for zero or two; RG1's test shows the raw ordering).
+    assert dx.voi_source == "window"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "explicit-vr-big-endian__MR_small_expb.dcm",
+        "jpeg-ls-lossless__MR_small_jpeg_ls_lossless.dcm",
+        "rle-lossless__MR_small_RLE.dcm",
+    ],
+)
+def test_lossless_transfer_syntaxes_agree(dicom_dir: Path, name: str) -> None:
+    """The same MR in other lossless encodings gives exactly the same model input."""
+    folder = dicom_dir / "transfer-syntaxes"
+    (reference,) = read_frames(folder / "implicit-vr-little-endian__MR_small_implicit.dcm")
+    (other,) = read_frames(folder / name)
+    _assert_model_input(reference)
+    assert np.array_equal(other.pixels, reference.pixels)
+
+
+# -- multi-frame and LUTs --------------------------------------------------------------
+
+
+def test_multi_frame_gives_one_frame_each(dicom_dir: Path) -> None:
+    path = dicom_dir / "modalities/multi-frame/emri_small.dcm"
+    frames = read_frames(path)
+    assert [f.frame_number for f in frames] == list(range(1, 11))
+    raw = dcmread(path).pixel_array
+    for frame, stored in zip(frames, raw, strict=True):
+        assert frame.pixels.shape == (64, 64)
+        assert frame.pixels.min() >= 0.0 and frame.pixels.max() <= 1.0
+        # MONOCHROME2 with no window: a clipped linear map of its own frame, not another.
+        assert np.corrcoef(frame.pixels.ravel(), stored.ravel())[0, 1] > 0.99
+    assert len({f.sop_instance_uid for f in frames}) == 1
+    with pytest.raises(UnreadablePixels, match="too many frames: 10 > limit of 5"):
+        read_frames(path, max_frames=5)
+
+
+def test_enhanced_functional_groups(dicom_dir: Path) -> None:
+    """Spacing and window come from the Shared/Per-frame Functional Groups."""
+    frames = read_frames(dicom_dir / "modalities/multi-frame/eCT_Supplemental.dcm")
+    assert [f.frame_number for f in frames] == [1, 2]
+    for frame in frames:
+        assert frame.spacing_source == "PixelMeasuresSequence"
+        assert frame.pixel_spacing_mm == (0.388672, 0.388672)
+        assert frame.voi_source == "window"
+        _assert_model_input(frame)
+
+
+def _lut_file(ds: Dataset, keyword: str, lut: np.ndarray, write: Write) -> Path:
+    item = ds[keyword][0]
+    item.LUTData = [int(v) for v in lut]
+    item["LUTData"].VR = "US"
+    return write(ds)
+
+
+def test_modality_lut_sequence(dicom_dir: Path, write: Write) -> None:
+    path = dicom_dir / "pixel-features/mlut_18.dcm"
+    ds = dcmread(path)
+    stored = ds.pixel_array
+    (frame,) = read_frames(path)
+    assert frame.voi_source == "robust range"
+    # Signed stored values -2048..2047 through an increasing LUT to 0..65535.
+    assert frame.pixels[stored == -2048].max() == 0.0
+    assert frame.pixels[stored == 2047].min() == 1.0
+    # The file's LUT is linear, which a skipped LUT would survive; a decreasing LUT
+    # would not: the image must come out reversed.
+    (reversed_lut,) = read_frames(
+        _lut_file(ds, "ModalityLUTSequence", 65535 - np.arange(4096) * 16, write)
+    )
+    assert reversed_lut.pixels[stored == -2048].min() == 1.0
+    assert reversed_lut.pixels[stored == 2047].max() == 0.0
+
+
+def test_voi_lut_sequence(dicom_dir: Path, write: Write) -> None:
+    path = dicom_dir / "pixel-features/vlut_04.dcm"
+    ds = dcmread(path)
+    stored = ds.pixel_array
+    (frame,) = read_frames(path)
+    assert frame.voi_source == "VOILUTSequence"
+    assert frame.pixels[stored == 0].max() == 0.0
+    assert frame.pixels[stored == 255].min() == 1.0
+    # A threshold LUT: only applying it gives a two-level image.
+    step = np.where(np.arange(256) < 128, 0, 65535)
+    (thresholded,) = read_frames(_lut_file(ds, "VOILUTSequence", step, write))
+    assert set(np.unique(thresholded.pixels)) == {0.0, 1.0}
+    assert (thresholded.pixels == 1.0).sum() == (stored >= 128).sum()
+
+
+# -- windows, synthetic ----------------------------------------------------------------
+
+
+RAMP = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))  # 8 x 256, 0..4080
+
+
+def test_window_clips_and_scales(write: Write) -> None:
+    (frame,) = read_frames(write(build(RAMP, BitsStored=12, WindowCenter=1000, WindowWidth=200)))
+    assert frame.voi_source == "window"
+    assert frame.pixels[RAMP < 900].max() == 0.0
+    assert frame.pixels[RAMP > 1100].min() == 1.0
+    inside = frame.pixels[0, (RAMP[0] > 900) & (RAMP[0] < 1100)]
+    assert np.all(np.diff(inside) > 0) and 0 < inside.min() < inside.max() < 1
+
+
+def test_first_of_several_windows(write: Write) -> None:
+    ds = build(RAMP, BitsStored=12, WindowCenter=[1000, 3000], WindowWidth=[200, 200])
+    (frame,) = read_frames(write(ds))
+    assert frame.pixels[RAMP > 1100].min() == 1.0
+
+
+def test_monochrome1_window_is_inverted(write: Write) -> None:
+    ds = build(RAMP, BitsStored=12, WindowCenter=1000, WindowWidth=200)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    (frame,) = read_frames(write(ds))
+    assert frame.pixels[RAMP < 900].min() == 1.0
+    assert frame.pixels[RAMP > 1100].max() == 0.0
+
+
+def test_rescale_then_window(write: Write) -> None:
+    """The window applies to rescaled values (CT-like: HU = stored - 1024)."""
+    ds = build(RAMP, BitsStored=12, RescaleSlope=1, RescaleIntercept=-1024)
+    ds.WindowCenter, ds.WindowWidth = -24, 200  # stored 900..1100
+    (frame,) = read_frames(write(ds))
+    assert frame.pixels[RAMP < 900].max() == 0.0
+    assert frame.pixels[RAMP > 1100].min() == 1.0
+
+
+def test_unusable_window_falls_back_to_robust_range(write: Write) -> None:
+    (frame,) = read_frames(write(build(RAMP, BitsStored=12, WindowCenter=1000, WindowWidth=0)))
+    assert frame.voi_source == "robust range"
+    assert frame.pixels.min() == 0.0 and frame.pixels.max() == 1.0
+
+
+def test_empty_lut_and_rescale_elements_are_absent(write: Write) -> None:
+    ds = build(RAMP, BitsStored=12, RescaleSlope=None, RescaleIntercept=None, WindowCenter=None)
+    ds.ModalityLUTSequence = Sequence([Dataset()])
+    (frame,) = read_frames(write(ds))
+    assert frame.voi_source == "robust range"
+    _assert_model_input(frame)
+
+
+def test_imager_pixel_spacing_when_no_pixel_spacing(write: Write) -> None:
+    (frame,) = read_frames(write(build(RAMP, ImagerPixelSpacing=[0.15, 0.14])))
+    assert frame.pixel_spacing_mm == (0.15, 0.14)
+    assert frame.spacing_source == "ImagerPixelSpacing"
+    ds = build(RAMP, ImagerPixelSpacing=[0.15, 0.14], PixelSpacing=[0.125, 0.125])
+    (frame,) = read_frames(write(ds))
+    assert frame.pixel_spacing_mm == (0.125, 0.125) and frame.spacing_source == "PixelSpacing"
+
+
+# -- odd pixel data: handled or refused, never another exception ------------------------
+
+
+def test_one_bit(write: Write) -> None:
+    bits = np.zeros((16, 24), np.uint8)
+    bits[4:12, 6:18] = 1
+    ds = build(
+        None, Rows=16, Columns=24, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2"
+    )
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.PixelData = pack_bits(bits)
+    (frame,) = read_frames(write(ds))
+    assert frame.pixels.shape == (16, 24)
+    assert np.array_equal(frame.pixels, bits.astype(np.float32))
+
+
+def test_float_pixel_data(write: Write) -> None:
+    values = np.linspace(-1.5, 3.0, 32 * 40, dtype=np.float32).reshape(32, 40)
+    values[0, 0], values[0, 1] = np.nan, np.inf
+    ds = build(
+        None, Rows=32, Columns=40, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2"
+    )
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.astype("<f4").tobytes()
+    (frame,) = read_frames(write(ds))
+    assert frame.voi_source == "robust range"
+    assert np.isfinite(frame.pixels).all()
+    _assert_model_input(frame)
+    # NaN and -inf go to the lowest finite value, +inf to the highest.
+    assert frame.pixels[0, 0] == 0.0 and frame.pixels[0, 1] == 1.0
+    assert frame.pixels[0, 2] == 0.0 and frame.pixels[31, 39] == 1.0
+
+
+def test_zero_size(write: Write) -> None:
+    ds = build(None, Rows=0, Columns=0, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = b""
+    with pytest.raises(UnreadablePixels, match=r"image has no pixels: 0x0"):
+        read_frames(write(ds))
+
+
+def test_too_large_is_refused_before_decoding(write: Write) -> None:
+    ds = build(np.zeros((4000, 4000), np.uint8))
+    with pytest.raises(UnreadablePixels, match=r"image too large: 4000x4000 > limit"):
+        read_frames(write(ds), max_pixels=10_000_000)
+
+
+def test_constant_image_is_zeros(write: Write) -> None:
+    (frame,) = read_frames(write(build(np.full((8, 8), 700, np.uint16))))
+    assert not frame.pixels.any()
+
+
+def test_no_pixel_data(dicom_dir: Path) -> None:
+    with pytest.raises(UnreadablePixels, match="no pixel data"):
+        read_frames(dicom_dir / "modalities/sr/test-SR.dcm")
+
+
+@pytest.mark.parametrize(
+    ("name", "photometric"),
+    [
+        ("pixel-features/SC_rgb.dcm", "RGB"),
+        ("pixel-features/SC_ybr_full_uncompressed.dcm", "YBR_FULL"),
+        ("modalities/us/OBXXXX1A.dcm", "PALETTE COLOR"),
+        ("modalities/multi-frame/color3d_jpeg_baseline.dcm", "YBR_FULL_422"),
+    ],
+)
+def test_colour_is_refused(dicom_dir: Path, name: str, photometric: str) -> None:
+    with pytest.raises(
+        UnreadablePixels, match=f"colour images \\({photometric}\\) are not supported"
+    ):
+        read_frames(dicom_dir / name)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken/JPEG2000-embedded-sequence-delimiter.dcm", r"cannot be decoded \(JPEG 2000"),
+        ("broken/RG2_JPLY.dcm", r"cannot be decoded \(JPEG Extended"),
+        ("broken/MR_truncated.dcm", "cannot be decoded"),
+        ("broken/badVR.dcm", "Number of Frames is not a number"),
+        ("broken/no_meta.dcm", "no pixel data"),
+    ],
+)
+def test_broken_files_are_unreadable(dicom_dir: Path, name: str, reason: str) -> None:
+    with pytest.raises(UnreadablePixels, match=reason) as raised:
+        read_frames(dicom_dir / name)
+    assert isinstance(raised.value, NodeError)
+
+
+def test_whole_corpus_reads_or_refuses(dicom_corpus: list[Path]) -> None:
+    """Every corpus file gives valid frames or UnreadablePixels; nothing else escapes.
+
+    A lowered size limit keeps this fast: the large radiographs are decoded above.
+    """
+    outcomes = {"read": 0, "refused": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in dicom_corpus:
+            try:
+                frames = read_frames(path, max_pixels=1_100_000)
+            except UnreadablePixels as exc:
+                assert exc.reason
+                outcomes["refused"] += 1
+                continue
+            for frame in frames:
+                assert frame.pixels.ndim == 2 and frame.pixels.dtype == np.float32
+                assert frame.pixels.min() >= 0.0 and frame.pixels.max() <= 1.0
+            outcomes["read"] += 1
+    assert outcomes["read"] >= 25 and outcomes["refused"] >= 15
+
+
+def test_no_patient_attributes_in_logs(write: Write, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    ok = build(RAMP, BitsStored=12, WindowCenter=1000, WindowWidth=0)  # logs a fallback
+    colour = build(np.zeros((4, 4, 3), np.uint8), photometric="RGB")
+    read_frames(write(ok))
+    with pytest.raises(UnreadablePixels):
+        read_frames(write(colour))
+    assert ok.SOPInstanceUID in caplog.text and colour.SOPInstanceUID in caplog.text
+    for value in PATIENT.values():
+        assert value not in caplog.text
