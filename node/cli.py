@@ -18,6 +18,7 @@ from models.cli import app as model_app
 from node import __version__
 from node.config import Settings, load_settings
 from node.errors import ConfigError, NodeError
+from node.routing.cli import app as rules_app
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,6 +35,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 # models.cli imports TensorFlow only inside its commands, so this stays cheap.
 app.add_typer(model_app, name="model")
+app.add_typer(rules_app, name="rules")
 
 ConfigOption = Annotated[
     Path | None,

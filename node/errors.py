@@ -41,3 +41,23 @@ class OutOfResources(RejectedInstance):
 
 class StorageError(NodeError):
     """Writing to the instance store failed."""
+
+
+class RuleError(NodeError):
+    """A routing rules document is refused; each problem reads ``line N: key: reason``.
+
+    Raised before anything changes, so the rules that were running stay in force.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"invalid routing rules in {self.source}:\n{lines}"
+
+
+class RuleSetNotFound(RuleError):
+    """A rules version that does not exist was asked for (an HTTP 404, not a 422)."""

@@ -1,0 +1,116 @@
+"""What rules see of a study: the header of one stored instance per series.
+
+Headers are read with ``stop_before_pixels`` (pixel data is never needed to route).
+Values are kept as text, one string per value, as a rule compares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.models import Instance, Series, Study
+from node.errors import StorageError
+from node.routing.keywords import CALLING_AE_TITLE
+from node.routing.match import SeriesAttributes
+from node.storage import InstanceStore
+
+_OPAQUE = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
+def _text_values(elem: pydicom.DataElement) -> tuple[str, ...]:
+    if elem.VR == "SQ":
+        return (f"[{len(elem.value)} items]",) if elem.value else ()
+    if elem.VR in _OPAQUE or isinstance(elem.value, bytes | bytearray):
+        return (f"[{len(elem.value)} bytes]",) if elem.value else ()
+    if elem.VM == 0 or elem.value is None:
+        return ()
+    if elem.VM > 1:
+        return tuple(str(v) for v in elem.value)
+    return (str(elem.value),)
+
+
+def dataset_values(ds: Dataset, calling_ae_title: str) -> dict[str, tuple[str, ...]]:
+    """Keyword -> values of the top-level (and file meta) elements of ``ds``."""
+    values: dict[str, tuple[str, ...]] = {}
+    elements: Iterable[pydicom.DataElement] = ds
+    meta = getattr(ds, "file_meta", None)
+    for elem in [*(meta or []), *elements]:
+        if elem.keyword:
+            values[elem.keyword] = _text_values(elem)
+    values[CALLING_AE_TITLE] = (calling_ae_title.strip(),) if calling_ae_title.strip() else ()
+    return values
+
+
+def _read(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def study_series_attributes(
+    session: Session, store: InstanceStore, study_id: int
+) -> list[SeriesAttributes]:
+    """One :class:`SeriesAttributes` per series of the study, in the order received.
+
+    Each comes from the first stored instance of the series that can be read (the
+    next ones are tried if a file is unreadable); ``CallingAETitle`` is the AE that
+    sent the study. Raises :class:`StorageError` when no instance of a series reads.
+    """
+    study = session.get(Study, study_id)
+    if study is None:
+        raise StorageError(f"no study with id {study_id}")
+    out: list[SeriesAttributes] = []
+    series_rows = session.execute(
+        select(Series.id, Series.series_instance_uid)
+        .where(Series.study_id == study_id)
+        .order_by(Series.id)
+    ).all()
+    for series_id, series_uid in series_rows:
+        paths = session.scalars(
+            select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)
+        )
+        ds: Dataset | None = None
+        last_error = "no instances"
+        for rel in paths:
+            try:
+                ds = _read(store.path(rel))
+                break
+            except (OSError, InvalidDicomError, ValueError) as exc:
+                last_error = f"{rel}: {type(exc).__name__}"
+        if ds is None:
+            raise StorageError(f"cannot read a header of series {series_uid}: {last_error}")
+        out.append(SeriesAttributes(series_uid, dataset_values(ds, study.calling_ae_title)))
+    return out
+
+
+def file_series_attributes(path: Path, calling_ae_title: str = "") -> list[SeriesAttributes]:
+    """Attributes of a DICOM file, or of each series in a folder of DICOM files.
+
+    For a folder, files that are not DICOM are skipped and the first file read of
+    each series stands for it. Raises ``OSError`` or ``InvalidDicomError`` for a file
+    that cannot be read, ``FileNotFoundError`` for a folder without DICOM files.
+    """
+    if not path.is_dir():
+        ds = _read(path)
+        return [
+            SeriesAttributes(
+                str(ds.get("SeriesInstanceUID", "")), dataset_values(ds, calling_ae_title)
+            )
+        ]
+    by_series: dict[str, SeriesAttributes] = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            ds = _read(file)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid not in by_series:
+            by_series[uid] = SeriesAttributes(uid, dataset_values(ds, calling_ae_title))
+    if not by_series:
+        raise FileNotFoundError(f"no DICOM files under {path}")
+    return list(by_series.values())

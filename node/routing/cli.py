@@ -1,0 +1,359 @@
+"""``triage-node rules ...``: check, test, list, show, import and activate routing rules.
+
+Exit codes: 0 success (``test``: the study is routed), 1 ``test``: not routed or a
+study/file cannot be read, 2 invalid rules, configuration or usage.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydicom.errors import InvalidDicomError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings, load_settings
+from node.errors import ConfigError, NodeError, RuleError
+from node.routing.match import RuleExplanation, SeriesAttributes, explain, route
+from node.routing.rules import Rule, RuleSet, parse_rules
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="Routing rules: which studies run which models, at what priority, sent where.",
+    no_args_is_help=True,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (finds the database).",
+        envvar="TRIAGE_NODE_CONFIG",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+RulesFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Rules file (TOML).")]
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+ByOption = Annotated[str, typer.Option("--by", help="Who makes the change (recorded).")]
+
+
+def _settings(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+
+
+def _refuse(exc: RuleError) -> typer.Exit:
+    err_console.print(f"[red]refused:[/red] {escape(exc.source)}")
+    for problem in exc.problems:
+        err_console.print(f"  - {escape(problem)}", soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _load(path: Path) -> RuleSet:
+    try:
+        return parse_rules(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError:
+        raise _refuse(RuleError(str(path), ["not a UTF-8 text file"])) from None
+    except RuleError as exc:
+        raise _refuse(exc) from None
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    from node.db import migrate
+    from node.db.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.database_url)
+    try:
+        if settings.database.auto_upgrade:
+            migrate.upgrade(engine)
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def _conditions(rule: Rule) -> str:
+    if not rule.match:
+        return "(every study)"
+    return "; ".join(f"{k} {c.describe()}" for k, c in rule.match.items())
+
+
+def _rules_table(rule_set: RuleSet) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("#", "Rule", "Priority", "Models", "Destinations"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("Conditions", overflow="fold")
+    for i, rule in enumerate(rule_set.rules):
+        table.add_row(
+            str(i),
+            escape(rule.name) + ("" if rule.enabled else " [dim](disabled)[/dim]"),
+            rule.priority,
+            ", ".join(rule.models),
+            ", ".join(rule.destinations) or "-",
+            escape(_conditions(rule)),
+        )
+    return table
+
+
+@app.command("check")
+def check(path: RulesFile) -> None:
+    """Validate a rules file; print every problem with its line (exit 2 if any)."""
+    rule_set = _load(path)
+    console.print(f"{escape(str(path))}: OK, {len(rule_set.rules)} rule(s)")
+    if rule_set.rules:
+        console.print(_rules_table(rule_set))
+    else:
+        console.print("[yellow]warning:[/yellow] no rules: every study will be not routed")
+
+
+def _explanation_tree(explanations: list[RuleExplanation]) -> Tree:
+    tree = Tree("Rules, in order (the first enabled rule that matches decides)")
+    for rx in explanations:
+        if rx.chosen:
+            state = "[green bold]MATCH, decides[/green bold]"
+        elif rx.matched and not rx.enabled:
+            state = "[yellow]would match, but disabled[/yellow]"
+        elif rx.matched:
+            state = "[yellow]matches, but an earlier rule decides[/yellow]"
+        else:
+            state = "[red]no match[/red]" + ("" if rx.enabled else " [dim](disabled)[/dim]")
+        branch = tree.add(f"rule[{rx.index}] [bold]{escape(rx.rule_name)}[/bold]: {state}")
+        for sx in rx.series:
+            mark = "[green]✓[/green]" if sx.matched else "[red]✗[/red]"
+            node = branch.add(f"{mark} series {escape(sx.series_instance_uid or '(no UID)')}")
+            if not sx.conditions:
+                node.add("[dim]no conditions: matches every series[/dim]")
+            for c in sx.conditions:
+                cmark = "[green]✓[/green]" if c.matched else "[red]✗[/red]"
+                node.add(f"{cmark} {c.keyword} {escape(c.condition)}: {escape(c.reason)}")
+        if not rx.series:
+            branch.add("[dim]the study has no series[/dim]")
+    return tree
+
+
+def _study_attributes(settings: Settings, study_uid: str) -> list[SeriesAttributes]:
+    from node.db.models import Study
+    from node.routing.attributes import study_series_attributes
+    from node.storage import InstanceStore
+
+    with _database(settings) as sessions, sessions() as session:
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+        if study_id is None:
+            err_console.print(f"[red]error:[/red] no study {escape(study_uid)} in the database")
+            raise typer.Exit(1)
+        store = InstanceStore(settings.storage.data_dir)
+        return study_series_attributes(session, store, study_id)
+
+
+@app.command("test")
+def try_rules(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            exists=True, dir_okay=False, help="Rules file; omitted: the active version."
+        ),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="StudyInstanceUID of a stored study.")
+    ] = None,
+    dicom: Annotated[
+        Path | None,
+        typer.Option("--file", exists=True, help="A DICOM file, or a folder of them."),
+    ] = None,
+    calling_ae: Annotated[
+        str, typer.Option("--calling-ae", help="CallingAETitle to assume for --file.")
+    ] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Show which rule matches a study (--study UID) or DICOM file (--file), and why.
+
+    Exit 0 when a rule routes it, 1 when it would be recorded as not routed.
+    """
+    from node.routing.attributes import file_series_attributes
+    from node.routing.store import RuleStore, seed_text
+
+    if (study is None) == (dicom is None):
+        err_console.print("[red]error:[/red] give exactly one of --study UID or --file PATH")
+        raise typer.Exit(2)
+    settings = _settings(config) if path is None or study is not None else None
+
+    if path is not None:
+        rule_set, label = _load(path), str(path)
+    else:
+        assert settings is not None
+        with _database(settings) as sessions:
+            store = RuleStore(sessions)
+            try:
+                if store.active_version() is None:
+                    text, source = seed_text(settings.routing.rules_file)
+                    rule_set = store.parse(text, source)
+                    label = f"{source} (not imported yet; the node imports it at start)"
+                else:
+                    version, rule_set = store.active()
+                    label = f"active version {version}"
+            except RuleError as exc:
+                raise _refuse(exc) from None
+
+    try:
+        if dicom is not None:
+            series = file_series_attributes(dicom, calling_ae)
+        else:
+            assert settings is not None and study is not None
+            series = _study_attributes(settings, study)
+    except (OSError, InvalidDicomError, NodeError) as exc:
+        err_console.print(f"[red]error:[/red] cannot read: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+    console.print(f"Rules: {escape(label)}; {len(series)} series")
+    console.print(_explanation_tree(explain(rule_set, series)))
+    decision = route(rule_set, series)
+    if decision is None:
+        console.print(
+            "[red bold]Not routed:[/red bold] no rule matches; the study would be "
+            "recorded as not routed."
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"[green bold]Routed[/green bold] by rule [bold]{escape(decision.rule_name)}[/bold]: "
+        f"priority {decision.priority.name.lower()}, models {', '.join(decision.models)}, "
+        f"destinations {', '.join(decision.destinations) or 'none'}, "
+        f"series {', '.join(decision.series_instance_uids)}"
+    )
+
+
+@app.command("list")
+def list_versions(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+) -> None:
+    """List saved versions, newest first: who saved each, when, and which is active."""
+    from node.routing.store import RuleStore
+
+    with _database(_settings(config)) as sessions:
+        versions = RuleStore(sessions).versions()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "version": v.version,
+                        "created_at": v.created_at.isoformat(),
+                        "created_by": v.created_by,
+                        "comment": v.comment,
+                        "active": v.active,
+                        "sha256": v.sha256,
+                    }
+                    for v in versions
+                ],
+                indent=2,
+            )
+        )
+        return
+    if not versions:
+        console.print("No rules versions yet; the node imports its rules file when it starts.")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("Version", "Active", "Saved (UTC)", "By", "Comment"):
+        table.add_column(col, overflow="fold")
+    for v in versions:
+        table.add_row(
+            str(v.version),
+            "[green]active[/green]" if v.active else "",
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}",
+            escape(v.created_by),
+            escape(v.comment or ""),
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    version: Annotated[int | None, typer.Argument(help="Version; omitted: the active one.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print the text of a saved version."""
+    from node.routing.store import RuleStore
+
+    with _database(_settings(config)) as sessions:
+        store = RuleStore(sessions)
+        wanted = version if version is not None else store.active_version()
+        if wanted is None:
+            err_console.print("[red]error:[/red] no rules version is active")
+            raise typer.Exit(1)
+        try:
+            text = store.text(wanted)
+        except RuleError as exc:
+            err_console.print(f"[red]error:[/red] {escape(exc.source)}: no such version")
+            raise typer.Exit(1) from None
+    print(text, end="" if text.endswith("\n") else "\n")
+
+
+@app.command("import")
+def import_rules(
+    path: RulesFile,
+    comment: Annotated[str | None, typer.Option(help="Why (kept with the version).")] = None,
+    by: ByOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Validate a rules file and save it as the new active version."""
+    from node.routing.store import RuleStore
+
+    rule_set = _load(path)
+    with _database(_settings(config)) as sessions:
+        try:
+            version = RuleStore(sessions).save(
+                path.read_text(encoding="utf-8"), by or _user(), comment
+            )
+        except RuleError as exc:
+            raise _refuse(exc) from None
+    console.print(
+        f"Saved {escape(str(path))} as version {version} ({len(rule_set.rules)} rule(s)); "
+        "it is now active."
+    )
+
+
+@app.command("activate")
+def activate(
+    version: Annotated[int, typer.Argument(help="The version to make active again.")],
+    by: ByOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Roll back to an earlier version (its text is saved again as a new version)."""
+    from node.routing.store import RuleStore
+
+    with _database(_settings(config)) as sessions:
+        store = RuleStore(sessions)
+        try:
+            before = store.active_version()
+            new = store.activate(version, by or _user())
+        except RuleError as exc:
+            raise _refuse(exc) from None
+    if new == before:
+        console.print(f"Version {version} is already active.")
+    else:
+        console.print(f"Version {version} is active again, saved as version {new}.")

@@ -1,0 +1,66 @@
+"""The attribute names a rule may test: DICOM keywords (PS3.6) plus ``CallingAETitle``.
+
+The value representation decides how a condition compares: CS values (PS3.5 6.2)
+compare case-insensitively, numeric VRs allow ranges, sequences and bulk data only
+presence.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import cache
+
+from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
+
+#: Not a DICOM attribute: the AE title of the association that sent the study.
+CALLING_AE_TITLE = "CallingAETitle"
+
+#: VRs whose values are numbers (or read as numbers: dates, times, ages in years).
+_NUMERIC_VRS = frozenset(
+    {"DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AS", "DA", "TM"}
+)
+#: VRs whose values are not text a rule can compare: only presence is testable.
+_OPAQUE_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "NONE"})
+
+
+def is_known(keyword: str) -> bool:
+    return keyword == CALLING_AE_TITLE or tag_for_keyword(keyword) is not None
+
+
+@cache
+def vr_of(keyword: str) -> str:
+    """The VR of ``keyword`` as the dictionary writes it (``"US or SS"`` for ambiguous ones)."""
+    if keyword == CALLING_AE_TITLE:
+        return "AE"
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return str(dictionary_VR(tag))
+
+
+def _vrs(keyword: str) -> list[str]:
+    return vr_of(keyword).split(" or ")
+
+
+def is_case_insensitive(keyword: str) -> bool:
+    """CS (Code String) values are compared ignoring case; everything else exactly."""
+    return _vrs(keyword) == ["CS"]
+
+
+def is_numeric(keyword: str) -> bool:
+    return any(vr in _NUMERIC_VRS for vr in _vrs(keyword))
+
+
+def is_opaque(keyword: str) -> bool:
+    return all(vr in _OPAQUE_VRS for vr in _vrs(keyword))
+
+
+def suggest(keyword: str) -> str | None:
+    """The known keyword closest to a misspelt one, if any is close."""
+    if keyword.lower() == CALLING_AE_TITLE.lower():
+        return CALLING_AE_TITLE
+    by_lower = {k.lower(): k for k in keyword_dict}
+    if keyword.lower() in by_lower:
+        return by_lower[keyword.lower()]
+    close = difflib.get_close_matches(keyword, [*keyword_dict, CALLING_AE_TITLE], n=1, cutoff=0.8)
+    return close[0] if close else None

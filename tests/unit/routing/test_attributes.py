@@ -1,0 +1,120 @@
+"""What rules see of a stored study, and of a DICOM file: headers per series, sending AE."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.catalog import Catalog
+from node.db.models import Study
+from node.errors import StorageError
+from node.ingest.inspect import inspect_instance
+from node.routing.attributes import file_series_attributes, study_series_attributes
+from node.routing.match import route
+from node.routing.rules import parse_rules
+from node.storage import InstanceStore
+from tests.dicomgen import TEST_ROOT
+
+PA_ONLY = """\
+format = 1
+[[rule]]
+name = "chest-pa"
+priority = "routine"
+models = ["pneumonia-triage"]
+[rule.match]
+Modality = "CR"
+ViewPosition = "PA"
+CallingAETitle = "CR_*"
+"""
+
+
+def _store_instance(store: InstanceStore, catalog: Catalog, data: bytes, ae: str) -> int:
+    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    header = inspect_instance(
+        data,
+        requested_sop_class_uid=ds.SOPClassUID,
+        requested_sop_instance_uid=ds.SOPInstanceUID,
+    )
+    rel = store.instance_relpath(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
+    return catalog.record_instance(header, store.write(rel, data), ae).study_id
+
+
+def _lateral_copy(source: Path) -> bytes:
+    """The same study with a second series: a lateral view under new UIDs."""
+    ds = pydicom.dcmread(source)
+    ds.SeriesInstanceUID = generate_uid(prefix=TEST_ROOT)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=TEST_ROOT)
+    ds.ViewPosition = "LL"
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_study_attributes_come_from_stored_headers(
+    sessions: sessionmaker[Session], tmp_path: Path, shared_data: Path
+) -> None:
+    chest = shared_data / "dicom/modalities/cr/RG1_UNCR.dcm"
+    store = InstanceStore(tmp_path / "var", fsync=False)
+    catalog = Catalog(sessions)
+    study_id = _store_instance(store, catalog, chest.read_bytes(), "CR_ROOM1")
+    lateral = _lateral_copy(chest)
+    assert _store_instance(store, catalog, lateral, "CR_ROOM1") == study_id
+
+    with sessions() as session:
+        series = study_series_attributes(session, store, study_id)
+    pa, ll = series
+    assert pa.series_instance_uid == "1.3.6.1.4.1.5962.1.3.9.1.20040826185059.5457"
+    assert pa.get("Modality") == ("CR",)
+    assert pa.get("BodyPartExamined") == ("CHEST",)
+    assert pa.get("ViewPosition") == ("PA",)
+    assert pa.get("ImageType") == ("DERIVED", "PRIMARY")
+    assert pa.get("CallingAETitle") == ("CR_ROOM1",)
+    assert pa.get("TransferSyntaxUID") is not None  # file meta is visible too
+    assert pa.get("PixelData") is None  # headers only
+    assert ll.get("ViewPosition") == ("LL",)
+
+    decision = route(parse_rules(PA_ONLY), series)
+    assert decision is not None
+    assert decision.series_instance_uids == (pa.series_instance_uid,)
+
+
+def test_an_unreadable_series_is_an_error_not_a_silent_skip(
+    sessions: sessionmaker[Session], tmp_path: Path, shared_data: Path
+) -> None:
+    store = InstanceStore(tmp_path / "var", fsync=False)
+    data = (shared_data / "dicom/modalities/cr/RG1_UNCR.dcm").read_bytes()
+    study_id = _store_instance(store, Catalog(sessions), data, "CR_ROOM1")
+    for path in (tmp_path / "var/instances").rglob("*.dcm"):
+        path.write_bytes(b"not dicom")
+    with sessions() as session, pytest.raises(StorageError, match="cannot read a header"):
+        study_series_attributes(session, store, study_id)
+    with sessions() as session:
+        assert session.scalar(select(Study.id).where(Study.id == study_id)) == study_id
+
+
+def test_file_and_folder_attributes(tmp_path: Path, shared_data: Path) -> None:
+    cr = shared_data / "dicom/modalities/cr"
+    (one,) = file_series_attributes(cr / "RG3_J2KR.dcm", "XR1")
+    assert one.get("BodyPartExamined") == ("EXTREMITY",)
+    assert one.get("CallingAETitle") == ("XR1",)
+    (no_ae,) = file_series_attributes(cr / "RG3_J2KR.dcm")
+    assert no_ae.get("CallingAETitle") == ()
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes((cr / "RG1_UNCR.dcm").read_bytes())
+    (folder / "b.dcm").write_bytes(_lateral_copy(cr / "RG1_UNCR.dcm"))
+    (folder / "notes.txt").write_text("not DICOM")
+    assert [s.get("ViewPosition") for s in file_series_attributes(folder)] == [("PA",), ("LL",)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError):
+        file_series_attributes(empty)

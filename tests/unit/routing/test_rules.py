@@ -1,0 +1,212 @@
+"""Parsing rules documents: the forms admins write, and mistakes refused with line and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models import registry
+from node.db.models import Priority
+from node.errors import NodeError, RuleError
+from node.routing.conditions import AnyOf, Equals, Not, Presence, Range, Regex, Wildcard
+from node.routing.rules import KNOWN_MODELS, parse_rules
+from node.routing.store import default_rules_text
+
+ROOT = Path(__file__).resolve().parents[3]
+
+GOOD = """\
+format = 1
+
+[[rule]]
+name = "chest-xray"
+description = "Chest radiographs"
+priority = "routine"
+models = ["pneumonia-triage", "lung-seg"]
+destinations = ["pacs"]
+
+[rule.match]
+Modality = ["CR", "DX"]
+BodyPartExamined = "CHEST"
+SeriesDescription = "/PA|AP|CHEST/i"
+CallingAETitle = "CR*"
+PatientAge = {min = 18, max = 99}
+ImageComments = {present = false}
+ViewPosition = {not = "LL"}
+SamplesPerPixel = 1
+"""
+
+
+def test_every_condition_form_is_read() -> None:
+    rule_set = parse_rules(GOOD)
+    (rule,) = rule_set.rules
+    assert rule.name == "chest-xray"
+    assert rule.base_priority is Priority.ROUTINE
+    assert rule.models == ("pneumonia-triage", "lung-seg")
+    assert rule.destinations == ("pacs",)
+    m = rule.match
+    assert m["Modality"] == AnyOf(options=(Equals(value="CR"), Equals(value="DX")))
+    assert m["BodyPartExamined"] == Equals(value="CHEST")
+    assert m["SeriesDescription"] == Regex(pattern="PA|AP|CHEST", flags="i")
+    assert m["CallingAETitle"] == Wildcard(pattern="CR*")
+    assert m["PatientAge"] == Range(min=18, max=99)
+    assert m["ImageComments"] == Presence(present=False)
+    assert m["ViewPosition"] == Not(condition=Equals(value="LL"))
+    assert m["SamplesPerPixel"] == Range(min=1, max=1)
+    assert list(m) == [
+        "Modality",
+        "BodyPartExamined",
+        "SeriesDescription",
+        "CallingAETitle",
+        "PatientAge",
+        "ImageComments",
+        "ViewPosition",
+        "SamplesPerPixel",
+    ]
+
+
+def test_parsed_rules_survive_a_json_round_trip() -> None:
+    """The admin API may send rules as JSON (model_dump); they must read back equal."""
+    rule_set = parse_rules(GOOD)
+    again = type(rule_set).model_validate(rule_set.model_dump(by_alias=True))
+    assert again == rule_set
+
+
+BAD = """\
+format = 1
+
+[[rule]]
+name = "chest"
+priority = "routine"
+models = ["pneumonia-triage"]
+[rule.match]
+Modality = "CR"
+
+[[rule]]
+name = "chest"
+prority = "stat"
+priority = "asap"
+models = ["pneumonia"]
+[rule.match]
+Modalty = "CR"
+PatientName = {min = 3}
+ReferencedImageSequence = "X"
+SeriesDescription = "/(/"
+PatientAge = {min = 9, max = 1}
+BodyPartExamined = ""
+ViewPosition = {foo = 1}
+"""
+
+
+def test_all_mistakes_are_reported_at_once_with_their_lines() -> None:
+    with pytest.raises(RuleError) as caught:
+        parse_rules(BAD, "bad.toml")
+    err = caught.value
+    assert isinstance(err, NodeError)
+    assert err.source == "bad.toml"
+    expected = [
+        ("line 11: rule[1].name:", "duplicate rule name 'chest'"),
+        ("line 12: rule[1].prority:", "unknown key"),
+        ("line 13: rule[1].priority:", "'stat', 'urgent' or 'routine'"),
+        ("line 14: rule[1].models:", "unknown model 'pneumonia'"),
+        ("line 16: rule[1].match.Modalty:", "unknown DICOM keyword 'Modalty'"),
+        ("line 17: rule[1].match.PatientName:", "numeric attribute"),
+        ("line 18: rule[1].match.ReferencedImageSequence:", "{present = ...}"),
+        ("line 19: rule[1].match.SeriesDescription:", "invalid regular expression"),
+        ("line 20: rule[1].match.PatientAge:", "min 9 is greater than max 1"),
+        ("line 21: rule[1].match.BodyPartExamined:", "empty string"),
+        ("line 22: rule[1].match.ViewPosition:", "unknown condition table"),
+    ]
+    assert len(err.problems) == len(expected), err.problems
+    for problem, (where, why) in zip(err.problems, expected, strict=True):
+        assert problem.startswith(where), problem
+        assert why in problem, problem
+    assert "did you mean 'Modality'?" in err.problems[4]
+    assert "line 22" in str(err)
+
+
+def test_line_points_into_the_right_rule() -> None:
+    """A mistake in the third rule's match table is reported at that rule's line."""
+    text = GOOD.replace('CallingAETitle = "CR*"\n', "") + (
+        '\n[[rule]]\nname = "b"\npriority = "stat"\nmodels = ["lung-seg"]\n'
+        '[rule.match]\nModality = "CR"\n'
+        '\n[[rule]]\nname = "c"\npriority = "stat"\nmodels = ["lung-seg"]\n'
+        '[rule.match]\nModality = "CR"\nBodyPartExamimed = "CHEST"\n'
+    )
+    with pytest.raises(RuleError) as caught:
+        parse_rules(text)
+    (problem,) = caught.value.problems
+    line = text.splitlines().index('BodyPartExamimed = "CHEST"') + 1
+    assert problem.startswith(f"line {line}: rule[2].match.BodyPartExamimed: ")
+
+
+def test_missing_keys_point_at_the_rule() -> None:
+    text = 'format = 1\n\n[[rule]]\nname = "a"\nmodels = ["lung-seg"]\n'
+    with pytest.raises(RuleError) as caught:
+        parse_rules(text)
+    assert caught.value.problems == ["line 3: rule[0].priority: required key is missing"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("format = 1\n[[rule]]\nname = \n", "line 3: TOML syntax error: Invalid value"),
+        ("format = 2\n", "line 1: format: this node reads format = 1"),
+        ("", "format: required key is missing"),
+        ("format = 1\nrules = []\n", "line 2: rules: unknown key"),
+        (
+            'format = 1\n[[rule]]\nname = "has space"\npriority = "stat"\nmodels = ["lung-seg"]\n',
+            "line 3: rule[0].name: rule name 'has space' must be",
+        ),
+        (
+            'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = []\n',
+            "line 5: rule[0].models: list at least one model",
+        ),
+        (
+            'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = ["lung-seg"]\n'
+            'match = {Modality = "/x/g"}\n',
+            "line 6: rule[0].match.Modality: unknown regular expression flag 'g'",
+        ),
+        (
+            'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = ["lung-seg"]\n'
+            "match = {Modality = true}\n",
+            "line 6: rule[0].match.Modality: True is not a condition",
+        ),
+    ],
+)
+def test_single_mistakes(text: str, expected: str) -> None:
+    with pytest.raises(RuleError) as caught:
+        parse_rules(text)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert caught.value.problems[0].startswith(expected), caught.value.problems
+
+
+def test_known_models_and_destinations_are_parameters() -> None:
+    text = 'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = ["new-model"]\n'
+    with pytest.raises(RuleError):
+        parse_rules(text)
+    assert parse_rules(text, known_models={"new-model"}).rules[0].models == ("new-model",)
+    with_dest = text.replace("models", 'destinations = ["pacs"]\nmodels')
+    with pytest.raises(RuleError, match="unknown destination 'pacs'"):
+        parse_rules(with_dest, known_models={"new-model"}, known_destinations={"ris"})
+
+
+def test_known_models_follow_the_model_registry() -> None:
+    assert {registry.CLASSIFIER_NAME, registry.SEGMENTER_NAME} <= KNOWN_MODELS
+
+
+def test_shipped_documents_are_valid() -> None:
+    default = parse_rules(default_rules_text())
+    assert [r.name for r in default.rules] == ["chest-xray"]
+    assert default.rules[0].models == ("pneumonia-triage", "lung-seg")
+    example = parse_rules((ROOT / "rules.example.toml").read_text())
+    assert len(example.rules) >= 2
+    kinds = {type(c).__name__ for r in example.rules for c in r.match.values()}
+    inner = {
+        type(c.condition).__name__
+        for r in example.rules
+        for c in r.match.values()
+        if isinstance(c, Not)
+    }
+    assert {"AnyOf", "Equals", "Wildcard", "Presence", "Range", "Not"} <= kinds
+    assert {"Regex", "Range"} <= inner
