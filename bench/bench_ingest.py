@@ -16,8 +16,13 @@ every image then waits for a delayed ACK, ~40 ms). Every peer runs at its best:
 * ``storescp`` with ``TCP_NODELAY=1``, the largest PDU it takes, bit-preserving
   writes, one process; it never fsyncs, so it is the ceiling, not a like-for-like;
 * Orthanc with ``TCP_NODELAY=1`` for its DCMTK network layer, the largest PDU it
-  takes, no plugins; ``SyncStorageArea = true`` (its default, durable like the
-  node) is used for the ratio, ``false`` is shown for scale.
+  takes, no plugins; ``SyncStorageArea = true`` (its default) is used for the
+  ratio, ``false`` is shown for scale. Orthanc's "sync" is weaker than the node's
+  durability: strace shows one fdatasync per instance (the file), no rename, no
+  directory fsync, and its SQLite index (WAL) commits without a sync, where the
+  node fsyncs the file, the directory and the catalogue commit before it answers;
+* a bare pynetdicom SCP (``bench/pynetdicom_scp.py``) that only writes the
+  bytes: the ceiling of any node built on pynetdicom, shown for scale.
 
 Each trial starts the peer fresh on free ports with an empty store, and the
 page cache is flushed (``sync``) between trials so one peer's writeback does not
@@ -386,9 +391,30 @@ def orthanc_peer(*, sync_storage: bool) -> PeerKind:
     )
 
 
+def pynetdicom_floor_peer() -> PeerKind:
+    @contextlib.contextmanager
+    def launch(work: Path) -> Iterator[RunningPeer]:
+        port = free_port()
+        out = work / "floor"
+        with PeerProcess(
+            name="pynetdicom floor",
+            argv=[sys.executable, str(REPO / "bench" / "pynetdicom_scp.py"), str(port), str(out)],
+            log_path=work / "floor.log",
+            ready=lambda: port_open(port),
+        ):
+            yield RunningPeer("FLOOR", port, lambda: _count_files(out, ".dcm"))
+
+    return PeerKind(
+        "pynetdicom (floor)",
+        "bare pynetdicom SCP, same PDU/TCP_NODELAY as node: write bytes, no parse/DB/fsync",
+        launch,
+    )
+
+
 PEERS: dict[str, Callable[[], PeerKind]] = {
     "node": lambda: node_peer(fsync=True),
     "node-nofsync": lambda: node_peer(fsync=False),
+    "pynetdicom": pynetdicom_floor_peer,
     "storescp": storescp_peer,
     "orthanc": lambda: orthanc_peer(sync_storage=True),
     "orthanc-nosync": lambda: orthanc_peer(sync_storage=False),
@@ -420,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds over all peers (best wins)")
     parser.add_argument(
         "--peers",
-        default="node,node-nofsync,storescp,orthanc,orthanc-nosync",
+        default="node,node-nofsync,pynetdicom,storescp,orthanc,orthanc-nosync",
         help=f"comma-separated subset of {', '.join(PEERS)}",
     )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
