@@ -75,7 +75,7 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     configure_logging(settings.logging.level, json_format=settings.logging.json_format)
-    node = Node(settings)
+    node = Node(settings, config_path=config)
     with console.status("Preparing database and starting listeners..."):
         try:
             node.start()
@@ -190,6 +190,42 @@ def studies(
     for line in lines:
         table.add_row(*line)
     console.print(table)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[str, typer.Option(help="Queues, most urgent first.")] = "stat,urgent,routine",
+    concurrency: Annotated[int, typer.Option(help="Processes running tasks.")] = 1,
+    name: Annotated[str | None, typer.Option(help="Worker name (Celery node name).")] = None,
+) -> None:
+    """Run a Celery worker: take studies from the queues, most urgent first, and run the models."""
+    import os
+
+    from node.logs import configure_logging
+    from workers.celery_app import make_celery
+
+    settings = _settings(config)
+    if config is not None:
+        os.environ["TRIAGE_NODE_CONFIG"] = str(config.resolve())  # for the task processes
+    configure_logging(settings.logging.level, json_format=settings.logging.json_format)
+    celery = make_celery(settings)
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        settings.logging.level,
+        "--hostname",
+        name or f"triage-{os.getpid()}@%h",
+    ]
+    celery.worker_main(argv)
 
 
 @app.command()

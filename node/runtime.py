@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy import Engine
@@ -22,7 +23,10 @@ from node.db.engine import make_engine, make_sessionmaker
 from node.errors import NodeError
 from node.ingest.callers import CallerPolicy
 from node.ingest.scp import DicomServer, StoreSCP
+from node.pipeline import Pipeline, PipelineSupervisor
+from node.routing.store import RuleStore
 from node.storage import InstanceStore
+from node.worker_processes import WorkerProcesses
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +39,15 @@ class Node:
     """One node process (the all-in-one mode, or the DICOM role of a larger site)."""
 
     def __init__(
-        self, settings: Settings, *, completion_hooks: Sequence[CompletionHook] = ()
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None = None,
+        completion_hooks: Sequence[CompletionHook] = (),
+        pipeline: bool = True,
     ) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.engine: Engine = make_engine(
             settings.database_url, durable=settings.storage.fsync, echo=settings.database.echo
         )
@@ -54,11 +64,29 @@ class Node:
             callers=CallerPolicy(settings.dicom.allowed_callers, settings.dicom.ae_title),
         )
         self.dicom = DicomServer(settings.dicom, self.scp)
+        self.rules = RuleStore(self.sessions)
+        self.pipeline: Pipeline | None = None
+        self.supervisor: PipelineSupervisor | None = None
+        self.workers: WorkerProcesses | None = None
+        hooks = list(completion_hooks)
+        if pipeline:
+            from workers.celery_app import make_celery
+
+            self.celery = make_celery(settings)
+            self.pipeline = Pipeline(settings, self.sessions, self.store, self.rules, self.celery)
+            self.supervisor = PipelineSupervisor(self.pipeline)
+            hooks.append(self.pipeline.on_complete)
+            if settings.pipeline.workers > 0:
+                self.workers = WorkerProcesses(
+                    settings.pipeline.workers,
+                    config_path=config_path,
+                    log_dir=self.store.data_dir / "logs",
+                )
         self.completion = CompletionMonitor(
             self.catalog,
             settings.study.quiet_seconds,
             settings.study.check_interval_seconds,
-            hooks=completion_hooks,
+            hooks=hooks,
         )
         self._web: WebServer | None = None
 
@@ -74,8 +102,13 @@ class Node:
         self.prepare_database()
         if removed := self.store.discard_partial_writes():
             log.info("discarded %d partial writes left by an interrupted run", removed)
+        self.rules.ensure_seeded(self.settings.routing.rules_file)
+        if self.workers is not None:
+            self.workers.start()
         self.dicom.start()
         self.completion.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
         if self.settings.web.enabled:
             self._web = WebServer(self)
             self._web.start()
@@ -85,6 +118,10 @@ class Node:
             self._web.stop()
         self.completion.stop()
         self.dicom.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.engine.dispose()
 
     @property

@@ -62,6 +62,7 @@ def node_config(tmp_path: Path, database_url: str | None = None, **sections: Any
         "storage": {"data_dir": str(tmp_path / "var"), "min_free_bytes": 0},
         "study": {"quiet_seconds": 3600},
         "web": {"enabled": False, "port": free_port()},
+        "pipeline": {"workers": 0},
     }
     if database_url:
         cfg["database"] = {"url": database_url}

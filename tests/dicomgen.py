@@ -87,3 +87,63 @@ def write_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return study_uid, paths
+
+
+def cxr_from_jpeg(
+    jpeg: Path,
+    out: Path,
+    *,
+    study_uid: str | None = None,
+    accession: str = "CXR0001",
+    patient: Patient = Patient(),
+    pixel_spacing: float | None = 0.7,
+    study_description: str = "XR CHEST PA",
+) -> tuple[str, np.ndarray]:
+    """A CR chest instance carrying a pediatric CXR JPEG's gray values unchanged.
+
+    Returns (StudyInstanceUID, the 2-D uint8 array stored), so a test can run the
+    model on exactly the same pixels directly.
+    """
+    from PIL import Image
+    from pydicom.uid import ComputedRadiographyImageStorage
+
+    pixels = np.asarray(Image.open(jpeg).convert("L"), dtype=np.uint8)
+    study_uid = study_uid or generate_uid(prefix=TEST_ROOT)
+    series_uid = generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, "cxr-series"])
+    uid = generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, jpeg.name])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = "O"
+    ds.AccessionNumber = accession
+    ds.StudyDate = "20261125"
+    ds.StudyTime = "093000"
+    ds.StudyDescription = study_description
+    ds.SeriesDescription = "PA"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    if pixel_spacing is not None:
+        ds.ImagerPixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.PixelData = pixels.tobytes()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return study_uid, pixels

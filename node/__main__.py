@@ -1,0 +1,5 @@
+"""``python -m node ...`` is ``triage-node ...`` (used to start worker processes)."""
+
+from node.cli import main
+
+main()

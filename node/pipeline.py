@@ -1,0 +1,242 @@
+"""From a complete study to a queued task: routing, sending by urgency, and recovery.
+
+The database is the record and the broker only delivers. A supervisor loop in
+the node process makes the two agree, whatever was lost in between:
+
+* ``complete`` studies are routed: to ``queued`` (with the rule's models,
+  destinations and base priority) or to ``not_routed`` (visible, never dropped);
+* ``queued`` studies without a sent message (new, retry delay over, or a
+  message presumed lost) are sent to the queue of their priority;
+* ``processing`` studies whose lease expired (the worker died) are queued
+  again, or failed after ``pipeline.max_attempts``.
+
+Sending is idempotent on the worker side (it claims the study in the database),
+so a message sent twice costs a no-op, never a second result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.catalog import CompletedStudy
+from node.config import Settings
+from node.db.models import Priority, Study, StudyStatus
+from node.db.types import utcnow
+from node.routing.attributes import study_series_attributes
+from node.routing.match import route
+from node.routing.store import RuleStore
+from node.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Routes complete studies and keeps the queue in step with the database."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        store: InstanceStore,
+        rules: RuleStore,
+        celery: Any,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.store = store
+        self.rules = rules
+        self.celery = celery
+        self._lock = threading.Lock()
+
+    # -- routing -----------------------------------------------------------------------
+    def route_study(self, study_id: int, version: int) -> StudyStatus | None:
+        """Apply the active rules to a complete study; returns its new status."""
+        rule_version, rule_set = self.rules.active()
+        with self.sessions() as session:
+            attributes = study_series_attributes(session, self.store, study_id)
+        decision = route(rule_set, attributes)
+        with self.sessions.begin() as session:
+            guard = (
+                Study.id == study_id,
+                Study.version == version,
+                Study.status == StudyStatus.COMPLETE,
+            )
+            if decision is None:
+                values: dict[str, Any] = {
+                    "status": StudyStatus.NOT_ROUTED,
+                    "status_reason": f"no rule of rules version {rule_version} matched",
+                    "rule_set_version": rule_version,
+                    "routing_rule": None,
+                }
+                status = StudyStatus.NOT_ROUTED
+            else:
+                values = {
+                    "status": StudyStatus.QUEUED,
+                    "status_reason": None,
+                    "rule_set_version": rule_version,
+                    "routing_rule": decision.rule_name,
+                    "routing_models": list(decision.models),
+                    "routing_destinations": list(decision.destinations),
+                    "routing_series": list(decision.series_instance_uids),
+                    "base_priority": int(decision.priority),
+                    "priority": int(decision.priority),
+                    "queued_at": None,
+                    "lease_owner": None,
+                    "lease_until": None,
+                    "attempts": 0,
+                }
+                status = StudyStatus.QUEUED
+            changed = session.execute(
+                update(Study).where(*guard).values(**values).returning(Study.study_instance_uid)
+            ).first()
+        if changed is None:
+            return None  # re-opened or routed meanwhile
+        log.info(
+            "study routed study_uid=%s version=%d rule=%s status=%s",
+            changed.study_instance_uid,
+            version,
+            decision.rule_name if decision else "-",
+            status.value,
+        )
+        return status
+
+    def on_complete(self, done: Sequence[CompletedStudy]) -> None:
+        """Completion hook: route at once instead of waiting for the next tick."""
+        for study in done:
+            try:
+                self.route_study(study.study_id, study.version)
+            except Exception:
+                log.exception("routing failed study_uid=%s; will retry", study.study_instance_uid)
+        self.dispatch_due()
+
+    # -- sending -----------------------------------------------------------------------
+    def dispatch_due(self) -> int:
+        """Send every queued study that has no message in flight; returns how many."""
+        from workers.celery_app import PROCESS_STUDY, queue_for
+
+        now = utcnow()
+        with self._lock:
+            with self.sessions() as session:
+                due = session.execute(
+                    select(Study.id, Study.version, Study.priority, Study.study_instance_uid)
+                    .where(
+                        Study.status == StudyStatus.QUEUED,
+                        Study.queued_at.is_(None),
+                        or_(Study.lease_until.is_(None), Study.lease_until <= now),
+                    )
+                    .order_by(Study.priority.desc(), Study.completed_at)
+                ).all()
+            sent = 0
+            for row in due:
+                try:
+                    self.celery.send_task(
+                        PROCESS_STUDY, args=[row.id, row.version], queue=queue_for(row.priority)
+                    )
+                except Exception as exc:
+                    log.error(
+                        "cannot queue study_uid=%s error=%s; will retry",
+                        row.study_instance_uid,
+                        exc,
+                    )
+                    break
+                with self.sessions.begin() as session:
+                    session.execute(
+                        update(Study)
+                        .where(
+                            Study.id == row.id,
+                            Study.version == row.version,
+                            Study.status == StudyStatus.QUEUED,
+                        )
+                        .values(queued_at=utcnow(), lease_until=None)
+                    )
+                sent += 1
+                log.info(
+                    "study queued study_uid=%s queue=%s",
+                    row.study_instance_uid,
+                    queue_for(row.priority),
+                )
+            return sent
+
+    # -- recovery ----------------------------------------------------------------------
+    def recover(self) -> None:
+        """Hand out again what a dead worker held, or a message that seems lost."""
+        now = utcnow()
+        lease = timedelta(seconds=self.settings.pipeline.lease_seconds)
+        max_attempts = self.settings.pipeline.max_attempts
+        with self.sessions.begin() as session:
+            expired = (
+                session.execute(
+                    select(Study)
+                    .where(Study.status == StudyStatus.PROCESSING, Study.lease_until < now)
+                    .with_for_update()
+                )
+                .scalars()
+                .all()
+            )
+            for study in expired:
+                if study.attempts >= max_attempts:
+                    study.status = StudyStatus.FAILED
+                    study.status_reason = f"worker lost during {study.attempts} attempts"
+                    study.finished_at = now
+                else:
+                    study.status = StudyStatus.QUEUED
+                    study.status_reason = (
+                        f"worker lost during attempt {study.attempts}; queued again"
+                    )
+                    study.queued_at = None
+                study.lease_owner = None
+                study.lease_until = None
+                log.warning(
+                    "lease expired study_uid=%s -> %s", study.study_instance_uid, study.status
+                )
+            session.execute(
+                update(Study)
+                .where(Study.status == StudyStatus.QUEUED, Study.queued_at < now - lease)
+                .values(queued_at=None)
+            )
+
+    def tick(self) -> None:
+        with self.sessions() as session:
+            complete = session.execute(
+                select(Study.id, Study.version).where(Study.status == StudyStatus.COMPLETE)
+            ).all()
+        for row in complete:
+            self.route_study(row.id, row.version)
+        self.recover()
+        self.dispatch_due()
+
+
+class PipelineSupervisor:
+    """Runs :meth:`Pipeline.tick` in the background of the node process."""
+
+    def __init__(self, pipeline: Pipeline, interval_seconds: float = 1.0) -> None:
+        self.pipeline = pipeline
+        self.interval = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.pipeline.tick()
+            except Exception:
+                log.exception("pipeline supervisor tick failed; retrying")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+__all__ = ["Pipeline", "PipelineSupervisor", "Priority"]

@@ -1,0 +1,82 @@
+"""Models in a worker process: loaded once, on the GPU when there is one, else the CPU.
+
+TensorFlow places operations on the first GPU automatically when one is visible;
+we only log which device the process got, so an admin can see it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    probabilities: NDArray[np.float32]  # (N, 2): [normal, pneumonia]
+    heatmaps: list[NDArray[np.float32]]
+    milliseconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Segmentation:
+    masks: list[NDArray[np.bool_]]
+    milliseconds: float
+
+
+class ModelRunner:
+    """The shipped models of this process; each loaded on first use."""
+
+    def __init__(self) -> None:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        self.device = "GPU" if gpus else "CPU"
+        log.info("models will run on %s", self.device)
+        self._classifier: Any = None
+        self._segmenter: Any = None
+
+    @property
+    def classifier(self) -> Any:
+        if self._classifier is None:
+            from models.inference import load_classifier
+
+            self._classifier = load_classifier()
+            log.info("loaded %s %s", self._classifier.name, self._classifier.version)
+        return self._classifier
+
+    @property
+    def segmenter(self) -> Any:
+        if self._segmenter is None:
+            from models.inference import load_segmenter
+
+            self._segmenter = load_segmenter()
+            log.info("loaded %s %s", self._segmenter.name, self._segmenter.version)
+        return self._segmenter
+
+    def classify(self, images: Sequence[NDArray[np.float32]]) -> Classification:
+        start = time.perf_counter()
+        probabilities = np.asarray(self.classifier.predict(images), dtype=np.float32)
+        heatmaps = [np.asarray(h, dtype=np.float32) for h in self.classifier.explain(images)]
+        return Classification(probabilities, heatmaps, (time.perf_counter() - start) * 1000)
+
+    def segment(self, images: Sequence[NDArray[np.float32]]) -> Segmentation:
+        start = time.perf_counter()
+        masks = [np.asarray(m, dtype=bool) for m in self.segmenter.predict(images)]
+        return Segmentation(masks, (time.perf_counter() - start) * 1000)
+
+
+@functools.cache
+def runner() -> ModelRunner:
+    """The process's runner (created after the worker forks, never in the parent)."""
+    return ModelRunner()

@@ -1,0 +1,321 @@
+"""Processing one study version: claim it, analyse its images, record findings once.
+
+Exactly-once results without trusting the broker: a task first *claims* the
+study in the database (``queued`` → ``processing`` with a lease owned by this
+run); it writes findings and the final state only if it still holds that lease,
+in one transaction that replaces any findings of the same version. A duplicate
+message, a redelivery after a crash, or a study re-opened meanwhile (new
+version) therefore never yields two results.
+
+Failures: pixels that cannot be read fail the study at once (retrying cannot
+help); anything else is retried with exponential backoff up to
+``pipeline.max_attempts`` by putting the study back to ``queued`` with a
+not-before time that the node's supervisor honours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom import dcmread
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings
+from node.db.models import Finding, Instance, Priority, Series, Study, StudyStatus
+from node.db.types import utcnow
+from node.storage import InstanceStore
+from workers.inference import ModelRunner
+from workers.pixels import ImageFrame, UnreadablePixels, read_frames
+from workers.selection import selector_for
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER = "pneumonia-triage"
+SEGMENTER = "lung-seg"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: str  # done | failed | retry | skipped
+    reason: str | None = None
+
+
+@dataclass
+class _Analysis:
+    findings: list[Finding] = field(default_factory=list)
+    key_finding: str | None = None
+    key_score: float | None = None
+    note: str | None = None
+
+
+class StudyProcessor:
+    """Runs the models a study was routed to and records what they found."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        runner: ModelRunner,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.runner = runner
+        self.store = InstanceStore(settings.storage.data_dir, fsync=settings.storage.fsync)
+        self.lease = timedelta(seconds=settings.pipeline.lease_seconds)
+
+    # -- the whole run -----------------------------------------------------------------
+    def run(self, study_id: int, version: int) -> Outcome:
+        owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        if not self._claim(study_id, version, owner):
+            log.info(
+                "study_id=%d version=%d not claimable (done, taken or superseded)",
+                study_id,
+                version,
+            )
+            return Outcome("skipped")
+        try:
+            analysis = self._analyse(study_id, version, owner)
+        except UnreadablePixels as exc:
+            return self._fail(study_id, version, owner, str(exc), permanent=True)
+        except Exception as exc:
+            log.exception("study_id=%d version=%d processing error", study_id, version)
+            return self._fail(
+                study_id, version, owner, f"{type(exc).__name__}: {exc}", permanent=False
+            )
+        return self._finish(study_id, version, owner, analysis)
+
+    # -- lease ---------------------------------------------------------------------------
+    def _claim(self, study_id: int, version: int, owner: str) -> bool:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            claimed = session.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.version == version,
+                    Study.status == StudyStatus.QUEUED,
+                )
+                .values(
+                    status=StudyStatus.PROCESSING,
+                    lease_owner=owner,
+                    lease_until=now + self.lease,
+                    attempts=Study.attempts + 1,
+                    started_at=now,
+                    status_reason=None,
+                )
+                .returning(Study.id)
+            ).first()
+        return claimed is not None
+
+    def _extend(self, study_id: int, owner: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.lease_owner == owner)
+                .values(lease_until=utcnow() + self.lease)
+            )
+
+    # -- analysis ------------------------------------------------------------------------
+    def _analyse(self, study_id: int, version: int, owner: str) -> _Analysis:
+        with self.sessions() as session:
+            study = session.get(Study, study_id)
+            assert study is not None
+            models = list(study.routing_models or [])
+            wanted_series = set(study.routing_series or [])
+            study_uid = study.study_instance_uid
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.path, Series.series_instance_uid)
+                .join(Series, Instance.series_id == Series.id)
+                .where(Instance.study_id == study_id)
+                .order_by(Series.id, Instance.instance_number, Instance.id)
+            ).all()
+        paths = [
+            Path(self.store.path(r.path))
+            for r in rows
+            if not wanted_series or r.series_instance_uid in wanted_series
+        ]
+        frames: list[ImageFrame] = []
+        skipped: list[str] = []
+        for path in paths:
+            try:
+                header = dcmread(path, stop_before_pixels=True, force=True)
+            except Exception as exc:
+                raise UnreadablePixels(
+                    f"stored instance cannot be read: {type(exc).__name__}"
+                ) from exc
+            reasons = [selector_for(m).why_not(header) for m in models]
+            if all(reason is not None for reason in reasons):
+                skipped.append(f"{header.SOPInstanceUID}: {reasons[0]}")
+                continue
+            frames.extend(read_frames(path))
+        analysis = _Analysis()
+        if not frames:
+            analysis.note = "no image the requested models apply to"
+            log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
+            return analysis
+        images = [f.pixels for f in frames]
+        self._extend(study_id, owner)
+        results_dir = f"results/{study_uid}/v{version}"
+        now = utcnow()
+
+        if CLASSIFIER in models:
+            cls = self.runner.classify(images)
+            per_image_ms = cls.milliseconds / len(frames)
+            threshold = float(self.runner.classifier.threshold)
+            for frame, probs, heatmap in zip(frames, cls.probabilities, cls.heatmaps, strict=True):
+                p = float(probs[1])
+                analysis.findings.append(
+                    Finding(
+                        study_id=study_id,
+                        study_version=version,
+                        sop_instance_uid=frame.sop_instance_uid,
+                        frame_number=frame.frame_number,
+                        model_name=self.runner.classifier.name,
+                        model_version=self.runner.classifier.version,
+                        kind="classification",
+                        label="pneumonia" if p >= threshold else "normal",
+                        probability=p,
+                        heatmap_path=self._save(results_dir, frame, "heatmap", heatmap),
+                        inference_ms=per_image_ms,
+                        created_at=now,
+                    )
+                )
+            top = max(float(p[1]) for p in cls.probabilities)
+            analysis.key_score = top
+            analysis.key_finding = "pneumonia" if top >= threshold else "normal"
+            analysis.findings.append(
+                Finding(
+                    study_id=study_id,
+                    study_version=version,
+                    model_name=self.runner.classifier.name,
+                    model_version=self.runner.classifier.version,
+                    kind="classification",
+                    label=analysis.key_finding,
+                    probability=top,
+                    inference_ms=cls.milliseconds,
+                    created_at=now,
+                )
+            )
+            self._extend(study_id, owner)
+
+        if SEGMENTER in models:
+            seg = self.runner.segment(images)
+            per_image_ms = seg.milliseconds / len(frames)
+            for frame, mask in zip(frames, seg.masks, strict=True):
+                area_px = int(mask.sum())
+                spacing = frame.pixel_spacing_mm
+                analysis.findings.append(
+                    Finding(
+                        study_id=study_id,
+                        study_version=version,
+                        sop_instance_uid=frame.sop_instance_uid,
+                        frame_number=frame.frame_number,
+                        model_name=self.runner.segmenter.name,
+                        model_version=self.runner.segmenter.version,
+                        kind="segmentation",
+                        label="lung",
+                        lung_area_px=area_px,
+                        lung_area_mm2=area_px * spacing[0] * spacing[1] if spacing else None,
+                        mask_path=self._save(results_dir, frame, "mask", mask),
+                        inference_ms=per_image_ms,
+                        created_at=now,
+                    )
+                )
+        if skipped:
+            analysis.note = f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3])
+        return analysis
+
+    def _save(self, folder: str, frame: ImageFrame, kind: str, array: NDArray[np.generic]) -> str:
+        """Store a heatmap or mask as .npy, atomically, under ``results/``; return its path."""
+        rel = f"{folder}/{frame.sop_instance_uid}_{frame.frame_number}.{kind}.npy"
+        target = self.store.path(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        with tmp.open("wb") as fh:
+            np.save(fh, array)
+        tmp.replace(target)
+        return rel
+
+    # -- outcomes ------------------------------------------------------------------------
+    def _finish(self, study_id: int, version: int, owner: str, analysis: _Analysis) -> Outcome:
+        pipeline = self.settings.pipeline
+        with self.sessions.begin() as session:
+            study = session.execute(
+                select(Study).where(Study.id == study_id).with_for_update()
+            ).scalar_one()
+            if study.lease_owner != owner or study.version != version:
+                log.warning(
+                    "study_id=%d version=%d lease lost; result discarded", study_id, version
+                )
+                return Outcome("skipped", "lease lost")
+            session.execute(
+                delete(Finding).where(
+                    Finding.study_id == study_id, Finding.study_version == version
+                )
+            )
+            session.add_all(analysis.findings)
+            priority = study.base_priority
+            score = analysis.key_score
+            escalate = Priority[pipeline.escalate_to.upper()]
+            if score is not None and score >= pipeline.escalate_threshold:
+                priority = max(priority, escalate)
+            now = utcnow()
+            study.status = StudyStatus.DONE
+            study.status_reason = analysis.note
+            study.priority = priority
+            study.key_finding = analysis.key_finding
+            study.key_score = score
+            study.finished_at = now
+            study.lease_owner = None
+            study.lease_until = None
+            uid = study.study_instance_uid
+        log.info(
+            "study done study_uid=%s version=%d findings=%d priority=%s",
+            uid,
+            version,
+            len(analysis.findings),
+            Priority(priority).name.lower(),
+        )
+        return Outcome("done")
+
+    def _fail(
+        self, study_id: int, version: int, owner: str, reason: str, *, permanent: bool
+    ) -> Outcome:
+        max_attempts = self.settings.pipeline.max_attempts
+        with self.sessions.begin() as session:
+            study = session.execute(
+                select(Study).where(Study.id == study_id).with_for_update()
+            ).scalar_one()
+            if study.lease_owner != owner or study.version != version:
+                return Outcome("skipped", "lease lost")
+            study.lease_owner = None
+            if permanent or study.attempts >= max_attempts:
+                study.status = StudyStatus.FAILED
+                study.status_reason = reason[:2000]
+                study.finished_at = utcnow()
+                study.lease_until = None
+                state = "failed"
+            else:
+                delay = self.settings.pipeline.retry_backoff_seconds * 2 ** (study.attempts - 1)
+                study.status = StudyStatus.QUEUED
+                study.status_reason = f"retrying after attempt {study.attempts}: {reason}"[:2000]
+                study.queued_at = None  # the supervisor re-sends it once not-before has passed
+                study.lease_until = utcnow() + timedelta(seconds=delay)
+                state = "retry"
+            uid = study.study_instance_uid
+        log.warning("study %s study_uid=%s version=%d reason=%s", state, uid, version, reason)
+        return Outcome(state, reason)
+
+
+def not_before(study: Study, now: datetime) -> bool:
+    """True when a queued study may be sent (its retry delay, if any, has passed)."""
+    return study.lease_until is None or study.lease_until <= now
