@@ -1,0 +1,289 @@
+"""DICOM SEG of the lung mask on the source image's geometry (PS3.3 A.51).
+
+Built by `highdicom.seg.Segmentation`: BINARY, one segment "Lung" (SCT 39607008, both
+lungs; the model predicts one mask and we do not split it into left and right),
+category Anatomical Structure (CID 7150), with our model in the segment's Algorithm
+Identification Sequence (C.8.20.2.1) and references to the analysed frames in the
+Derivation Image and Source Image sequences (C.7.6.16.2.6).
+
+Geometry decisions (highdicom 0.28 behaviour, checked against its source):
+
+* **Projection radiographs** (CR, DX: no Image Position/Orientation (Patient)) have no
+  patient coordinate system; highdicom then allows exactly one source frame per SEG,
+  so there is one SEG per source instance (`build_segmentations`). A Frame of
+  Reference UID on such an image is not copied: with no plane geometry to relate it
+  to, highdicom would try to compute plane positions that do not exist.
+* **Pixel spacing** is carried into the Pixel Measures macro when the source has a
+  usable one; an absent or non-positive Pixel Spacing (seen in the wild as
+  ``0\\0``) is left out rather than copied, which the SEG IOD allows when there is
+  no Frame of Reference.
+* **Multi-frame sources** with functional groups: the analysed frames are placed by
+  their Plane Position (Patient) so only those frames are in the SEG and each
+  references its source frame by Referenced Frame Number. A multi-frame source
+  without the functional groups its IOD requires cannot be mapped frame by frame,
+  and `UnsupportedGeometry` is raised (send SR and SC without a SEG).
+* Empty masks are kept (``omit_empty_frames=False``): "the model found no lung" is
+  a result, and the SR references the frame either way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from workers.output import codes
+from workers.output.errors import OutputError, UnsupportedGeometry
+from workers.output.identity import SERIES, derive_uid, instance_uid, series_uid
+from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
+from workers.output.source import header
+
+SEGMENT_NUMBER = 1
+
+
+def build_segmentations(
+    results: Sequence[ImageResult], algorithm: AlgorithmInfo, ctx: OutputContext
+) -> list[Dataset]:
+    """All SEGs for the results of one source series, as few as the geometry allows.
+
+    One SEG per series when the sources have patient geometry and are single-frame;
+    otherwise one per source instance (see module notes). Results without a mask
+    are skipped; no masks at all gives an empty list.
+    """
+    groups: dict[str, list[ImageResult]] = defaultdict(list)
+    for result in results:
+        if result.lung_mask is None:
+            continue
+        shared = not result.is_multiframe and _has_plane_geometry(result.source)
+        key = result.frame.series_instance_uid if shared else result.frame.sop_instance_uid
+        groups[key].append(result)
+    return [build_segmentation(group, algorithm, ctx) for _, group in sorted(groups.items())]
+
+
+def build_segmentation(
+    results: Sequence[ImageResult], algorithm: AlgorithmInfo, ctx: OutputContext
+) -> Dataset:
+    """One SEG of the lung masks of `results` (one source series), via highdicom.
+
+    Raises `OutputError` if the results need more than one SEG (use
+    `build_segmentations`) or have no mask, `UnsupportedGeometry` if the source's
+    frames cannot be placed.
+    """
+    masked = [r for r in results if r.lung_mask is not None]
+    if not masked:
+        raise OutputError("no lung mask among the results")
+    if len({r.frame.series_instance_uid for r in masked}) != 1:
+        raise OutputError("a SEG covers the results of one source series")
+    masked.sort(key=lambda r: (_instance_order(r.source), r.frame.sop_instance_uid, r.frame_number))
+    for r in masked:
+        assert r.lung_mask is not None
+        if r.lung_mask.shape != (int(r.source.Rows), int(r.source.Columns)):
+            raise OutputError(
+                f"mask shape {r.lung_mask.shape} is not the source frame's "
+                f"sop_instance_uid={r.frame.sop_instance_uid}"
+            )
+    sources = _source_views(masked)
+    array = np.stack([np.asarray(r.lung_mask, dtype=bool) for r in masked])
+    plane_positions = _plane_positions(masked) if masked[0].is_multiframe else None
+
+    models = (algorithm.name, algorithm.version)
+    frames = [r.frame for r in masked]
+    sop_instance_uid = instance_uid(ctx.uid_root, "seg", frames, *models)
+    number, description = SERIES["seg"]
+    segment = hd.seg.SegmentDescription(
+        segment_number=SEGMENT_NUMBER,
+        segment_label="Lung",
+        segmented_property_category=codes.ANATOMICAL_STRUCTURE,
+        segmented_property_type=codes.LUNG,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_identification(algorithm),
+        tracking_uid=derive_uid(ctx.uid_root, "segment-tracking", sop_instance_uid, "1"),
+        tracking_id="lung",
+    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=series_uid(ctx.uid_root, "seg", frames[0], *models),
+            series_number=number,
+            series_description=description,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=_instance_number(masked),
+            manufacturer=ctx.manufacturer,
+            manufacturer_model_name=ctx.device_name,
+            software_versions=ctx.software_version,
+            device_serial_number=ctx.device_name,
+            institution_name=ctx.institution_name,
+            content_label="LUNG",
+            content_description=f"Lung mask by {algorithm.name} {algorithm.version}"[:64],
+            plane_positions=plane_positions,
+            omit_empty_frames=False,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+    except ValueError as exc:
+        raise OutputError(f"highdicom refused the segmentation: {exc}") from exc
+    if "FrameOfReferenceUID" not in seg:
+        # General Image module, Type 2C: required without patient geometry (PS3.3
+        # C.7.6.1.1.1); highdicom leaves it out, the source's value is the SEG's.
+        seg.PatientOrientation = _patient_orientation(masked[0].source)
+    return seg
+
+
+def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence for a model (PS3.3 C.8.20.2.1, CID 7162)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=codes.algorithm_family(algorithm.family),
+        version=algorithm.version,
+    )
+
+
+def segment_frame_number(seg: Dataset, result: ImageResult) -> int | None:
+    """1-based SEG frame holding the lung segment of `result`'s source frame, if any.
+
+    Read from each frame's Derivation Image Sequence (PS3.3 C.7.6.16.2.6); a
+    single-frame source is matched without a Referenced Frame Number.
+    """
+    if str(seg.StudyInstanceUID) != result.frame.study_instance_uid:
+        return None
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        # Either macro may sit in the shared or the per-frame item (PS3.3 C.7.6.16).
+        segment = _macro(item, shared, "SegmentIdentificationSequence")
+        if int(segment[0].ReferencedSegmentNumber) != SEGMENT_NUMBER:
+            continue
+        for derivation in _macro(item, shared, "DerivationImageSequence"):
+            for ref in derivation.get("SourceImageSequence", []):
+                if str(ref.ReferencedSOPInstanceUID) != result.frame.sop_instance_uid:
+                    continue
+                frame_numbers = ref.get("ReferencedFrameNumber")
+                if frame_numbers is None:
+                    if not result.is_multiframe or int(result.source.NumberOfFrames) == 1:
+                        return index
+                    continue
+                if result.frame_number in _ints(frame_numbers):
+                    return index
+    return None
+
+
+def _macro(item: Dataset, shared: Dataset, keyword: str) -> list[Dataset]:
+    """A functional group macro from the per-frame item, else the shared one."""
+    for group in (item, shared):
+        if keyword in group:
+            return list(group[keyword].value)
+    return []
+
+
+def _ints(value: object) -> list[int]:
+    """An IS/US value that may be single or multi-valued, as ints."""
+    if isinstance(value, int | str):
+        return [int(value)]
+    return [int(v) for v in value]  # type: ignore[attr-defined]
+
+
+def _has_plane_geometry(source: Dataset) -> bool:
+    """Whether the source is placed in the patient coordinate system (PS3.3 C.7.6.2)."""
+    return (
+        "FrameOfReferenceUID" in source
+        and "ImagePositionPatient" in source
+        and "ImageOrientationPatient" in source
+    )
+
+
+def _source_views(results: Sequence[ImageResult]) -> list[Dataset]:
+    """Header-only copies of the distinct sources, adjusted as the module notes say."""
+    views: dict[str, Dataset] = {}
+    for result in results:
+        uid = result.frame.sop_instance_uid
+        if uid in views:
+            continue
+        source = result.source
+        view = header(source)
+        if not result.is_multiframe and not _has_plane_geometry(source):
+            for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
+                if keyword in view:
+                    delattr(view, keyword)
+        if "PixelSpacing" in view and not _usable_spacing(view.PixelSpacing):
+            del view.PixelSpacing
+        views[uid] = view
+    if len(views) > 1 and not all(_has_plane_geometry(v) for v in views.values()):
+        raise OutputError(
+            "sources without patient geometry need one SEG per instance; "
+            "use build_segmentations"
+        )
+    if any(r.is_multiframe for r in results) and len(views) > 1:
+        raise OutputError("a SEG of a multi-frame source covers that one instance")
+    return list(views.values())
+
+
+def _usable_spacing(value: object) -> bool:
+    try:
+        values = [float(v) for v in value]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return False
+    return len(values) == 2 and all(v > 0 for v in values)
+
+
+def _plane_positions(results: Sequence[ImageResult]) -> list[hd.PlanePositionSequence]:
+    """Plane Position (Patient) of each analysed frame of a multi-frame source.
+
+    Raises `UnsupportedGeometry` when the source lacks the functional groups
+    (PS3.3 C.7.6.16) that say where its frames are.
+    """
+    source = results[0].source
+    uid = results[0].frame.sop_instance_uid
+    try:
+        shared = source.SharedFunctionalGroupsSequence[0]
+        per_frame = source.PerFrameFunctionalGroupsSequence
+        if "FrameOfReferenceUID" not in source or "PlaneOrientationSequence" not in shared:
+            raise AttributeError("no frame of reference or shared plane orientation")
+        positions = []
+        for result in results:
+            item = per_frame[result.frame_number - 1]
+            position = (
+                item.PlanePositionSequence
+                if "PlanePositionSequence" in item
+                else shared.PlanePositionSequence
+            )[0].ImagePositionPatient
+            positions.append(
+                hd.PlanePositionSequence(
+                    coordinate_system=hd.CoordinateSystemNames.PATIENT,
+                    image_position=[float(v) for v in position],
+                )
+            )
+    except (AttributeError, IndexError, KeyError) as exc:
+        raise UnsupportedGeometry(
+            f"multi-frame source sop_instance_uid={uid} has no usable functional groups "
+            f"to place its frames ({exc})"
+        ) from exc
+    return positions
+
+
+def _patient_orientation(source: Dataset) -> list[str] | None:
+    """The source's Patient Orientation if it is a valid pair, else empty (Type 2C)."""
+    value = source.get("PatientOrientation")
+    if value is None or len(value) != 2 or not all(value):
+        return None
+    return [str(value[0]), str(value[1])]
+
+
+def _instance_order(source: Dataset) -> int:
+    value = source.get("InstanceNumber")
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def _instance_number(results: Sequence[ImageResult]) -> int:
+    """The source's Instance Number for a one-instance SEG, else 1."""
+    uids = {r.frame.sop_instance_uid for r in results}
+    if len(uids) == 1:
+        return max(1, _instance_order(results[0].source))
+    return 1

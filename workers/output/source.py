@@ -1,0 +1,67 @@
+"""The source instance as the output builders hand it to highdicom.
+
+highdicom reads only the header of a source (patient, study, geometry, UIDs), so the
+builders pass a header-only copy: no pixel data is copied or decoded. highdicom copies
+the Patient and General Study modules verbatim (PS3.3 C.7.1.1, C.7.2.1) and refuses, or
+writes an invalid object, when a source value breaks its VR (seen in the wild:
+de-identification tools that put a hash in Patient's Birth Date or a 56-character
+Accession Number). Such a value is emptied, which those Type 2 attributes allow; the
+study still files by Study Instance UID. Only the keyword is logged, never the value.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from pydicom import config
+from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
+
+from workers.output.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+#: Pixel data keywords left out of a header copy.
+_PIXEL_KEYWORDS: Final = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+
+#: Type 2 attributes highdicom copies into every object it builds from a source.
+COPIED_TYPE2: Final = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_SEXES: Final = frozenset({"M", "F", "O", ""})
+
+
+def header(source: Dataset) -> Dataset:
+    """Header-only copy of `source` whose copied patient/study values are valid."""
+    if "StudyInstanceUID" not in source or "SOPInstanceUID" not in source:
+        raise OutputError("source lacks Study or SOP Instance UID")
+    view = Dataset()
+    for element in source:
+        if element.keyword not in _PIXEL_KEYWORDS:
+            view.add(element)
+    if "file_meta" in source.__dict__:
+        view.file_meta = source.file_meta
+    uid = str(source.SOPInstanceUID)
+    for keyword in COPIED_TYPE2:
+        if keyword not in view or view[keyword].is_empty:
+            continue
+        element = view[keyword]
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                validate_value(element.VR, str(value), validation_mode=config.RAISE)
+            if keyword == "PatientSex" and str(element.value) not in _SEXES:
+                raise ValueError("not an enumerated value")
+        except (ValueError, TypeError):
+            log.warning("emptied invalid %s copied from sop_instance_uid=%s", keyword, uid)
+            view[keyword] = type(element)(element.tag, element.VR, None)
+    return view
