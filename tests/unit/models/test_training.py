@@ -37,3 +37,19 @@ def test_tiny_unet_run_lowers_loss(lungs_dir: Path) -> None:
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=dice_bce_loss)
     before, after = _first_and_last_loss(model, ds, epochs=10)
     assert np.isfinite(after) and after < 0.9 * before
+
+
+def test_same_seed_same_weights(pneumonia_dir: Path) -> None:
+    """A fixed seed makes a run reproducible: shuffling, augmentation, init, dropout."""
+    items = data.list_classification(pneumonia_dir / "val", deduplicate=False)[::20]
+
+    def run() -> list[np.ndarray]:
+        configure_runtime(7)
+        ds = data.classification_dataset(items, 32, 4, training=True, seed=7)
+        model = build_classifier(32, "cxrnet", widths=(4, 8), dense_units=(8, 8))
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)
+        return [np.asarray(w) for w in model.get_weights()]
+
+    for a, b in zip(run(), run(), strict=True):
+        np.testing.assert_array_equal(a, b)
