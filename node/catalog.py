@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db.dialects import insert_for
 from node.db.models import Instance, QuarantinedInstance, Series, Study, StudyStatus
 from node.db.types import utcnow
 from node.ingest.inspect import InstanceHeader
@@ -40,17 +40,6 @@ class CompletedStudy:
     study_id: int
     study_instance_uid: str
     version: int
-
-
-def _insert(session: Session | Connection, table: Any) -> Any:
-    """INSERT ... ON CONFLICT for the session's dialect (SQLite and PostgreSQL)."""
-    bind = session.get_bind() if isinstance(session, Session) else session
-    dialect = bind.dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"database dialect {dialect!r} is not supported")
 
 
 def _merge_modalities(current: str, modality: str | None) -> str:
@@ -133,7 +122,7 @@ class Catalog:
                 "last_received_at": now,
             }
             session.execute(
-                _insert(session, Study)
+                insert_for(session, Study)
                 .values(**study_values)
                 .on_conflict_do_nothing(index_elements=["study_instance_uid"])
             )
@@ -152,7 +141,7 @@ class Catalog:
             version = study.version + 1 if reopened else study.version
 
             new_series_id = session.execute(
-                _insert(session, Series)
+                insert_for(session, Series)
                 .values(
                     study_id=study.id,
                     series_instance_uid=header.series_instance_uid,
@@ -179,7 +168,7 @@ class Catalog:
 
             # RETURNING yields no row when the SOP Instance is already there.
             inserted_id = session.execute(
-                _insert(session, Instance)
+                insert_for(session, Instance)
                 .values(
                     study_id=study.id,
                     series_id=series_id,

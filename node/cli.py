@@ -31,8 +31,13 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration files.", no_args_is_help=True)
+exports_app = typer.Typer(
+    help="Deliveries of results (and forwarded originals) to destinations.",
+    invoke_without_command=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(exports_app, name="exports")
 # models.cli imports TensorFlow only inside its commands, so this stays cheap.
 app.add_typer(model_app, name="model")
 app.add_typer(rules_app, name="rules")
@@ -193,6 +198,36 @@ def studies(
 
 
 @app.command()
+def reprocess(
+    study_uid: Annotated[
+        str, typer.Argument(help="StudyInstanceUID of a done, failed or not routed study.")
+    ],
+    config: ConfigOption = None,
+) -> None:
+    """Route and analyse a study again; its results replace the earlier ones (same UIDs)."""
+    from node.db.engine import make_engine, make_sessionmaker
+    from node.pipeline import Pipeline
+    from node.routing.store import RuleStore
+    from node.storage import InstanceStore
+    from workers.celery_app import make_celery
+
+    settings = _settings(config)
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        rules = RuleStore(sessions, known_destinations=[d.name for d in settings.destinations])
+        store = InstanceStore(settings.storage.data_dir)
+        pipeline = Pipeline(settings, sessions, store, rules, make_celery(settings))
+        found = pipeline.reprocess(study_uid)
+    finally:
+        engine.dispose()
+    if not found:
+        err_console.print("[red]error:[/red] no done, failed or not-routed study with that UID")
+        raise typer.Exit(1)
+    console.print("Study queued for processing again.")
+
+
+@app.command()
 def worker(
     config: ConfigOption = None,
     queues: Annotated[str, typer.Option(help="Queues, most urgent first.")] = "stat,urgent,routine",
@@ -280,6 +315,83 @@ def db_current(config: ConfigOption = None) -> None:
         engine.dispose()
     console.print(f"current {current or '(empty)'}; newest {head}")
     raise typer.Exit(0 if current == head else 1)
+
+
+@exports_app.callback()
+def exports_list(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    state: Annotated[str | None, typer.Option(help="Only pending, delivered or failed.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 200,
+) -> None:
+    """List deliveries, newest first: object, destination, state, attempts, last status."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from node.db.engine import make_engine, make_sessionmaker
+    from node.export.deliveries import list_deliveries
+
+    engine = make_engine(_settings(config).database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = list_deliveries(session, limit=limit, state=state)
+    finally:
+        engine.dispose()
+    if as_json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+        return
+    if not rows:
+        console.print("No deliveries.")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in (
+        "ID",
+        "Destination",
+        "Kind",
+        "SOPInstanceUID",
+        "State",
+        "Tries",
+        "Last status",
+        "Next try / error",
+    ):
+        table.add_column(col, no_wrap=col != "Next try / error")
+    for r in rows:
+        status = "-" if r.last_status is None else f"0x{r.last_status:04X}"
+        later = (
+            f"{r.next_attempt_at:%H:%M:%S}" if r.state == "pending" and r.next_attempt_at else ""
+        )
+        table.add_row(
+            str(r.id),
+            r.destination,
+            r.kind,
+            r.sop_instance_uid,
+            r.state,
+            str(r.attempts),
+            status,
+            later or (r.last_error or ""),
+        )
+    console.print(table)
+
+
+@exports_app.command("retry")
+def exports_retry(
+    export_id: Annotated[int, typer.Argument(help="Delivery ID (see 'triage-node exports').")],
+    config: ConfigOption = None,
+) -> None:
+    """Try one delivery again now (after fixing the destination), with a fresh retry window."""
+    from node.db.engine import make_engine, make_sessionmaker
+    from node.export.deliveries import retry
+
+    engine = make_engine(_settings(config).database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            found = retry(session, export_id)
+    finally:
+        engine.dispose()
+    if not found:
+        err_console.print(f"[red]error:[/red] no delivery with ID {export_id}")
+        raise typer.Exit(1)
+    console.print(f"Delivery {export_id} queued again; the node sends it within seconds.")
 
 
 @config_app.command("check")

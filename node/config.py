@@ -177,6 +177,14 @@ class WebSettings(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
 
 
+class ModelsSettings(_Section):
+    """Which model weights the workers load."""
+
+    #: A folder with a site's own weights and metadata (same layout as models/weights/);
+    #: not set: the weights shipped with triage-node.
+    weights_dir: Path | None = None
+
+
 class RoutingSettings(_Section):
     """Where the routing rules come from (see ``rules.example.toml``)."""
 
@@ -203,6 +211,60 @@ class PipelineSettings(_Section):
     lease_seconds: float = Field(default=600.0, gt=0)
 
 
+OutputKind = Literal["seg", "sr", "sc"]
+OUTPUT_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "sc")
+
+
+class Destination(_Section):
+    """A DICOM AE that receives results (a PACS, a viewer, a VNA)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Which result objects it receives: DICOM SEG, the SR report, the heatmap image.
+    kinds: list[OutputKind] = Field(default_factory=lambda: list(OUTPUT_KINDS))
+    #: Also forward the original study (a node that sits in front of PACS).
+    send_original: bool = False
+    #: Keep retrying temporary failures for this long before marking a delivery failed.
+    retry_for_seconds: float = Field(default=86_400.0, gt=0)
+    #: Our calling AE title towards this destination (default: dicom.ae_title).
+    calling_ae_title: AETitle | None = None
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else validate_ae_title(v)
+
+
+class ResultsSettings(_Section):
+    """Identity of the DICOM objects the node creates."""
+
+    #: Root under which every UID we create is derived (deterministically) from the
+    #: source UIDs, model name and version. Use your organisation's registered root.
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    #: Names written into the objects (Manufacturer, device observer, station).
+    device_name: str = Field(default="triage-node", max_length=64)
+    institution_name: str | None = None
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not re.fullmatch(r"([1-9][0-9]*|0)(\.([1-9][0-9]*|0))*\.", v) or len(v) > 40:
+            raise ValueError("uid_root must be a UID prefix ending in '.', at most 40 characters")
+        return v
+
+
+class ExportSettings(_Section):
+    """Delivery of results to destinations."""
+
+    #: First retry delay after a temporary failure; it doubles up to max_backoff_seconds.
+    initial_backoff_seconds: float = Field(default=5.0, gt=0)
+    max_backoff_seconds: float = Field(default=300.0, gt=0)
+    #: Seconds to wait for a destination's association, responses and network.
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -227,8 +289,23 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    destinations: list[Destination] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
+        return self
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

@@ -27,8 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import CompletedStudy
 from node.config import Settings
-from node.db.models import Priority, Study, StudyStatus
+from node.db.models import Instance, Priority, Study, StudyStatus
 from node.db.types import utcnow
+from node.export import deliveries
 from node.routing.attributes import study_series_attributes
 from node.routing.match import route
 from node.routing.store import RuleStore
@@ -98,6 +99,8 @@ class Pipeline:
             ).first()
         if changed is None:
             return None  # re-opened or routed meanwhile
+        if decision is not None:
+            self._forward_originals(study_id, version, decision.destinations)
         log.info(
             "study routed study_uid=%s version=%d rule=%s status=%s",
             changed.study_instance_uid,
@@ -107,6 +110,32 @@ class Pipeline:
         )
         return status
 
+    def _forward_originals(self, study_id: int, version: int, destinations: Sequence[str]) -> None:
+        """Queue the study's own instances for destinations that want the originals too."""
+        wanted = [
+            d for d in destinations if (dest := self.settings.destination(d)) and dest.send_original
+        ]
+        if not wanted:
+            return
+        with self.sessions.begin() as session:
+            instances = session.execute(
+                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path).where(
+                    Instance.study_id == study_id
+                )
+            ).all()
+            for name in wanted:
+                for inst in instances:
+                    deliveries.enqueue(
+                        session,
+                        study_id=study_id,
+                        study_version=version,
+                        destination=name,
+                        kind="original",
+                        sop_instance_uid=inst.sop_instance_uid,
+                        sop_class_uid=inst.sop_class_uid,
+                        path=inst.path,
+                    )
+
     def on_complete(self, done: Sequence[CompletedStudy]) -> None:
         """Completion hook: route at once instead of waiting for the next tick."""
         for study in done:
@@ -115,6 +144,30 @@ class Pipeline:
             except Exception:
                 log.exception("routing failed study_uid=%s; will retry", study.study_instance_uid)
         self.dispatch_due()
+
+    def reprocess(self, study_instance_uid: str) -> bool:
+        """Run a finished study through routing and the models again (same version).
+
+        Result objects get the same UIDs as before, so destinations receive
+        replacements, not duplicates. False if the study is unknown or still busy.
+        """
+        with self.sessions.begin() as session:
+            row = session.execute(
+                update(Study)
+                .where(
+                    Study.study_instance_uid == study_instance_uid,
+                    Study.status.in_(
+                        [StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_ROUTED]
+                    ),
+                )
+                .values(status=StudyStatus.COMPLETE, status_reason="reprocessing requested")
+                .returning(Study.id, Study.version)
+            ).first()
+        if row is None:
+            return False
+        self.route_study(row.id, row.version)
+        self.dispatch_due()
+        return True
 
     # -- sending -----------------------------------------------------------------------
     def dispatch_due(self) -> int:

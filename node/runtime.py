@@ -21,6 +21,7 @@ from node.config import Settings
 from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
 from node.errors import NodeError
+from node.export.exporter import Exporter
 from node.ingest.callers import CallerPolicy
 from node.ingest.scp import DicomServer, StoreSCP
 from node.pipeline import Pipeline, PipelineSupervisor
@@ -64,7 +65,10 @@ class Node:
             callers=CallerPolicy(settings.dicom.allowed_callers, settings.dicom.ae_title),
         )
         self.dicom = DicomServer(settings.dicom, self.scp)
-        self.rules = RuleStore(self.sessions)
+        self.rules = RuleStore(
+            self.sessions, known_destinations=[d.name for d in settings.destinations]
+        )
+        self.exporter = Exporter(settings, self.sessions, self.store)
         self.pipeline: Pipeline | None = None
         self.supervisor: PipelineSupervisor | None = None
         self.workers: WorkerProcesses | None = None
@@ -109,6 +113,7 @@ class Node:
         self.completion.start()
         if self.supervisor is not None:
             self.supervisor.start()
+        self.exporter.start()
         if self.settings.web.enabled:
             self._web = WebServer(self)
             self._web.start()
@@ -117,6 +122,7 @@ class Node:
         if self._web is not None:
             self._web.stop()
         self.completion.stop()
+        self.exporter.stop()
         self.dicom.stop()
         if self.supervisor is not None:
             self.supervisor.stop()

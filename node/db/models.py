@@ -22,6 +22,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -240,3 +241,45 @@ class RuleSet(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     #: Exactly one version is active; rollback activates an older one.
     active: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ExportState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Export(Base):
+    """Delivery of one DICOM object to one destination.
+
+    Result objects have deterministic SOP Instance UIDs, so re-processing a study
+    updates the same row (back to pending) instead of adding a second delivery.
+    """
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    #: seg | sr | sc | original
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    #: Part 10 file, relative to ``storage.data_dir``.
+    path: Mapped[str] = mapped_column(String(255))
+    state: Mapped[ExportState] = mapped_column(String(16), default=ExportState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Last C-STORE status (None: no response, e.g. association refused) and error text.
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Start of the current retry window (creation, or a manual retry).
+    retry_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid", name="uq_exports_destination_sop"),
+        Index("ix_exports_due", "state", "next_attempt_at"),
+    )

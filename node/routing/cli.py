@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydicom.errors import InvalidDicomError
@@ -23,6 +23,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from node.routing.store import RuleStore
 from node.errors import ConfigError, NodeError, RuleError
 from node.routing.match import RuleExplanation, SeriesAttributes, explain, route
 from node.routing.rules import Rule, RuleSet, parse_rules
@@ -81,6 +84,13 @@ def _load(path: Path) -> RuleSet:
         raise _refuse(RuleError(str(path), ["not a UTF-8 text file"])) from None
     except RuleError as exc:
         raise _refuse(exc) from None
+
+
+def _rule_store(sessions: sessionmaker[Session], settings: Settings) -> RuleStore:
+    """Rules are checked against the destinations this node has configured."""
+    from node.routing.store import RuleStore
+
+    return RuleStore(sessions, known_destinations=[d.name for d in settings.destinations])
 
 
 @contextmanager
@@ -195,7 +205,7 @@ def try_rules(
     Exit 0 when a rule routes it, 1 when it would be recorded as not routed.
     """
     from node.routing.attributes import file_series_attributes
-    from node.routing.store import RuleStore, seed_text
+    from node.routing.store import seed_text
 
     if (study is None) == (dicom is None):
         err_console.print("[red]error:[/red] give exactly one of --study UID or --file PATH")
@@ -207,7 +217,7 @@ def try_rules(
     else:
         assert settings is not None
         with _database(settings) as sessions:
-            store = RuleStore(sessions)
+            store = _rule_store(sessions, settings)
             try:
                 if store.active_version() is None:
                     text, source = seed_text(settings.routing.rules_file)
@@ -252,10 +262,10 @@ def list_versions(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List saved versions, newest first: who saved each, when, and which is active."""
-    from node.routing.store import RuleStore
 
-    with _database(_settings(config)) as sessions:
-        versions = RuleStore(sessions).versions()
+    settings = _settings(config)
+    with _database(settings) as sessions:
+        versions = _rule_store(sessions, settings).versions()
     if as_json:
         print(
             json.dumps(
@@ -297,10 +307,10 @@ def show(
     config: ConfigOption = None,
 ) -> None:
     """Print the text of a saved version."""
-    from node.routing.store import RuleStore
 
-    with _database(_settings(config)) as sessions:
-        store = RuleStore(sessions)
+    settings = _settings(config)
+    with _database(settings) as sessions:
+        store = _rule_store(sessions, settings)
         wanted = version if version is not None else store.active_version()
         if wanted is None:
             err_console.print("[red]error:[/red] no rules version is active")
@@ -321,12 +331,12 @@ def import_rules(
     config: ConfigOption = None,
 ) -> None:
     """Validate a rules file and save it as the new active version."""
-    from node.routing.store import RuleStore
 
     rule_set = _load(path)
-    with _database(_settings(config)) as sessions:
+    settings = _settings(config)
+    with _database(settings) as sessions:
         try:
-            version = RuleStore(sessions).save(
+            version = _rule_store(sessions, settings).save(
                 path.read_text(encoding="utf-8"), by or _user(), comment
             )
         except RuleError as exc:
@@ -344,10 +354,10 @@ def activate(
     config: ConfigOption = None,
 ) -> None:
     """Roll back to an earlier version (its text is saved again as a new version)."""
-    from node.routing.store import RuleStore
 
-    with _database(_settings(config)) as sessions:
-        store = RuleStore(sessions)
+    settings = _settings(config)
+    with _database(settings) as sessions:
+        store = _rule_store(sessions, settings)
         try:
             before = store.active_version()
             new = store.activate(version, by or _user())

@@ -109,6 +109,12 @@ def test_example_config_documents_every_key(example_config: Path) -> None:
     commented = {
         line.lstrip("# ").split("=")[0].strip() for line in text.splitlines() if "=" in line
     }
+    # ...and tables as "# [[name]]" / "# [name]".
+    commented |= {
+        line.lstrip("# ").strip("[] ")
+        for line in text.splitlines()
+        if line.lstrip("# ").startswith("[")
+    }
     missing = {
         k for k in _keys(Settings) if k not in documented and k.split(".")[-1] not in commented
     }

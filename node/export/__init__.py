@@ -1,0 +1,1 @@
+"""Export: delivering result objects (and, optionally, originals) to DICOM destinations."""

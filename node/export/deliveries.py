@@ -1,0 +1,176 @@
+"""The export queue in the database: what must go where, and how each attempt went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from node.db.dialects import insert_for
+from node.db.models import Export, ExportState, Study
+from node.db.types import utcnow
+from node.export.scu import Delivery, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: int
+    study_instance_uid: str
+    destination: str
+    kind: str
+    sop_instance_uid: str
+    state: str
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "StudyInstanceUID": self.study_instance_uid,
+            "destination": self.destination,
+            "kind": self.kind,
+            "SOPInstanceUID": self.sop_instance_uid,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": None if self.last_status is None else f"0x{self.last_status:04X}",
+            "last_error": self.last_error,
+            "created": self.created_at.isoformat(),
+            "next_attempt": self.next_attempt_at.isoformat() if self.next_attempt_at else None,
+            "delivered": self.delivered_at.isoformat() if self.delivered_at else None,
+        }
+
+
+def enqueue(
+    session: Session,
+    *,
+    study_id: int,
+    study_version: int,
+    destination: str,
+    kind: str,
+    sop_instance_uid: str,
+    sop_class_uid: str,
+    path: str,
+) -> None:
+    """Add (or re-arm, for a re-processed object with the same UID) one delivery."""
+    now = utcnow()
+    values = {
+        "study_id": study_id,
+        "study_version": study_version,
+        "destination": destination,
+        "kind": kind,
+        "sop_instance_uid": sop_instance_uid,
+        "sop_class_uid": sop_class_uid,
+        "path": path,
+        "state": ExportState.PENDING,
+        "attempts": 0,
+        "last_status": None,
+        "last_error": None,
+        "created_at": now,
+        "retry_started_at": now,
+        "next_attempt_at": now,
+        "delivered_at": None,
+    }
+    stmt = insert_for(session, Export).values(**values)
+    rearm = {
+        k: stmt.excluded[k]
+        for k in values
+        if k not in ("destination", "sop_instance_uid", "created_at")
+    }
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["destination", "sop_instance_uid"], set_=rearm)
+    )
+
+
+def due(session: Session, now: datetime, limit: int = 100) -> list[Export]:
+    """Pending deliveries whose next attempt is due, most urgent study first."""
+    return list(
+        session.execute(
+            select(Export)
+            .join(Study, Study.id == Export.study_id)
+            .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
+            .order_by(Study.priority.desc(), Export.created_at, Export.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def record(
+    session: Session,
+    export: Export,
+    delivery: Delivery,
+    *,
+    retry_for: timedelta,
+    initial_backoff: float,
+    max_backoff: float,
+) -> None:
+    """Store the outcome of one attempt and decide the next one."""
+    now = utcnow()
+    export.attempts += 1
+    export.last_status = delivery.status
+    if delivery.outcome is Outcome.DELIVERED:
+        export.state = ExportState.DELIVERED
+        export.delivered_at = now
+        export.next_attempt_at = None
+        export.last_error = None
+        return
+    export.last_error = delivery.detail[:2000]
+    if delivery.outcome is Outcome.PERMANENT:
+        export.state = ExportState.FAILED
+        export.next_attempt_at = None
+        return
+    if now - export.retry_started_at >= retry_for:
+        export.state = ExportState.FAILED
+        export.last_error = f"gave up after {export.attempts} attempts: {delivery.detail}"[:2000]
+        export.next_attempt_at = None
+        return
+    delay = min(max_backoff, initial_backoff * 2 ** (export.attempts - 1))
+    export.next_attempt_at = now + timedelta(seconds=delay)
+
+
+def retry(session: Session, export_id: int) -> bool:
+    """Re-arm one delivery now (after an admin fixed the cause); False if unknown."""
+    now = utcnow()
+    changed = session.execute(
+        update(Export)
+        .where(Export.id == export_id)
+        .values(state=ExportState.PENDING, next_attempt_at=now, retry_started_at=now, attempts=0)
+        .returning(Export.id)
+    ).first()
+    return changed is not None
+
+
+def list_deliveries(
+    session: Session, *, limit: int = 200, state: str | None = None
+) -> list[DeliveryRow]:
+    query = (
+        select(Export, Study.study_instance_uid)
+        .join(Study, Study.id == Export.study_id)
+        .order_by(Export.id.desc())
+        .limit(limit)
+    )
+    if state:
+        query = query.where(Export.state == state)
+    return [
+        DeliveryRow(
+            e.id,
+            uid,
+            e.destination,
+            e.kind,
+            e.sop_instance_uid,
+            str(e.state),
+            e.attempts,
+            e.last_status,
+            e.last_error,
+            e.created_at,
+            e.next_attempt_at,
+            e.delivered_at,
+        )
+        for e, uid in session.execute(query).all()
+    ]

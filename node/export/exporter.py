@@ -1,0 +1,110 @@
+"""The exporter: a node thread delivering due exports, one association per destination."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings
+from node.db.models import Export
+from node.db.types import utcnow
+from node.export import deliveries
+from node.export.scu import Delivery, Item, Outcome, send
+from node.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+class Exporter:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        store: InstanceStore,
+        interval_seconds: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.store = store
+        self.interval = interval_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """Attempt every due delivery once; returns how many were attempted."""
+        with self.sessions() as session:
+            batch = deliveries.due(session, utcnow())
+            session.expunge_all()
+        by_destination: dict[str, list[Export]] = defaultdict(list)
+        for export in batch:
+            by_destination[export.destination].append(export)
+        cfg = self.settings.export
+        for name, exports in by_destination.items():
+            destination = self.settings.destination(name)
+            if destination is None:
+                results = [
+                    Delivery(Outcome.PERMANENT, None, f"destination {name!r} is not configured")
+                ] * len(exports)
+                retry_for = timedelta(0)
+            else:
+                items = [
+                    Item(Path(self.store.path(e.path)), e.sop_class_uid, e.sop_instance_uid)
+                    for e in exports
+                ]
+                results = send(
+                    destination,
+                    items,
+                    calling_ae_title=self.settings.dicom.ae_title,
+                    timeout=cfg.timeout_seconds,
+                )
+                retry_for = timedelta(seconds=destination.retry_for_seconds)
+            with self.sessions.begin() as session:
+                for export, result in zip(exports, results, strict=True):
+                    merged = session.merge(export)
+                    deliveries.record(
+                        session,
+                        merged,
+                        result,
+                        retry_for=retry_for,
+                        initial_backoff=cfg.initial_backoff_seconds,
+                        max_backoff=cfg.max_backoff_seconds,
+                    )
+                    log.log(
+                        logging.INFO if result.outcome is Outcome.DELIVERED else logging.WARNING,
+                        "export %s sop_instance_uid=%s destination=%s kind=%s: %s",
+                        merged.state,
+                        merged.sop_instance_uid,
+                        name,
+                        merged.kind,
+                        result.detail,
+                    )
+        return len(batch)
+
+    def wake(self) -> None:
+        """New work was queued: look now rather than at the next interval."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("export cycle failed; retrying")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

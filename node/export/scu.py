@@ -1,0 +1,144 @@
+"""C-STORE SCU towards one destination, and what each answer means for a retry.
+
+PS3.4 B.2.3: Success and the Warning statuses (0xB000, 0xB006, 0xB007) mean
+the object is stored. "Refused: Out of Resources" (0xA7xx), a refused or
+broken association and a timeout are temporary: try again later. Any other
+failure (0xA9xx data set does not match SOP class, 0xCxxx cannot understand,
+0x0122 SOP class not supported, ...) is permanent: sending the same bytes
+again cannot succeed, so we do not retry in a loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from node.config import Destination
+
+log = logging.getLogger(__name__)
+
+_WARNINGS = {0xB000, 0xB006, 0xB007}
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    outcome: Outcome
+    status: int | None
+    detail: str
+
+
+def classify(status: int) -> Outcome:
+    if status == 0x0000 or status in _WARNINGS:
+        return Outcome.DELIVERED
+    if 0xA700 <= status <= 0xA7FF:
+        return Outcome.TEMPORARY
+    return Outcome.PERMANENT
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def send(
+    destination: Destination,
+    items: Sequence[Item],
+    *,
+    calling_ae_title: str,
+    timeout: float,
+) -> list[Delivery]:
+    """Send ``items`` over one association; one :class:`Delivery` per item, in order."""
+    ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    syntaxes: dict[str, list[str]] = {}
+    for item in items:
+        tsuid = _transfer_syntax(item.path)
+        wanted = syntaxes.setdefault(item.sop_class_uid, [])
+        for ts in (tsuid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts and ts not in wanted:
+                wanted.append(ts)
+    for sop_class, tsuids in list(syntaxes.items())[:128]:
+        ae.add_requested_context(sop_class, tsuids)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except Exception as exc:  # DNS errors and the like
+        ae.shutdown()
+        return [Delivery(Outcome.TEMPORARY, None, f"cannot connect: {exc}")] * len(items)
+    try:
+        if assoc.is_rejected:
+            return [Delivery(Outcome.TEMPORARY, None, "association rejected")] * len(items)
+        if not assoc.is_established:
+            return [
+                Delivery(Outcome.TEMPORARY, None, "no association (refused, aborted or timed out)")
+            ] * len(items)
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        results: list[Delivery] = []
+        for item in items:
+            if item.sop_class_uid not in accepted:
+                results.append(
+                    Delivery(
+                        Outcome.PERMANENT,
+                        None,
+                        f"destination does not accept SOP class {item.sop_class_uid}",
+                    )
+                )
+                continue
+            results.append(_store(assoc, item))
+        return results
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def _store(assoc: Any, item: Item) -> Delivery:
+    try:
+        ds = dcmread(item.path)
+        tsuid = ds.file_meta.TransferSyntaxUID
+        accepted = {
+            cx.transfer_syntax[0]
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == item.sop_class_uid
+        }
+        if tsuid.is_compressed and tsuid not in accepted:
+            # The destination took only uncompressed syntaxes for this SOP class. A
+            # lossless change of encoding keeps the instance's identity; for a lossy
+            # source the pixels are already what they are, and decoding changes nothing.
+            ds.decompress(generate_instance_uid=False)
+    except Exception as exc:
+        return Delivery(
+            Outcome.PERMANENT, None, f"cannot prepare object: {type(exc).__name__}: {exc}"
+        )
+    try:
+        rsp = assoc.send_c_store(ds)
+    except Exception as exc:
+        return Delivery(Outcome.TEMPORARY, None, f"send failed: {type(exc).__name__}: {exc}")
+    if rsp is None or "Status" not in rsp:
+        return Delivery(Outcome.TEMPORARY, None, "no response (timeout or abort)")
+    code = int(rsp.Status)
+    outcome = classify(code)
+    return Delivery(outcome, code, f"C-STORE status 0x{code:04X}")
+
+
+def _transfer_syntax(path: Path) -> str | None:
+    try:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        return str(meta.TransferSyntaxUID)
+    except Exception:
+        return None
