@@ -223,3 +223,124 @@ def raw_store(port: int, path: Path, *, aet: str = "STORESCU", aec: str = "TRIAG
             _config.STORE_SEND_CHUNKED_DATASET = old
             ae.shutdown()
     return RawSend(status, body, sop_class, sop_instance, tsuid)
+
+
+def orthanc_config(
+    *,
+    storage: Path,
+    dicom_port: int,
+    http_port: int,
+    aet: str = "ORTHANC",
+    sync_storage: bool = True,
+    max_pdu: int = 131072,
+) -> dict[str, object]:
+    """An Orthanc (Debian package, no plugins) configuration on local ports, at its fastest fair settings."""
+    return {
+        "Name": "triage-node-test",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "StorageCompression": False,
+        "Plugins": [],
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "KeepAlive": True,
+        "TcpNoDelay": True,
+        "DicomServerEnabled": True,
+        "DicomAet": aet,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckModalityHost": False,
+        "MaximumPduLength": max_pdu,
+        "SyncStorageArea": sync_storage,
+        "SaveJobs": False,
+        "StableAge": 3600,
+    }
+
+
+class Orthanc:
+    """Orthanc as the PACS: started on free ports with its own storage; REST for checks."""
+
+    def __init__(
+        self, workdir: Path, *, dicom_port: int, http_port: int, aet: str = "ORTHANC"
+    ) -> None:
+        import json
+
+        self.workdir = workdir
+        self.dicom_port = dicom_port
+        self.http_port = http_port
+        self.aet = aet
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "orthanc.json"
+        self.config.write_text(
+            json.dumps(
+                orthanc_config(
+                    storage=workdir / "db", dicom_port=dicom_port, http_port=http_port, aet=aet
+                )
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> Orthanc:
+        import time
+
+        with (self.workdir / "orthanc.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [require("Orthanc"), str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dcmtk_env(),
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("Orthanc did not answer on its REST port")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def get(self, path: str) -> object:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.load(r)
+
+    def instances(self) -> list[dict[str, object]]:
+        """Every stored instance: Orthanc id, SOPInstanceUID, SOPClassUID, Modality, StudyInstanceUID."""
+        out: list[dict[str, object]] = []
+        for oid in self.get("/instances"):  # type: ignore[attr-defined]
+            tags = self.get(f"/instances/{oid}/tags?short")
+            assert isinstance(tags, dict)
+            out.append(
+                {
+                    "id": oid,
+                    "SOPInstanceUID": tags.get("0008,0018"),
+                    "SOPClassUID": tags.get("0008,0016"),
+                    "Modality": tags.get("0008,0060"),
+                    "StudyInstanceUID": tags.get("0020,000d"),
+                }
+            )
+        return out
+
+    def file(self, instance_id: str) -> bytes:
+        import urllib.request
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file", timeout=30
+        ) as r:
+            return bytes(r.read())

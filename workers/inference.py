@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,10 @@ class Segmentation:
 class ModelRunner:
     """The shipped models of this process; each loaded on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights_dir: Path | None = None) -> None:
         import tensorflow as tf
 
+        self.weights_dir = weights_dir
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -51,7 +53,7 @@ class ModelRunner:
         if self._classifier is None:
             from models.inference import load_classifier
 
-            self._classifier = load_classifier()
+            self._classifier = load_classifier(self.weights_dir)
             log.info("loaded %s %s", self._classifier.name, self._classifier.version)
         return self._classifier
 
@@ -60,7 +62,7 @@ class ModelRunner:
         if self._segmenter is None:
             from models.inference import load_segmenter
 
-            self._segmenter = load_segmenter()
+            self._segmenter = load_segmenter(self.weights_dir)
             log.info("loaded %s %s", self._segmenter.name, self._segmenter.version)
         return self._segmenter
 
@@ -77,6 +79,6 @@ class ModelRunner:
 
 
 @functools.cache
-def runner() -> ModelRunner:
+def runner(weights_dir: Path | None = None) -> ModelRunner:
     """The process's runner (created after the worker forks, never in the parent)."""
-    return ModelRunner()
+    return ModelRunner(weights_dir)

@@ -18,8 +18,9 @@ Decisions:
   models were never checked on, so RGB, YBR_* and PALETTE COLOR raise `UnreadablePixels`.
 * **VOI:** a VOI LUT Sequence wins over a window (pydicom's ``prefer_lut``); the first
   of several windows or LUTs is used (the modality's default view, PS3.3 C.11.2.1.2);
-  without either, or with an unusable one, the 0.5-99.5 percentile range of the frame
-  maps to [0, 1] (the same robust range the model's own normalisation uses).
+  without either, or with an unusable one, the frame's own minimum and maximum map
+  linearly to [0, 1]: an affine map clips nothing, so the model (whose normalisation
+  is affine-invariant) sees exactly what it would see on the stored values.
 * **Inversion** follows Photometric Interpretation only. DX requires Presentation LUT
   Shape INVERSE exactly when the image is MONOCHROME1 (PS3.3 C.8.11.6.1.2): both say
   the same thing, so inverting for each would invert twice.
@@ -104,7 +105,8 @@ class ImageFrame:
     "PixelSpacing" (calibrated to the patient), "ImagerPixelSpacing" (at the detector,
     PS3.3 C.8.11.7, used only without PixelSpacing), "PixelMeasuresSequence" (enhanced
     multi-frame) or None when absent or zero. ``voi_source`` records which VOI step
-    produced the grey levels: "VOILUTSequence", "window" or "robust range".
+    produced the grey levels: "VOILUTSequence", "window", "full range" (integer data
+    without a usable VOI) or "robust range" (float data).
     """
 
     sop_instance_uid: str
@@ -305,7 +307,7 @@ def _display(
         if not finite.all():
             low, high = values[finite].min(), values[finite].max()
             values = np.nan_to_num(values, nan=low, neginf=low, posinf=high)
-        unit, source = _robust_unit(values), "robust range"
+        unit, source = robust_unit(values), "robust range"
     else:
         values = apply_modality_lut(raw, view)
         unit, source = _voi_unit(values, view, uid)
@@ -334,11 +336,11 @@ def _voi_unit(values: NDArray[Any], view: Dataset, uid: str) -> tuple[NDArray[An
                 return _scale(apply_windowing(values, view), low, high), "window"
     except (ValueError, NotImplementedError, TypeError, IndexError, AttributeError) as exc:
         log.warning(
-            "unusable VOI, using robust range sop_instance_uid=%s reason=%s",
+            "unusable VOI, using full range sop_instance_uid=%s reason=%s",
             uid,
             _one_line(exc),
         )
-    return _robust_unit(values), "robust range"
+    return _scale(values, float(values.min()), float(values.max())), "full range"
 
 
 def _has_voi_lut(view: Dataset) -> bool:
@@ -354,7 +356,7 @@ def _scale(values: NDArray[Any], low: float, high: float) -> NDArray[Any]:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _robust_unit(values: NDArray[Any]) -> NDArray[Any]:
+def robust_unit(values: NDArray[Any]) -> NDArray[Any]:
     """Percentile range to [0, 1]; min-max if that is flat; zeros for a constant image."""
     step = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLE)))
     sample = values[::step, ::step]

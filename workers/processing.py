@@ -26,15 +26,20 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import __version__
 from node.config import Settings
 from node.db.models import Finding, Instance, Priority, Series, Study, StudyStatus
 from node.db.types import utcnow
+from node.export import deliveries
 from node.storage import InstanceStore
 from workers.inference import ModelRunner
-from workers.pixels import ImageFrame, UnreadablePixels, read_frames
+from workers.output import AlgorithmInfo, ImageResult
+from workers.pixels import ImageFrame, UnreadablePixels, read_frames, robust_unit
+from workers.result_objects import ResultObject, build_objects, output_context, store_objects
 from workers.selection import selector_for
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,18 @@ class _Analysis:
     key_finding: str | None = None
     key_score: float | None = None
     note: str | None = None
+    objects: list[ResultObject] = field(default_factory=list)
+
+
+@dataclass
+class _FrameResult:
+    frame: ImageFrame
+    path: Path
+    probability: float | None = None
+    present: bool = False
+    heatmap: NDArray[np.float32] | None = None
+    mask: NDArray[np.bool_] | None = None
+    area_mm2: float | None = None
 
 
 class StudyProcessor:
@@ -143,7 +160,36 @@ class StudyProcessor:
             for r in rows
             if not wanted_series or r.series_instance_uid in wanted_series
         ]
-        frames: list[ImageFrame] = []
+        per_frame, skipped = self._select_frames(paths, models)
+        analysis = _Analysis()
+        if skipped:
+            analysis.note = f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3])
+        if not per_frame:
+            analysis.note = "no image the requested models apply to"
+            log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
+            return analysis
+        self._extend(study_id, owner)
+        results_dir = f"results/{study_uid}/v{version}"
+        key = (study_id, version, results_dir)
+        if CLASSIFIER in models:
+            self._classify(key, per_frame, analysis)
+            self._extend(study_id, owner)
+        if SEGMENTER in models:
+            self._segment(key, per_frame, analysis)
+            self._extend(study_id, owner)
+        try:
+            analysis.objects = self._result_objects(results_dir, models, per_frame)
+        except Exception as exc:
+            # Findings stand on their own; say on the study why PACS gets no objects.
+            log.exception("study_uid=%s version=%d: result objects failed", study_uid, version)
+            analysis.note = f"result objects could not be built: {type(exc).__name__}: {exc}"[:2000]
+        return analysis
+
+    def _select_frames(
+        self, paths: list[Path], models: list[str]
+    ) -> tuple[list[_FrameResult], list[str]]:
+        """Frames of the instances at least one requested model applies to, and why others not."""
+        per_frame: list[_FrameResult] = []
         skipped: list[str] = []
         for path in paths:
             try:
@@ -156,83 +202,117 @@ class StudyProcessor:
             if all(reason is not None for reason in reasons):
                 skipped.append(f"{header.SOPInstanceUID}: {reasons[0]}")
                 continue
-            frames.extend(read_frames(path))
-        analysis = _Analysis()
-        if not frames:
-            analysis.note = "no image the requested models apply to"
-            log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
-            return analysis
-        images = [f.pixels for f in frames]
-        self._extend(study_id, owner)
-        results_dir = f"results/{study_uid}/v{version}"
-        now = utcnow()
+            per_frame.extend(_FrameResult(frame, path) for frame in read_frames(path))
+        return per_frame, skipped
 
-        if CLASSIFIER in models:
-            cls = self.runner.classify(images)
-            per_image_ms = cls.milliseconds / len(frames)
-            threshold = float(self.runner.classifier.threshold)
-            for frame, probs, heatmap in zip(frames, cls.probabilities, cls.heatmaps, strict=True):
-                p = float(probs[1])
-                analysis.findings.append(
-                    Finding(
-                        study_id=study_id,
-                        study_version=version,
-                        sop_instance_uid=frame.sop_instance_uid,
-                        frame_number=frame.frame_number,
-                        model_name=self.runner.classifier.name,
-                        model_version=self.runner.classifier.version,
-                        kind="classification",
-                        label="pneumonia" if p >= threshold else "normal",
-                        probability=p,
-                        heatmap_path=self._save(results_dir, frame, "heatmap", heatmap),
-                        inference_ms=per_image_ms,
-                        created_at=now,
-                    )
-                )
-            top = max(float(p[1]) for p in cls.probabilities)
-            analysis.key_score = top
-            analysis.key_finding = "pneumonia" if top >= threshold else "normal"
+    def _classify(
+        self, key: tuple[int, int, str], per_frame: list[_FrameResult], analysis: _Analysis
+    ) -> None:
+        study_id, version, results_dir = key
+        model = self.runner.classifier
+        cls = self.runner.classify([fr.frame.pixels for fr in per_frame])
+        threshold = float(model.threshold)
+        now = utcnow()
+        for fr, probs, heatmap in zip(per_frame, cls.probabilities, cls.heatmaps, strict=True):
+            p = float(probs[1])
+            fr.probability, fr.present, fr.heatmap = p, p >= threshold, heatmap
             analysis.findings.append(
                 Finding(
                     study_id=study_id,
                     study_version=version,
-                    model_name=self.runner.classifier.name,
-                    model_version=self.runner.classifier.version,
+                    sop_instance_uid=fr.frame.sop_instance_uid,
+                    frame_number=fr.frame.frame_number,
+                    model_name=model.name,
+                    model_version=model.version,
                     kind="classification",
-                    label=analysis.key_finding,
-                    probability=top,
-                    inference_ms=cls.milliseconds,
+                    label="pneumonia" if fr.present else "normal",
+                    probability=p,
+                    heatmap_path=self._save(results_dir, fr.frame, "heatmap", heatmap),
+                    inference_ms=cls.milliseconds / len(per_frame),
                     created_at=now,
                 )
             )
-            self._extend(study_id, owner)
+        top = max(float(p[1]) for p in cls.probabilities)
+        analysis.key_score = top
+        analysis.key_finding = "pneumonia" if top >= threshold else "normal"
+        analysis.findings.append(
+            Finding(
+                study_id=study_id,
+                study_version=version,
+                model_name=model.name,
+                model_version=model.version,
+                kind="classification",
+                label=analysis.key_finding,
+                probability=top,
+                inference_ms=cls.milliseconds,
+                created_at=now,
+            )
+        )
 
-        if SEGMENTER in models:
-            seg = self.runner.segment(images)
-            per_image_ms = seg.milliseconds / len(frames)
-            for frame, mask in zip(frames, seg.masks, strict=True):
-                area_px = int(mask.sum())
-                spacing = frame.pixel_spacing_mm
-                analysis.findings.append(
-                    Finding(
-                        study_id=study_id,
-                        study_version=version,
-                        sop_instance_uid=frame.sop_instance_uid,
-                        frame_number=frame.frame_number,
-                        model_name=self.runner.segmenter.name,
-                        model_version=self.runner.segmenter.version,
-                        kind="segmentation",
-                        label="lung",
-                        lung_area_px=area_px,
-                        lung_area_mm2=area_px * spacing[0] * spacing[1] if spacing else None,
-                        mask_path=self._save(results_dir, frame, "mask", mask),
-                        inference_ms=per_image_ms,
-                        created_at=now,
-                    )
+    def _segment(
+        self, key: tuple[int, int, str], per_frame: list[_FrameResult], analysis: _Analysis
+    ) -> None:
+        study_id, version, results_dir = key
+        model = self.runner.segmenter
+        seg = self.runner.segment([fr.frame.pixels for fr in per_frame])
+        now = utcnow()
+        for fr, mask in zip(per_frame, seg.masks, strict=True):
+            area_px = int(mask.sum())
+            spacing = fr.frame.pixel_spacing_mm
+            fr.mask = mask
+            fr.area_mm2 = area_px * spacing[0] * spacing[1] if spacing else None
+            analysis.findings.append(
+                Finding(
+                    study_id=study_id,
+                    study_version=version,
+                    sop_instance_uid=fr.frame.sop_instance_uid,
+                    frame_number=fr.frame.frame_number,
+                    model_name=model.name,
+                    model_version=model.version,
+                    kind="segmentation",
+                    label="lung",
+                    lung_area_px=area_px,
+                    lung_area_mm2=fr.area_mm2,
+                    mask_path=self._save(results_dir, fr.frame, "mask", mask),
+                    inference_ms=seg.milliseconds / len(per_frame),
+                    created_at=now,
                 )
-        if skipped:
-            analysis.note = f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3])
-        return analysis
+            )
+
+    def _result_objects(
+        self, folder: str, models: list[str], per_frame: list[_FrameResult]
+    ) -> list[ResultObject]:
+        sources: dict[Path, Dataset] = {}
+        results = []
+        for fr in per_frame:
+            if fr.path not in sources:
+                sources[fr.path] = dcmread(fr.path)
+            results.append(
+                ImageResult(
+                    source=sources[fr.path],
+                    frame_number=fr.frame.frame_number,
+                    pneumonia_probability=fr.probability or 0.0,
+                    pneumonia_present=fr.present,
+                    heatmap=fr.heatmap,
+                    lung_mask=fr.mask,
+                    lung_area_mm2=fr.area_mm2,
+                    # For eyes, not the model: stretch contrast like a viewer's auto-window.
+                    display=robust_unit(fr.frame.pixels),
+                )
+            )
+        classifier = (
+            AlgorithmInfo(self.runner.classifier.name, self.runner.classifier.version)
+            if CLASSIFIER in models
+            else None
+        )
+        segmenter = (
+            AlgorithmInfo(self.runner.segmenter.name, self.runner.segmenter.version)
+            if SEGMENTER in models
+            else None
+        )
+        ctx = output_context(self.settings.results, __version__)
+        objects = build_objects(results, classifier=classifier, segmenter=segmenter, ctx=ctx)
+        return store_objects(self.store, folder, objects)
 
     def _save(self, folder: str, frame: ImageFrame, kind: str, array: NDArray[np.generic]) -> str:
         """Store a heatmap or mask as .npy, atomically, under ``results/``; return its path."""
@@ -263,6 +343,22 @@ class StudyProcessor:
                 )
             )
             session.add_all(analysis.findings)
+            for name in study.routing_destinations or []:
+                destination = self.settings.destination(name)
+                if destination is None:
+                    continue
+                for obj in analysis.objects:
+                    if obj.kind in destination.kinds:
+                        deliveries.enqueue(
+                            session,
+                            study_id=study_id,
+                            study_version=version,
+                            destination=name,
+                            kind=obj.kind,
+                            sop_instance_uid=obj.sop_instance_uid,
+                            sop_class_uid=obj.sop_class_uid,
+                            path=obj.path,
+                        )
             priority = study.base_priority
             score = analysis.key_score
             escalate = Priority[pipeline.escalate_to.upper()]

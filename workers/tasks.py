@@ -23,7 +23,7 @@ def _processor() -> StudyProcessor:
 
     settings = settings_from_environment()
     sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings.database_url))
-    return StudyProcessor(settings, sessions, runner())
+    return StudyProcessor(settings, sessions, runner(settings.models.weights_dir))
 
 
 @shared_task(name=PROCESS_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]

@@ -214,8 +214,7 @@ def _source_views(results: Sequence[ImageResult]) -> list[Dataset]:
         views[uid] = view
     if len(views) > 1 and not all(_has_plane_geometry(v) for v in views.values()):
         raise OutputError(
-            "sources without patient geometry need one SEG per instance; "
-            "use build_segmentations"
+            "sources without patient geometry need one SEG per instance; use build_segmentations"
         )
     if any(r.is_multiframe for r in results) and len(views) > 1:
         raise OutputError("a SEG of a multi-frame source covers that one instance")

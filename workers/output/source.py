@@ -52,7 +52,12 @@ def header(source: Dataset) -> Dataset:
         view.file_meta = source.file_meta
     uid = str(source.SOPInstanceUID)
     for keyword in COPIED_TYPE2:
-        if keyword not in view or view[keyword].is_empty:
+        if keyword not in view:
+            # Type 2: must be present, may be empty when unknown (PS3.5 7.4); many
+            # sources omit e.g. StudyID, and highdicom reads every one of these.
+            setattr(view, keyword, None)
+            continue
+        if view[keyword].is_empty:
             continue
         element = view[keyword]
         values = element.value if element.VM > 1 else [element.value]

@@ -123,7 +123,9 @@ def test_report_reads_back_valid(case: str, results: Callable, read_back: Callab
     assert source_refs
     if result.is_multiframe:
         assert all(int(r.ReferencedFrameNumber) == result.frame_number for r in source_refs)
-    seg_refs = [r for r in refs if seg is not None and r.ReferencedSOPInstanceUID == seg.SOPInstanceUID]
+    seg_refs = [
+        r for r in refs if seg is not None and r.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    ]
     if seg is None:
         assert not seg_refs
     else:

@@ -178,7 +178,7 @@ def test_modality_lut_sequence(dicom_dir: Path, write: Write) -> None:
     ds = dcmread(path)
     stored = ds.pixel_array
     (frame,) = read_frames(path)
-    assert frame.voi_source == "robust range"
+    assert frame.voi_source == "full range"
     # Signed stored values -2048..2047 through an increasing LUT to 0..65535.
     assert frame.pixels[stored == -2048].max() == 0.0
     assert frame.pixels[stored == 2047].min() == 1.0
@@ -244,9 +244,9 @@ def test_rescale_then_window(write: Write) -> None:
     assert frame.pixels[RAMP > 1100].min() == 1.0
 
 
-def test_unusable_window_falls_back_to_robust_range(write: Write) -> None:
+def test_unusable_window_falls_back_to_full_range(write: Write) -> None:
     (frame,) = read_frames(write(build(RAMP, BitsStored=12, WindowCenter=1000, WindowWidth=0)))
-    assert frame.voi_source == "robust range"
+    assert frame.voi_source == "full range"
     assert frame.pixels.min() == 0.0 and frame.pixels.max() == 1.0
 
 
@@ -254,7 +254,7 @@ def test_empty_lut_and_rescale_elements_are_absent(write: Write) -> None:
     ds = build(RAMP, BitsStored=12, RescaleSlope=None, RescaleIntercept=None, WindowCenter=None)
     ds.ModalityLUTSequence = Sequence([Dataset()])
     (frame,) = read_frames(write(ds))
-    assert frame.voi_source == "robust range"
+    assert frame.voi_source == "full range"
     _assert_model_input(frame)
 
 
@@ -388,3 +388,12 @@ def test_no_patient_attributes_in_logs(write: Write, caplog: pytest.LogCaptureFi
     assert ok.SOPInstanceUID in caplog.text and colour.SOPInstanceUID in caplog.text
     for value in PATIENT.values():
         assert value not in caplog.text
+
+
+def test_without_voi_the_map_is_affine(write: Write) -> None:
+    """No window: stored values map linearly to [0, 1], nothing clipped (the model sees them as stored)."""
+    values = np.array([[0, 10, 20], [30, 250, 255]], dtype=np.uint8)
+    ds = build(values)
+    (frame,) = read_frames(write(ds))
+    expected = (values.astype(np.float32) - 0) / 255
+    assert np.allclose(frame.pixels, expected, atol=1e-6)

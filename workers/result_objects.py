@@ -1,0 +1,101 @@
+"""Turning a study's analysis into the DICOM objects that go back to PACS.
+
+One SR per study version (TID 1500), SEGs as the source geometry allows, and a
+heatmap image per analysed frame. They are written to the instance store under
+``results/`` with their deterministic SOP Instance UIDs, so a re-run overwrites
+the same files and the export rows are re-armed rather than duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+
+from node.config import ResultsSettings
+from node.storage import InstanceStore
+from workers.output import (
+    AlgorithmInfo,
+    ImageResult,
+    OutputContext,
+    UnsupportedGeometry,
+    build_heatmap_image,
+    build_report,
+    build_segmentations,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultObject:
+    kind: str  # seg | sr | sc
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str  # relative to the data directory
+
+
+def output_context(settings: ResultsSettings, software_version: str) -> OutputContext:
+    return OutputContext(
+        uid_root=settings.uid_root,
+        device_name=settings.device_name,
+        software_version=software_version,
+        institution_name=settings.institution_name,
+    )
+
+
+def build_objects(
+    results: Sequence[ImageResult],
+    *,
+    classifier: AlgorithmInfo | None,
+    segmenter: AlgorithmInfo | None,
+    ctx: OutputContext,
+) -> list[tuple[str, Dataset]]:
+    """(kind, dataset) for every object the results call for."""
+    objects: list[tuple[str, Dataset]] = []
+    segs: list[Dataset] = []
+    if segmenter is not None:
+        by_series: dict[str, list[ImageResult]] = defaultdict(list)
+        for r in results:
+            if r.lung_mask is not None:
+                by_series[str(r.source.SeriesInstanceUID)].append(r)
+        for series_results in by_series.values():
+            try:
+                segs.extend(build_segmentations(series_results, segmenter, ctx))
+            except UnsupportedGeometry:
+                # e.g. an enhanced multi-frame without functional groups: the SR and the
+                # heatmap still report the finding, only the mask cannot be placed.
+                for r in series_results:
+                    try:
+                        segs.extend(build_segmentations([r], segmenter, ctx))
+                    except UnsupportedGeometry as exc:
+                        log.warning(
+                            "no SEG for sop_instance_uid=%s: %s", r.source.SOPInstanceUID, exc
+                        )
+        objects.extend(("seg", seg) for seg in segs)
+    if classifier is not None:
+        objects.append(("sr", build_report(results, classifier, segmenter, ctx, segs or None)))
+        objects.extend(
+            ("sc", build_heatmap_image(r, classifier, ctx))
+            for r in results
+            if r.heatmap is not None
+        )
+    return objects
+
+
+def store_objects(
+    store: InstanceStore, folder: str, objects: Sequence[tuple[str, Dataset]]
+) -> list[ResultObject]:
+    """Write each object as a Part 10 file (atomically, durably) and describe it."""
+    stored = []
+    for kind, ds in objects:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        rel = f"{folder}/{kind}/{ds.SOPInstanceUID}.dcm"
+        store.write(rel, buffer.getvalue())
+        stored.append(ResultObject(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel))
+    return stored
