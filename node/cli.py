@@ -6,8 +6,10 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +20,9 @@ from models.cli import app as model_app
 from node import __version__
 from node.config import Settings, load_settings
 from node.errors import ConfigError, NodeError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 from node.routing.cli import app as rules_app
 
 console = Console()
@@ -61,6 +66,30 @@ def _settings(path: Path | None) -> Settings:
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the configured database, at the current schema.
+
+    Like ``serve``, commands migrate the schema when ``database.auto_upgrade`` is on;
+    otherwise an outdated schema is refused with what to run.
+    """
+    from node.db import migrate
+    from node.db.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.database_url)
+    try:
+        if settings.database.auto_upgrade:
+            migrate.upgrade(engine)
+        elif not migrate.is_up_to_date(engine):
+            err_console.print(
+                "[red]error:[/red] database schema is out of date; run 'triage-node db upgrade'"
+            )
+            raise typer.Exit(1)
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
 
 
 def _human_bytes(n: float) -> str:
@@ -142,19 +171,16 @@ def studies(
     limit: Annotated[int, typer.Option(help="At most this many studies.")] = 100,
 ) -> None:
     """List studies, most urgent first: UID, accession, modality, instances, status, priority."""
-    from node.db.engine import make_engine, make_sessionmaker
+    from sqlalchemy.exc import SQLAlchemyError
+
     from node.worklist import list_studies
 
-    settings = _settings(config)
-    engine = make_engine(settings.database_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with _database(_settings(config)) as sessions, sessions() as session:
             rows = list_studies(session, limit=limit)
-    except Exception as exc:
+    except SQLAlchemyError as exc:
         err_console.print(f"[red]error:[/red] cannot read studies: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
     if as_json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
         return
@@ -168,8 +194,10 @@ def studies(
         "Instances",
         "Status",
         "Priority",
+        "Finding",
         "First received (UTC)",
         "Last received (UTC)",
+        "Reason",
     )
     lines = [
         (
@@ -179,8 +207,10 @@ def studies(
             str(r.instance_count),
             r.status if r.version == 1 else f"{r.status}(v{r.version})",
             r.priority,
+            f"{r.key_finding} {r.key_score:.2f}" if r.key_score is not None else "-",
             f"{r.first_received_at:%Y-%m-%d %H:%M:%S}",
             f"{r.last_received_at:%Y-%m-%d %H:%M:%S}",
+            r.status_reason or "",
         )
         for r in rows
     ]
@@ -205,22 +235,17 @@ def reprocess(
     config: ConfigOption = None,
 ) -> None:
     """Route and analyse a study again; its results replace the earlier ones (same UIDs)."""
-    from node.db.engine import make_engine, make_sessionmaker
     from node.pipeline import Pipeline
     from node.routing.store import RuleStore
     from node.storage import InstanceStore
     from workers.celery_app import make_celery
 
     settings = _settings(config)
-    engine = make_engine(settings.database_url)
-    try:
-        sessions = make_sessionmaker(engine)
+    with _database(settings) as sessions:
         rules = RuleStore(sessions, known_destinations=[d.name for d in settings.destinations])
         store = InstanceStore(settings.storage.data_dir)
         pipeline = Pipeline(settings, sessions, store, rules, make_celery(settings))
         found = pipeline.reprocess(study_uid)
-    finally:
-        engine.dispose()
     if not found:
         err_console.print("[red]error:[/red] no done, failed or not-routed study with that UID")
         raise typer.Exit(1)
@@ -328,15 +353,10 @@ def exports_list(
     """List deliveries, newest first: object, destination, state, attempts, last status."""
     if ctx.invoked_subcommand is not None:
         return
-    from node.db.engine import make_engine, make_sessionmaker
     from node.export.deliveries import list_deliveries
 
-    engine = make_engine(_settings(config).database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            rows = list_deliveries(session, limit=limit, state=state)
-    finally:
-        engine.dispose()
+    with _database(_settings(config)) as sessions, sessions() as session:
+        rows = list_deliveries(session, limit=limit, state=state)
     if as_json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
         return
@@ -379,15 +399,10 @@ def exports_retry(
     config: ConfigOption = None,
 ) -> None:
     """Try one delivery again now (after fixing the destination), with a fresh retry window."""
-    from node.db.engine import make_engine, make_sessionmaker
     from node.export.deliveries import retry
 
-    engine = make_engine(_settings(config).database_url)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            found = retry(session, export_id)
-    finally:
-        engine.dispose()
+    with _database(_settings(config)) as sessions, sessions.begin() as session:
+        found = retry(session, export_id)
     if not found:
         err_console.print(f"[red]error:[/red] no delivery with ID {export_id}")
         raise typer.Exit(1)

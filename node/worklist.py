@@ -24,6 +24,11 @@ class StudySummary:
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
+    finished_at: datetime | None
+    key_finding: str | None
+    key_score: float | None
+    status_reason: str | None
+    routing_rule: str | None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -38,14 +43,28 @@ class StudySummary:
             "first_received": self.first_received_at.isoformat(),
             "last_received": self.last_received_at.isoformat(),
             "completed": self.completed_at.isoformat() if self.completed_at else None,
+            "finished": self.finished_at.isoformat() if self.finished_at else None,
+            "finding": self.key_finding,
+            "probability": self.key_score,
+            "rule": self.routing_rule,
+            "reason": self.status_reason,
         }
 
 
 def list_studies(session: Session, *, limit: int = 100, offset: int = 0) -> list[StudySummary]:
-    """Studies in worklist order: priority (STAT first), then most recently received."""
+    """Studies in worklist order: priority (STAT first), model score, then oldest first.
+
+    Within a priority, the higher pneumonia probability reads first; studies not yet
+    scored come after scored ones; ties go to the study waiting longest.
+    """
     rows = session.execute(
         select(Study)
-        .order_by(Study.priority.desc(), Study.last_received_at.desc(), Study.id.desc())
+        .order_by(
+            Study.priority.desc(),
+            Study.key_score.desc().nulls_last(),
+            Study.last_received_at.asc(),
+            Study.id.asc(),
+        )
         .limit(limit)
         .offset(offset)
     ).scalars()
@@ -62,6 +81,11 @@ def list_studies(session: Session, *, limit: int = 100, offset: int = 0) -> list
             first_received_at=s.first_received_at,
             last_received_at=s.last_received_at,
             completed_at=s.completed_at,
+            finished_at=s.finished_at,
+            key_finding=s.key_finding,
+            key_score=s.key_score,
+            status_reason=s.status_reason,
+            routing_rule=s.routing_rule,
         )
         for s in rows
     ]

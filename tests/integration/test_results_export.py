@@ -45,7 +45,7 @@ SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
-    def _start(destination_port: int, **pipeline: Any) -> Node:
+    def _start(destination_port: int, send_original: bool = False, **pipeline: Any) -> Node:
         rules = tmp_path / "rules.toml"
         rules.write_text(RULES)
         cfg = node_config(
@@ -60,7 +60,13 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
             },
         )
         cfg["destinations"] = [
-            {"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": destination_port}
+            {
+                "name": "PACS",
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": destination_port,
+                "send_original": send_original,
+            }
         ]
         path = write_config(tmp_path / "node.toml", cfg)
         node = Node(load_settings(path), config_path=path)
@@ -188,9 +194,12 @@ def test_seg_sr_and_heatmap_arrive_in_orthanc(
 def test_destination_down_then_back_everything_arrives(
     start_node: Callable[..., Node], orthanc: Orthanc, shared_data: Path, tmp_path: Path
 ) -> None:
-    """Orthanc stopped while results are produced: deliveries wait, retry, and all arrive later."""
+    """Orthanc stopped while results are produced: deliveries wait, retry, and all arrive later.
+
+    This destination also gets the original study (a node in front of PACS).
+    """
     orthanc.stop()
-    node = start_node(orthanc.dicom_port)
+    node = start_node(orthanc.dicom_port, send_original=True)
     study_uid = send_cxr(node, shared_data, tmp_path)
     study = wait_done(node, study_uid)
     failing = wait_exports(node, study.id, lambda rows: all(r.attempts >= 2 for r in rows))
@@ -199,9 +208,13 @@ def test_destination_down_then_back_everything_arrives(
     delivered = wait_exports(
         node, study.id, lambda rows: all(r.state == ExportState.DELIVERED for r in rows)
     )
-    assert len(delivered) == 3
-    stored = [i for i in orthanc.instances() if i.get("StudyInstanceUID") == study_uid]
-    assert len(stored) == 3
+    assert sorted(r.kind for r in delivered) == ["original", "sc", "seg", "sr"]
+    stored = {
+        str(i["SOPInstanceUID"])
+        for i in orthanc.instances()
+        if i.get("StudyInstanceUID") == study_uid
+    }
+    assert stored == {r.sop_instance_uid for r in delivered}
 
 
 def test_permanent_rejection_is_not_retried(
