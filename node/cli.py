@@ -24,6 +24,7 @@ from node.errors import ConfigError, NodeError
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 from node.routing.cli import app as rules_app
+from node.users.cli import app as users_app
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,6 +47,7 @@ app.add_typer(exports_app, name="exports")
 # models.cli imports TensorFlow only inside its commands, so this stays cheap.
 app.add_typer(model_app, name="model")
 app.add_typer(rules_app, name="rules")
+app.add_typer(users_app, name="users")
 
 ConfigOption = Annotated[
     Path | None,

@@ -175,6 +175,16 @@ class WebSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    #: A login lasts this long after the last request (sliding expiry of the session cookie).
+    session_minutes: int = Field(default=480, ge=1)
+    #: Key that signs session cookies. Empty: a random key kept in <data_dir>/web-secret (0600).
+    secret_key: str = ""
+    #: Send the session cookie only over HTTPS (set when a TLS proxy is in front).
+    secure_cookies: bool = False
+    #: Studies per worklist page.
+    page_size: int = Field(default=50, ge=1, le=500)
+    #: How often an open worklist asks whether anything changed, in seconds.
+    poll_seconds: float = Field(default=2.5, gt=0)
 
 
 class ModelsSettings(_Section):

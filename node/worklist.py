@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Priority, Study
@@ -89,3 +89,153 @@ def list_studies(session: Session, *, limit: int = 100, offset: int = 0) -> list
         )
         for s in rows
     ]
+
+
+# -- the web worklist: filters, search, one page at a time -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorklistFilter:
+    """What a radiologist narrows the worklist to; every field optional."""
+
+    statuses: tuple[str, ...] = ()
+    #: One modality; matches studies whose ModalitiesInStudy contain it.
+    modality: str | None = None
+    priority: Priority | None = None
+    #: Received on or after / before (UTC).
+    received_from: datetime | None = None
+    received_before: datetime | None = None
+    #: Exact AccessionNumber or PatientID.
+    search: str | None = None
+    unread_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorklistRow:
+    """One worklist line: what the web page and the REST API show of a study."""
+
+    study_instance_uid: str
+    patient_name: str | None
+    patient_id: str | None
+    accession_number: str | None
+    modalities: str
+    study_description: str | None
+    study_date: str | None
+    first_received_at: datetime
+    status: str
+    priority: Priority
+    key_finding: str | None
+    key_score: float | None
+    instance_count: int
+    read_at: datetime | None
+    read_by: str | None
+    reviewed_at: datetime | None
+    reviewed_by: str | None
+
+
+_ROW_COLUMNS = (
+    Study.study_instance_uid,
+    Study.patient_name,
+    Study.patient_id,
+    Study.accession_number,
+    Study.modalities,
+    Study.study_description,
+    Study.study_date,
+    Study.first_received_at,
+    Study.status,
+    Study.priority,
+    Study.key_finding,
+    Study.key_score,
+    Study.instance_count,
+    Study.read_at,
+    Study.read_by,
+    Study.reviewed_at,
+    Study.reviewed_by,
+)
+
+
+def _where(query: WorklistFilter) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if query.statuses:
+        clauses.append(Study.status.in_(query.statuses))
+    if query.modality:
+        clauses.append(Study.modalities.contains(query.modality, autoescape=True))
+    if query.priority is not None:
+        clauses.append(Study.priority == int(query.priority))
+    if query.received_from is not None:
+        clauses.append(Study.first_received_at >= query.received_from)
+    if query.received_before is not None:
+        clauses.append(Study.first_received_at < query.received_before)
+    if query.search:
+        clauses.append(
+            or_(Study.accession_number == query.search, Study.patient_id == query.search)
+        )
+    if query.unread_only:
+        clauses.append(Study.read_at.is_(None))
+    return clauses
+
+
+def worklist_page(
+    session: Session, query: WorklistFilter, *, limit: int, offset: int = 0
+) -> tuple[list[WorklistRow], bool]:
+    """One page of the worklist in :func:`list_studies` order, and whether more follow.
+
+    One statement, whatever the page or the table size: the page is read with
+    ``limit + 1`` rows instead of a ``COUNT`` over the whole (filtered) table.
+    """
+    rows = session.execute(
+        select(*_ROW_COLUMNS)
+        .where(*_where(query))
+        .order_by(
+            Study.priority.desc(),
+            Study.key_score.desc().nulls_last(),
+            Study.last_received_at.asc(),
+            Study.id.asc(),
+        )
+        .limit(limit + 1)
+        .offset(offset)
+    ).all()
+    out = [
+        WorklistRow(
+            study_instance_uid=r.study_instance_uid,
+            patient_name=r.patient_name,
+            patient_id=r.patient_id,
+            accession_number=r.accession_number,
+            modalities=r.modalities,
+            study_description=r.study_description,
+            study_date=r.study_date,
+            first_received_at=r.first_received_at,
+            status=str(r.status),
+            priority=Priority(r.priority),
+            key_finding=r.key_finding,
+            key_score=r.key_score,
+            instance_count=r.instance_count,
+            read_at=r.read_at,
+            read_by=r.read_by,
+            reviewed_at=r.reviewed_at,
+            reviewed_by=r.reviewed_by,
+        )
+        for r in rows[:limit]
+    ]
+    return out, len(rows) > limit
+
+
+def worklist_fingerprint(session: Session) -> str:
+    """A short value that changes whenever a study arrives, moves on, or is read.
+
+    An open worklist polls this (no patient data, cheap) and reloads its rows only
+    when it changes.
+    """
+    row = session.execute(
+        select(
+            func.count(Study.id),
+            func.max(Study.last_received_at),
+            func.max(Study.completed_at),
+            func.max(Study.queued_at),
+            func.max(Study.started_at),
+            func.max(Study.finished_at),
+            func.max(Study.read_at),
+            func.max(Study.reviewed_at),
+        )
+    ).one()
+    return "|".join("" if v is None else str(v) for v in row)

@@ -120,6 +120,13 @@ class Study(Base):
     key_finding: Mapped[str | None] = mapped_column(String(64))
     key_score: Mapped[float | None] = mapped_column(Float)
 
+    # -- reading (set from the worklist / study page) -----------------------------------
+    #: When and by whom (user name) the study was opened and marked read / reviewed.
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    read_by: Mapped[str | None] = mapped_column(String(64))
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
     __table_args__ = (
@@ -283,3 +290,43 @@ class Export(Base):
         UniqueConstraint("destination", "sop_instance_uid", name="uq_exports_destination_sop"),
         Index("ix_exports_due", "state", "next_attempt_at"),
     )
+
+
+class Role(enum.StrEnum):
+    """What a web user may do: radiologists read, admins also configure the node."""
+
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A person who logs in to the web application (``triage-node users add``)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Argon2id hash in PHC string format (pwdlib); never the password.
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[Role] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """One access to patient data or one change to the node, by a user.
+
+    Rows are only ever inserted: the table is the audit trail admins browse and export.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    user_name: Mapped[str] = mapped_column(String(64), index=True)
+    #: Dotted verb, e.g. ``worklist.view``, ``study.view``, ``rules.save``.
+    action: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    #: Free text without patient data (filters used, version numbers, outcome).
+    detail: Mapped[str | None] = mapped_column(Text)
+    client_address: Mapped[str | None] = mapped_column(String(64))

@@ -1,0 +1,1 @@
+"""Web users: accounts, roles and password hashes."""

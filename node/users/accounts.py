@@ -1,0 +1,100 @@
+"""User accounts in the ``users`` table: create, list, disable, authenticate."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import Role, User
+from node.db.types import utcnow
+from node.errors import NodeError
+from node.users import passwords
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+class AccountError(NodeError):
+    """A user account cannot be created or changed (name taken, bad name, weak password)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A user as the web application sees it (never the password hash)."""
+
+    id: int
+    name: str
+    role: Role
+    active: bool
+    created_at: datetime
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
+
+    @classmethod
+    def of(cls, user: User) -> Account:
+        return cls(user.id, user.name, Role(user.role), user.active, user.created_at)
+
+
+class Accounts:
+    """Create, list, disable and authenticate users."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def add(self, name: str, password: str, role: Role) -> Account:
+        if not _NAME.match(name):
+            raise AccountError("a user name is 1-64 letters, digits or . _ @ -")
+        try:
+            password_hash = passwords.hash_password(password)
+        except passwords.WeakPassword as exc:
+            raise AccountError(str(exc)) from None
+        user = User(
+            name=name, password_hash=password_hash, role=role, active=True, created_at=utcnow()
+        )
+        try:
+            with self._sessions.begin() as session:
+                session.add(user)
+                session.flush()
+                account = Account.of(user)
+        except IntegrityError:
+            raise AccountError(f"user {name!r} exists already") from None
+        log.info("user added name=%s role=%s", name, role)
+        return account
+
+    def list(self) -> list[Account]:
+        with self._sessions() as session:
+            return [Account.of(u) for u in session.scalars(select(User).order_by(User.name))]
+
+    def get(self, user_id: int) -> Account | None:
+        with self._sessions() as session:
+            user = session.get(User, user_id)
+            return Account.of(user) if user is not None else None
+
+    def set_active(self, name: str, active: bool) -> bool:
+        with self._sessions.begin() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            if user is None:
+                return False
+            user.active = active
+        log.info("user %s name=%s", "enabled" if active else "disabled", name)
+        return True
+
+    def authenticate(self, name: str, password: str) -> Account | None:
+        """The active account with this name and password, or None (same time either way)."""
+        with self._sessions.begin() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            ok, new_hash = passwords.verify(password, user.password_hash if user else None)
+            if user is None or not ok or not user.active:
+                return None
+            if new_hash is not None:
+                user.password_hash = new_hash
+            return Account.of(user)

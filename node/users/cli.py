@@ -1,0 +1,112 @@
+"""``triage-node users``: create, list and disable web accounts."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.config import load_settings
+from node.db.models import Role
+from node.errors import ConfigError
+from node.users.accounts import AccountError, Accounts
+
+app = typer.Typer(help="Web users and their roles (radiologist, admin).", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (see config.example.toml).",
+        envvar="TRIAGE_NODE_CONFIG",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+@contextmanager
+def _accounts(config: Path | None) -> Iterator[Accounts]:
+    from node.db import migrate
+    from node.db.engine import make_engine, make_sessionmaker
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    engine = make_engine(settings.database_url)
+    try:
+        if settings.database.auto_upgrade:
+            migrate.upgrade(engine)
+        elif not migrate.is_up_to_date(engine):
+            err_console.print("[red]error:[/red] schema out of date; run 'triage-node db upgrade'")
+            raise typer.Exit(1)
+        yield Accounts(make_sessionmaker(engine))
+    finally:
+        engine.dispose()
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[Role, typer.Option(help="radiologist or admin.")] = Role.RADIOLOGIST,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Create a user; asks for the password twice (hidden) unless --password-stdin."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    with _accounts(config) as accounts:
+        try:
+            account = accounts.add(name, password, role)
+        except AccountError as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    console.print(f"user [bold]{account.name}[/bold] added as {account.role}")
+
+
+@app.command("list")
+def list_users(config: ConfigOption = None) -> None:
+    """Users with their role and whether they may log in."""
+    with _accounts(config) as accounts:
+        rows = accounts.list()
+    table = Table("Name", "Role", "Active", "Created (UTC)")
+    for a in rows:
+        table.add_row(a.name, a.role, "yes" if a.active else "no", f"{a.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@app.command("disable")
+def disable(name: str, config: ConfigOption = None) -> None:
+    """Stop a user from logging in (their sessions end at the next request)."""
+    with _accounts(config) as accounts:
+        found = accounts.set_active(name, False)
+    if not found:
+        err_console.print(f"[red]error:[/red] no user {name!r}")
+        raise typer.Exit(1)
+    console.print(f"user [bold]{name}[/bold] disabled")
+
+
+@app.command("enable")
+def enable(name: str, config: ConfigOption = None) -> None:
+    """Allow a disabled user to log in again."""
+    with _accounts(config) as accounts:
+        found = accounts.set_active(name, True)
+    if not found:
+        err_console.print(f"[red]error:[/red] no user {name!r}")
+        raise typer.Exit(1)
+    console.print(f"user [bold]{name}[/bold] enabled")
