@@ -50,10 +50,19 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+# The tests' peer definitions are the single source for how Orthanc is configured.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import (
+    DCMTK_MAX_PDU,
     LOOPBACK,
+    NODELAY_ENV,
+    REPO,
+    SENDER_SETTINGS,
+    TRIAGE_NODE,
     BenchError,
     PeerProcess,
     PeerResult,
@@ -62,9 +71,11 @@ from harness import (
     free_port,
     interrupt_as_exception,
     machine_description,
+    node_process,
     port_open,
     print_table,
     run_checked,
+    storescu_argv,
     wait_until,
     write_json,
 )
@@ -78,23 +89,18 @@ from pydicom.uid import (
     generate_uid,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.peers import orthanc_config
+
 RESULTS = REPO / "bench" / "results" / "ingest.json"
-TRIAGE_NODE = REPO / ".venv" / "bin" / "triage-node"
 
 #: Targets from the issue: node images/s over the peer's images/s.
 TARGET_VS_ORTHANC = 1.0
 TARGET_VS_STORESCP = 0.35
 
-#: DCMTK's and Orthanc's upper limit for the maximum PDU length they receive.
-DCMTK_MAX_PDU = 131_072
 #: Generated UIDs live under pydicom's root, clearly test data, stable across runs.
 UID_ROOT = PYDICOM_ROOT_UID
 SEED = 20_240_601
 WARMUP_INSTANCES = 10
-#: The sender's environment: without this Debian's DCMTK leaves Nagle's algorithm on.
-NODELAY_ENV = {"TCP_NODELAY": "1"}
-SENDER_AE = "STORESCU"  # admitted from 127.0.0.1 by the node's default allowed_callers
 
 
 # -- the series --------------------------------------------------------------------------
@@ -201,30 +207,9 @@ def generate_ct_series(directory: Path, *, instances: int, seed: int, label: str
 
 
 # -- the sender -------------------------------------------------------------------------
-def storescu_argv(called_ae: str, port: int, series: Series) -> list[str]:
-    """The one sender: all files of the folder over one association, identical for every peer.
-
-    ``-R`` proposes only the SOP class the files have (one presentation context,
-    not DCMTK's ~120); the files' transfer syntax is proposed first, so nothing
-    is converted on the way.
-    """
-    return [
-        "storescu",
-        "-aet", SENDER_AE,
-        "-aec", called_ae,
-        "-R",
-        "--max-pdu", str(DCMTK_MAX_PDU),
-        "+sd",
-        LOOPBACK, str(port), str(series.directory),
-    ]  # fmt: skip
-
-
-SENDER_SETTINGS = f"storescu -R --max-pdu {DCMTK_MAX_PDU} +sd, TCP_NODELAY=1, one association"
-
-
 def send(called_ae: str, port: int, series: Series) -> float:
     started = time.perf_counter()
-    run_checked(storescu_argv(called_ae, port, series), env=NODELAY_ENV)
+    run_checked(storescu_argv(called_ae, port, [series.directory]), env=NODELAY_ENV)
     return time.perf_counter() - started
 
 
@@ -252,19 +237,11 @@ def node_peer(*, fsync: bool) -> PeerKind:
     def launch(work: Path) -> Iterator[RunningPeer]:
         port = free_port()
         data = work / "data"
-        config = work / "node.toml"
-        config.write_text(
-            "[dicom]\n"
-            'ae_title = "TRIAGE"\n'
-            f'host = "{LOOPBACK}"\n'
-            f"port = {port}\n"
-            "[storage]\n"
-            f"data_dir = {json.dumps(str(data))}\n"
-            "min_free_bytes = 0\n"
-            f"fsync = {'true' if fsync else 'false'}\n"
-            "[web]\n"
-            "enabled = false\n"
-        )
+        config: dict[str, dict[str, Any]] = {
+            "dicom": {"ae_title": "TRIAGE", "host": LOOPBACK, "port": port},
+            "storage": {"data_dir": str(data), "min_free_bytes": 0, "fsync": fsync},
+            "web": {"enabled": False},
+        }
 
         def stored() -> int:
             files = _count_files(data / "instances", ".dcm")
@@ -276,13 +253,7 @@ def node_peer(*, fsync: bool) -> PeerKind:
                 raise BenchError(f"node: {files} files on disk but {rows} catalogue rows")
             return rows
 
-        with PeerProcess(
-            name="triage-node",
-            argv=[str(TRIAGE_NODE), "serve", "--config", str(config)],
-            log_path=work / "node.log",
-            env={"COLUMNS": "200"},
-            ready=lambda: port_open(port),
-        ):
+        with node_process(work, config):
             yield RunningPeer("TRIAGE", port, stored)
 
     durability = "fsync=true (durable, default)" if fsync else "fsync=false"
@@ -333,29 +304,13 @@ def orthanc_peer(*, sync_storage: bool) -> PeerKind:
         config = work / "orthanc.json"
         config.write_text(
             json.dumps(
-                {
-                    "Name": "bench",
-                    "StorageDirectory": str(storage),
-                    "IndexDirectory": str(storage),
-                    "StorageCompression": False,
-                    "Plugins": [],
-                    "HttpServerEnabled": True,
-                    "HttpPort": http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "KeepAlive": True,
-                    "TcpNoDelay": True,
-                    "DicomServerEnabled": True,
-                    "DicomAet": "ORTHANC",
-                    "DicomPort": dicom_port,
-                    "DicomCheckCalledAet": False,
-                    "DicomAlwaysAllowStore": True,
-                    "DicomCheckModalityHost": False,
-                    "MaximumPduLength": DCMTK_MAX_PDU,
-                    "SyncStorageArea": sync_storage,
-                    "SaveJobs": False,
-                    "StableAge": 3600,
-                },
+                orthanc_config(
+                    storage=storage,
+                    dicom_port=dicom_port,
+                    http_port=http_port,
+                    sync_storage=sync_storage,
+                    max_pdu=DCMTK_MAX_PDU,
+                ),
                 indent=2,
             )
         )

@@ -20,8 +20,9 @@ import os
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -217,14 +218,11 @@ class StudyProcessor:
             p = float(probs[1])
             fr.probability, fr.present, fr.heatmap = p, p >= threshold, heatmap
             analysis.findings.append(
-                Finding(
-                    study_id=study_id,
-                    study_version=version,
-                    sop_instance_uid=fr.frame.sop_instance_uid,
-                    frame_number=fr.frame.frame_number,
-                    model_name=model.name,
-                    model_version=model.version,
-                    kind="classification",
+                _image_finding(
+                    key,
+                    fr,
+                    model,
+                    "classification",
                     label="pneumonia" if fr.present else "normal",
                     probability=p,
                     heatmap_path=self._save(results_dir, fr.frame, "heatmap", heatmap),
@@ -252,7 +250,7 @@ class StudyProcessor:
     def _segment(
         self, key: tuple[int, int, str], per_frame: list[_FrameResult], analysis: _Analysis
     ) -> None:
-        study_id, version, results_dir = key
+        results_dir = key[2]
         model = self.runner.segmenter
         seg = self.runner.segment([fr.frame.pixels for fr in per_frame])
         now = utcnow()
@@ -262,14 +260,11 @@ class StudyProcessor:
             fr.mask = mask
             fr.area_mm2 = area_px * spacing[0] * spacing[1] if spacing else None
             analysis.findings.append(
-                Finding(
-                    study_id=study_id,
-                    study_version=version,
-                    sop_instance_uid=fr.frame.sop_instance_uid,
-                    frame_number=fr.frame.frame_number,
-                    model_name=model.name,
-                    model_version=model.version,
-                    kind="segmentation",
+                _image_finding(
+                    key,
+                    fr,
+                    model,
+                    "segmentation",
                     label="lung",
                     lung_area_px=area_px,
                     lung_area_mm2=fr.area_mm2,
@@ -412,6 +407,18 @@ class StudyProcessor:
         return Outcome(state, reason)
 
 
-def not_before(study: Study, now: datetime) -> bool:
-    """True when a queued study may be sent (its retry delay, if any, has passed)."""
-    return study.lease_until is None or study.lease_until <= now
+def _image_finding(
+    key: tuple[int, int, str], fr: _FrameResult, model: Any, kind: str, **values: Any
+) -> Finding:
+    """A per-image finding of ``model`` for the frame ``fr`` of study version ``key``."""
+    study_id, version, _ = key
+    return Finding(
+        study_id=study_id,
+        study_version=version,
+        sop_instance_uid=fr.frame.sop_instance_uid,
+        frame_number=fr.frame.frame_number,
+        model_name=model.name,
+        model_version=model.version,
+        kind=kind,
+        **values,
+    )
