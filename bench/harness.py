@@ -8,7 +8,9 @@ side mean anything on a shared, noisy host. This module holds what they share:
 * :class:`PeerProcess` starts a server, waits until it answers, and always
   stops it (terminate, then kill), also on Ctrl-C;
 * :class:`Trial` and :func:`summarise` turn timed runs into rates;
-* :func:`print_table` and :func:`write_json` report them.
+* :func:`print_table` and :func:`write_json` report them;
+* :func:`node_process` and :func:`storescu_argv` are this node and the one
+  sender every benchmark uses, with the same settings everywhere.
 
 Nothing here talks to anything but 127.0.0.1.
 """
@@ -31,10 +33,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import tomli_w
 from rich.console import Console
 from rich.table import Table
 
 LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+TRIAGE_NODE = REPO / ".venv" / "bin" / "triage-node"
+#: DCMTK's and Orthanc's upper limit for the maximum PDU length they receive.
+DCMTK_MAX_PDU = 131_072
+#: The sender's environment: without this Debian's DCMTK leaves Nagle's algorithm on.
+NODELAY_ENV = {"TCP_NODELAY": "1"}
+SENDER_AE = "STORESCU"  # admitted from 127.0.0.1 by the node's default allowed_callers
 #: Wide enough for a settings column on one line when the output is a file or a pipe.
 console = Console(width=None if Console().is_terminal else 160)
 
@@ -95,6 +105,8 @@ class PeerProcess:
     cwd: Path | None = None
     ready: Callable[[], bool] | None = None
     start_timeout: float = 60.0
+    #: How long a graceful stop may take before SIGKILL.
+    stop_timeout: float = 10.0
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> PeerProcess:
@@ -107,7 +119,7 @@ class PeerProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.stop(self.stop_timeout)
 
     def start(self) -> None:
         env = {**os.environ, **(self.env or {})}
@@ -149,6 +161,10 @@ class PeerProcess:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (graceful), then SIGKILL; only the process we started, by its id."""
         proc, self._proc = self._proc, None
@@ -180,6 +196,54 @@ def run_checked(
             f"{(result.stdout + result.stderr)[-3000:]}"
         )
     return result
+
+
+def node_process(
+    work: Path,
+    config: Mapping[str, Mapping[str, Any]],
+    *,
+    env: Mapping[str, str] | None = None,
+    start_timeout: float = 60.0,
+    stop_timeout: float = 10.0,
+) -> PeerProcess:
+    """``triage-node serve`` on ``config`` (written to ``work/node.toml``).
+
+    Ready when its DICOM port (``config["dicom"]["port"]``) answers; its output
+    goes to ``work/node.log``.
+    """
+    path = work / "node.toml"
+    path.write_text(tomli_w.dumps(config))
+    port = int(config["dicom"]["port"])
+    return PeerProcess(
+        name="triage-node",
+        argv=[str(TRIAGE_NODE), "serve", "--config", str(path)],
+        log_path=work / "node.log",
+        env={"COLUMNS": "200", **(env or {})},
+        ready=lambda: port_open(port),
+        start_timeout=start_timeout,
+        stop_timeout=stop_timeout,
+    )
+
+
+def storescu_argv(called_ae: str, port: int, paths: Sequence[Path]) -> list[str]:
+    """The one sender: the files (or folders' files) over one association.
+
+    ``-R`` proposes only the SOP classes the files have (not DCMTK's ~120
+    presentation contexts); the files' transfer syntax is proposed first, so
+    nothing is converted on the way. Run it with :data:`NODELAY_ENV`.
+    """
+    return [
+        "storescu",
+        "-aet", SENDER_AE,
+        "-aec", called_ae,
+        "-R",
+        "--max-pdu", str(DCMTK_MAX_PDU),
+        "+sd",
+        LOOPBACK, str(port), *map(str, paths),
+    ]  # fmt: skip
+
+
+SENDER_SETTINGS = f"storescu -R --max-pdu {DCMTK_MAX_PDU} +sd, TCP_NODELAY=1, one association"
 
 
 @contextlib.contextmanager
@@ -272,6 +336,17 @@ def print_table(
             f"{best.items_per_s / ref_rate:.2f}x",
         )
     console.print(table)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between closest ranks (numpy's default)."""
+    if not values:
+        raise BenchError("percentile of no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def machine_description() -> dict[str, Any]:
