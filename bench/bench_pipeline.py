@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -77,6 +78,9 @@ sys.path.insert(0, str(REPO))  # the study generator of the tests, not a copy of
 from tests.dicomgen import cxr_from_jpeg
 
 RESULTS = REPO / "bench" / "results" / "pipeline.json"
+SHIPPED_WEIGHTS = REPO / "models" / "weights"
+#: What the packaged routing rules run on a chest CR (node/routing/default_rules.toml).
+MODELS = ("pneumonia-triage", "lung-seg")
 CXR_VAL = REPO.parent / "shared" / "data" / "cxr-pneumonia" / "val"
 #: Study UIDs of the generated studies: a fixed root, one deterministic UID per label.
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."
@@ -564,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(images) < needed:
         parser.error(f"{needed} images needed, {CXR_VAL} has {len(images)}")
     weights = os.environ.get("TRIAGE_NODE_MODELS__WEIGHTS_DIR")
+    weights_dir = Path(weights) if weights else SHIPPED_WEIGHTS
+    missing = [m for m in MODELS if not (weights_dir / f"{m}.json").is_file()]
+    if missing:
+        parser.error(
+            f"no {', '.join(missing)} in {weights_dir} "
+            "(set TRIAGE_NODE_MODELS__WEIGHTS_DIR to a folder with the weights)"
+        )
     if weights:
         console.print(f"[yellow]weights from TRIAGE_NODE_MODELS__WEIGHTS_DIR={weights}[/yellow]")
 
@@ -585,10 +596,10 @@ def main(argv: list[str] | None = None) -> int:
                     "saturation",
                     images[warmup_n + args.studies :][: args.saturation],
                 )
-            sizes = [s.rows * s.columns for s in lat + sat]
+            sizes = Counter(f"{s.rows}x{s.columns}" for s in lat + sat)
             console.print(
                 f"{len(lat)} + {len(sat)} single-image CR chest studies, 8 bit, "
-                f"median {statistics.median(sizes) / 1e6:.2f} Mpixel; "
+                f"{', '.join(f'{n} of {size}' for size, n in sizes.most_common(3))}; "
                 f"sender: {SENDER_SETTINGS}; broker: {args.broker or 'embedded (SQLite)'}",
                 highlight=False,
             )
@@ -637,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             "sender": SENDER_SETTINGS,
             "studies": {
                 "kind": "single-image CR chest, 8 bit, from cxr-pneumonia/val JPEGs",
-                "median_pixels": statistics.median(sizes),
+                "sizes": dict(sizes),
             },
             "latency": {
                 "workers": worker_counts[0],
