@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
@@ -121,6 +121,8 @@ class StudyProcessor:
                     Study.id == study_id,
                     Study.version == version,
                     Study.status == StudyStatus.QUEUED,
+                    # A retry's backoff holds even if an old message arrives early.
+                    or_(Study.lease_until.is_(None), Study.lease_until <= now),
                 )
                 .values(
                     status=StudyStatus.PROCESSING,
