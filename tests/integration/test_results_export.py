@@ -190,6 +190,13 @@ def test_seg_sr_and_heatmap_arrive_in_orthanc(
     )  # type: ignore[operator]
     assert len(orthanc.get("/instances")) == before  # type: ignore[arg-type]
 
+    # Re-sending the study from the modality: stored once, nothing new reaches the PACS.
+    assert storescu(node.dicom.port, [tmp_path / "cxr.dcm"]).returncode == 0
+    time.sleep(3)
+    assert len(orthanc.get("/instances")) == before  # type: ignore[arg-type]
+    with node.sessions() as session:
+        assert session.execute(select(Study.version).where(Study.id == study.id)).scalar_one() == 1
+
 
 def test_destination_down_then_back_everything_arrives(
     start_node: Callable[..., Node], orthanc: Orthanc, shared_data: Path, tmp_path: Path
