@@ -1,22 +1,96 @@
-"""FastAPI application factory.
+"""FastAPI application factory: pages, the REST API (OpenAPI at /docs), sessions, errors.
 
-Only endpoints without patient data live here so far; the worklist, login and
-audit arrive with the worklist issue and will require authentication.
+Errors are translated here, at the boundary: no session -> 401 (API) or the login
+page; wrong role or missing CSRF token -> 403; a node error -> a problem response.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.sessions import SessionMiddleware
+
+from node.errors import NodeError
+from node.web import auth, pages
+from node.web.api import audit, destinations, rules, session, status, studies, worklist
+from node.web.context import STATIC_DIR, WebContext
+from node.web.secret import session_secret
 
 if TYPE_CHECKING:
     from node.runtime import Node
 
+SESSION_COOKIE = "triage_session"
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def _error(request: Request, status: int, message: str) -> Response:
+    if _is_api(request):
+        return JSONResponse({"detail": message}, status_code=status)
+    ctx: WebContext = request.app.state.ctx
+    user = getattr(request.state, "user", None)
+    return pages.render(ctx, request, "error.html", user, status, status=status, message=message)
+
 
 def create_app(node: Node) -> FastAPI:
-    app = FastAPI(title="triage-node", version="0.1.0")
+    app = FastAPI(
+        title="triage-node",
+        version="0.1.0",
+        description="Worklist, studies, results, routing rules and audit trail of a triage node. "
+        "Log in with POST /api/session; send the returned csrf_token as X-CSRF-Token on POSTs.",
+    )
+    app.state.ctx = WebContext.of(node)
+    settings = node.settings.web
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret(node.settings),
+        session_cookie=SESSION_COOKIE,
+        max_age=settings.session_minutes * 60,
+        same_site="lax",
+        https_only=settings.secure_cookies,
+    )
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for module in (session, worklist, studies, audit, rules, destinations, status):
+        app.include_router(module.router)
+    app.include_router(pages.router)
+
+    @app.exception_handler(auth.NotAuthenticated)
+    def _unauthenticated(request: Request, exc: auth.NotAuthenticated) -> Response:
+        if _is_api(request):
+            return JSONResponse(
+                {"detail": "not logged in"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Cookie realm="triage-node"'},
+            )
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        from urllib.parse import quote
+
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+    @app.exception_handler(auth.Forbidden)
+    def _forbidden(request: Request, exc: auth.Forbidden) -> Response:
+        return _error(request, 403, "This needs the admin role.")
+
+    @app.exception_handler(auth.CsrfFailed)
+    def _csrf(request: Request, exc: auth.CsrfFailed) -> Response:
+        return _error(request, 403, "Missing or wrong CSRF token; reload the page and try again.")
+
+    @app.exception_handler(StarletteHTTPException)
+    def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if _is_api(request) or request.url.path in ("/docs", "/openapi.json"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return _error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(NodeError)
+    def _node_error(request: Request, exc: NodeError) -> Response:
+        return _error(request, 500, f"{type(exc).__name__}: {exc}")
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> JSONResponse:
@@ -29,4 +103,5 @@ def create_app(node: Node) -> FastAPI:
         }
         return JSONResponse(body)
 
+    _ = HTTPException  # FastAPI's subclass is handled by the Starlette handler above
     return app

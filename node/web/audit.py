@@ -1,0 +1,125 @@
+"""The audit trail: who looked at which study, and who changed what, when, from where.
+
+Every page and API call that shows patient data records one event; so does every
+change to a study (read, reviewed) or to the node (rules, users). Events carry the
+user name, the StudyInstanceUID and a short detail without patient data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import AuditEvent
+from node.db.types import utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: int
+    time: datetime
+    user_name: str
+    action: str
+    study_instance_uid: str | None
+    detail: str | None
+    client_address: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    user_name: str | None = None
+    action: str | None = None
+    study_instance_uid: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class AuditTrail:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def record(
+        self,
+        user_name: str,
+        action: str,
+        *,
+        study_instance_uid: str | None = None,
+        detail: str | None = None,
+        client_address: str | None = None,
+    ) -> None:
+        with self._sessions.begin() as session:
+            session.add(
+                AuditEvent(
+                    time=utcnow(),
+                    user_name=user_name[:64],
+                    action=action[:64],
+                    study_instance_uid=study_instance_uid,
+                    detail=detail,
+                    client_address=(client_address or "")[:64] or None,
+                )
+            )
+
+    def list(self, query: AuditQuery, *, limit: int = 100, offset: int = 0) -> list[AuditRecord]:
+        """Newest first."""
+        with self._sessions() as session:
+            stmt = _filtered(query).limit(limit).offset(offset)
+            return [_record(e) for e in session.scalars(stmt)]
+
+    def all(self, query: AuditQuery) -> Iterator[AuditRecord]:
+        """Every matching event, newest first, read in batches (for the CSV export)."""
+        with self._sessions() as session:
+            stmt = _filtered(query).execution_options(yield_per=1000)
+            for event in session.scalars(stmt):
+                yield _record(event)
+
+
+def _filtered(query: AuditQuery) -> Select[AuditEvent]:
+    stmt = select(AuditEvent)
+    if query.user_name:
+        stmt = stmt.where(AuditEvent.user_name == query.user_name)
+    if query.action:
+        stmt = stmt.where(AuditEvent.action == query.action)
+    if query.study_instance_uid:
+        stmt = stmt.where(AuditEvent.study_instance_uid == query.study_instance_uid)
+    if query.since:
+        stmt = stmt.where(AuditEvent.time >= query.since)
+    if query.until:
+        stmt = stmt.where(AuditEvent.time < query.until)
+    return stmt.order_by(AuditEvent.id.desc())
+
+
+def _record(e: AuditEvent) -> AuditRecord:
+    return AuditRecord(
+        e.id, e.time, e.user_name, e.action, e.study_instance_uid, e.detail, e.client_address
+    )
+
+
+CSV_HEADER = ("time", "user", "action", "StudyInstanceUID", "detail", "client_address")
+
+
+def csv_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
+    """The audit trail as CSV text, one chunk per line (for a streaming response)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_HEADER)
+    for r in records:
+        writer.writerow(
+            (
+                r.time.isoformat(),
+                r.user_name,
+                r.action,
+                r.study_instance_uid or "",
+                r.detail or "",
+                r.client_address or "",
+            )
+        )
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()

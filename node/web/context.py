@@ -1,0 +1,59 @@
+"""What request handlers get from the node: settings, sessions, store, rules, users, audit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, cast
+
+from fastapi import Depends, Request
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings
+from node.routing.store import RuleStore
+from node.storage import InstanceStore
+from node.users.accounts import Accounts
+from node.web.audit import AuditTrail
+
+if TYPE_CHECKING:
+    from node.runtime import Node
+
+TEMPLATES_DIR = Path(__file__).with_name("templates")
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+@dataclass
+class WebContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: InstanceStore
+    rules: RuleStore
+    accounts: Accounts
+    audit: AuditTrail
+    templates: Jinja2Templates
+    node: Node
+
+    @classmethod
+    def of(cls, node: Node) -> WebContext:
+        return cls(
+            settings=node.settings,
+            sessions=node.sessions,
+            store=node.store,
+            rules=node.rules,
+            accounts=Accounts(node.sessions),
+            audit=AuditTrail(node.sessions),
+            templates=Jinja2Templates(directory=str(TEMPLATES_DIR)),
+            node=node,
+        )
+
+
+def web_context(request: Request) -> WebContext:
+    return cast(WebContext, request.app.state.ctx)
+
+
+Context = Annotated[WebContext, Depends(web_context)]
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None

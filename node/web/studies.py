@@ -1,0 +1,210 @@
+"""One study as the study page shows it, and the radiologist's read / reviewed marks.
+
+The models here are pydantic so that the REST API documents them as they are.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.models import Export, Finding, Instance, Priority, Series, Study
+from node.db.types import utcnow
+
+Mark = Literal["read", "reviewed"]
+OverlayKind = Literal["mask", "heatmap"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class InstanceOut(_Out):
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    has_mask: bool = False
+    has_heatmap: bool = False
+
+
+class SeriesOut(_Out):
+    series_instance_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part_examined: str | None
+    instance_count: int
+    instances: list[InstanceOut] = []
+
+
+class FindingOut(_Out):
+    sop_instance_uid: str | None
+    frame_number: int | None
+    model_name: str
+    model_version: str
+    kind: str
+    label: str | None
+    probability: float | None
+    lung_area_mm2: float | None
+    inference_ms: float | None
+    created_at: datetime
+
+
+class ExportOut(_Out):
+    id: int
+    destination: str
+    kind: str
+    sop_instance_uid: str
+    state: str
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+class StudyOut(_Out):
+    study_instance_uid: str
+    patient_name: str | None
+    patient_id: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    modalities: str
+    status: str
+    status_reason: str | None
+    priority: str
+    version: int
+    first_received_at: datetime
+    finished_at: datetime | None
+    routing_rule: str | None
+    rule_set_version: int | None
+    key_finding: str | None
+    key_score: float | None
+    read_at: datetime | None
+    read_by: str | None
+    reviewed_at: datetime | None
+    reviewed_by: str | None
+    series: list[SeriesOut]
+    findings: list[FindingOut]
+    exports: list[ExportOut]
+
+
+def study_detail(session: Session, study_instance_uid: str) -> StudyOut | None:
+    """The study with its series, instances, current findings and deliveries (5 statements)."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        return None
+    series = session.scalars(
+        select(Series).where(Series.study_id == study.id).order_by(Series.series_number, Series.id)
+    ).all()
+    instances = session.scalars(
+        select(Instance)
+        .where(Instance.study_id == study.id)
+        .order_by(Instance.instance_number, Instance.id)
+    ).all()
+    findings = session.scalars(
+        select(Finding)
+        .where(Finding.study_id == study.id, Finding.study_version == study.version)
+        .order_by(Finding.sop_instance_uid.is_not(None), Finding.model_name, Finding.id)
+    ).all()
+    exports = session.scalars(
+        select(Export).where(Export.study_id == study.id).order_by(Export.destination, Export.kind)
+    ).all()
+    masks = {f.sop_instance_uid for f in findings if f.mask_path}
+    heatmaps = {f.sop_instance_uid for f in findings if f.heatmap_path}
+    by_series: dict[int, list[InstanceOut]] = {}
+    for i in instances:
+        out = InstanceOut.model_validate(i)
+        out.has_mask = i.sop_instance_uid in masks
+        out.has_heatmap = i.sop_instance_uid in heatmaps
+        by_series.setdefault(i.series_id, []).append(out)
+    series_out = []
+    for s in series:
+        item = SeriesOut.model_validate(s)
+        item.instances = by_series.get(s.id, [])
+        series_out.append(item)
+    return StudyOut(
+        study_instance_uid=study.study_instance_uid,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        patient_birth_date=study.patient_birth_date,
+        patient_sex=study.patient_sex,
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_description=study.study_description,
+        modalities=study.modalities,
+        status=str(study.status),
+        status_reason=study.status_reason,
+        priority=Priority(study.priority).name.lower(),
+        version=study.version,
+        first_received_at=study.first_received_at,
+        finished_at=study.finished_at,
+        routing_rule=study.routing_rule,
+        rule_set_version=study.rule_set_version,
+        key_finding=study.key_finding,
+        key_score=study.key_score,
+        read_at=study.read_at,
+        read_by=study.read_by,
+        reviewed_at=study.reviewed_at,
+        reviewed_by=study.reviewed_by,
+        series=series_out,
+        findings=[FindingOut.model_validate(f) for f in findings],
+        exports=[ExportOut.model_validate(e) for e in exports],
+    )
+
+
+def mark(session: Session, study_instance_uid: str, what: Mark, user_name: str) -> bool:
+    """Record that ``user_name`` read (or reviewed) the study now; False if no such study."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        return False
+    now = utcnow()
+    if what == "read":
+        study.read_at, study.read_by = now, user_name
+    else:
+        study.reviewed_at, study.reviewed_by = now, user_name
+        if study.read_at is None:
+            study.read_at, study.read_by = now, user_name
+    return True
+
+
+def instance_file(session: Session, study_instance_uid: str, sop_instance_uid: str) -> str | None:
+    """Path (relative to the data directory) of an instance of this study."""
+    return session.scalar(
+        select(Instance.path)
+        .join(Study, Study.id == Instance.study_id)
+        .where(
+            Study.study_instance_uid == study_instance_uid,
+            Instance.sop_instance_uid == sop_instance_uid,
+        )
+    )
+
+
+def overlay_file(
+    session: Session, study_instance_uid: str, sop_instance_uid: str, kind: OverlayKind
+) -> str | None:
+    """Path of the current mask or heatmap array (.npy) of one image, if the models made one."""
+    column = Finding.mask_path if kind == "mask" else Finding.heatmap_path
+    return session.scalar(
+        select(column)
+        .join(Study, Study.id == Finding.study_id)
+        .where(
+            Study.study_instance_uid == study_instance_uid,
+            Finding.study_version == Study.version,
+            Finding.sop_instance_uid == sop_instance_uid,
+            column.is_not(None),
+        )
+        .order_by(Finding.frame_number)
+        .limit(1)
+    )

@@ -1,0 +1,317 @@
+"""The web application through FastAPI's TestClient: auth, roles, CSRF, worklist, audit.
+
+Runs against a real node (SQLite and PostgreSQL via ``database_url``) with the web
+server off; the app is built in-process from the same factory ``serve`` uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event, select
+
+from node.db.models import AuditEvent, Priority, Role, Study, StudyStatus
+from node.runtime import Node
+from node.users.accounts import Accounts
+from node.web.app import create_app
+
+PASSWORD = "a-long-password"
+_uids = itertools.count(1)
+
+
+def add_study(node: Node, **values: Any) -> str:
+    n = next(_uids)
+    uid = values.pop("study_instance_uid", f"1.2.826.0.1.3680043.10.1234.{n}")
+    t = values.pop("received", datetime(2026, 11, 25, 8, 0, tzinfo=UTC) + timedelta(minutes=n))
+    fields: dict[str, Any] = {
+        "study_instance_uid": uid,
+        "accession_number": f"ACC{n}",
+        "patient_id": f"PID{n}",
+        "patient_name": f"Test^Patient{n}",
+        "modalities": "CR",
+        "calling_ae_title": "STORESCU",
+        "status": StudyStatus.DONE,
+        "priority": Priority.ROUTINE,
+        "first_received_at": t,
+        "last_received_at": t,
+    }
+    fields.update(values)
+    with node.sessions.begin() as session:
+        session.add(Study(**fields))
+    return uid
+
+
+@pytest.fixture
+def node(start_node: Callable[..., Node], database_url: str) -> Node:
+    n = start_node(database_url)
+    accounts = Accounts(n.sessions)
+    accounts.add("admin", PASSWORD, Role.ADMIN)
+    accounts.add("rad", PASSWORD, Role.RADIOLOGIST)
+    return n
+
+
+@pytest.fixture
+def client(node: Node) -> Iterator[TestClient]:
+    with TestClient(create_app(node)) as c:
+        yield c
+
+
+def login(client: TestClient, name: str) -> str:
+    r = client.post("/api/session", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    token: str = r.json()["csrf_token"]
+    client.headers["X-CSRF-Token"] = token
+    return token
+
+
+ADMIN_ROUTES = [
+    ("GET", "/api/audit"),
+    ("GET", "/api/audit/export.csv"),
+    ("GET", "/api/rules"),
+    ("POST", "/api/rules/validate"),
+    ("POST", "/api/rules/test"),
+    ("POST", "/api/rules"),
+    ("GET", "/api/rules/versions"),
+    ("GET", "/api/rules/versions/1"),
+    ("POST", "/api/rules/versions/1/activate"),
+    ("GET", "/api/destinations"),
+    ("POST", "/api/destinations/PACS/echo"),
+    ("GET", "/api/status"),
+    ("GET", "/api/models"),
+]
+USER_ROUTES = [
+    ("GET", "/api/worklist"),
+    ("GET", "/api/worklist/fingerprint"),
+    ("GET", "/api/studies/1.2.3"),
+    ("POST", "/api/studies/1.2.3/read"),
+    ("GET", "/api/studies/1.2.3/instances/1.2.4/image.png"),
+    ("GET", "/api/studies/1.2.3/instances/1.2.4/mask.png"),
+    ("GET", "/api/models/pneumonia-triage/card"),
+    ("GET", "/api/session"),
+]
+ADMIN_PAGES = [
+    "/admin/rules",
+    "/admin/destinations",
+    "/admin/models",
+    "/admin/status",
+    "/admin/audit",
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES + USER_ROUTES)
+def test_anonymous_api_calls_get_401(client: TestClient, method: str, path: str) -> None:
+    r = client.request(method, path, json={"text": "", "study_instance_uid": "1"})
+    assert r.status_code == 401
+    assert r.json() == {"detail": "not logged in"}
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+def test_radiologists_get_403_on_admin_routes(client: TestClient, method: str, path: str) -> None:
+    login(client, "rad")
+    r = client.request(method, path, json={"text": "", "study_instance_uid": "1"})
+    assert r.status_code == 403
+
+
+def test_pages_redirect_anonymous_to_login_and_refuse_radiologists(client: TestClient) -> None:
+    for path in ["/", "/studies/1.2.3", *ADMIN_PAGES]:
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+    login(client, "rad")
+    for path in ADMIN_PAGES:
+        assert client.get(path).status_code == 403
+    assert client.get("/").status_code == 200
+
+
+def test_admin_pages_render(client: TestClient) -> None:
+    login(client, "admin")
+    for path in ADMIN_PAGES:
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.text[:500])
+    assert "pneumonia-triage" in client.get("/admin/models").text
+    assert client.get("/models/pneumonia-triage/card").status_code == 200
+
+
+def test_login_form_with_csrf_and_wrong_password(client: TestClient) -> None:
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    bad = client.post("/login", data={"name": "rad", "password": "nope", "csrf_token": token})
+    assert bad.status_code == 401 and "Wrong user name or password" in bad.text
+    no_csrf = client.post("/login", data={"name": "rad", "password": PASSWORD})
+    assert no_csrf.status_code == 403
+    ok = client.post(
+        "/login",
+        data={"name": "rad", "password": PASSWORD, "csrf_token": token, "next": "/"},
+        follow_redirects=False,
+    )
+    assert ok.status_code == 303
+    assert client.get("/api/session").json()["name"] == "rad"
+
+
+def test_posts_need_the_csrf_token(client: TestClient, node: Node) -> None:
+    uid = add_study(node)
+    login(client, "rad")
+    del client.headers["X-CSRF-Token"]
+    assert client.post(f"/api/studies/{uid}/read").status_code == 403
+    client.headers["X-CSRF-Token"] = "wrong"
+    assert client.post(f"/api/studies/{uid}/read").status_code == 403
+
+
+def test_disabled_user_loses_the_session(client: TestClient, node: Node) -> None:
+    login(client, "rad")
+    assert client.get("/api/worklist").status_code == 200
+    Accounts(node.sessions).set_active("rad", False)
+    assert client.get("/api/worklist").status_code == 401
+
+
+def test_worklist_order_filters_and_search(client: TestClient, node: Node) -> None:
+    base = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+    routine_old = add_study(node, received=base, key_score=None)
+    routine_scored = add_study(node, received=base + timedelta(minutes=5), key_score=0.4)
+    urgent = add_study(
+        node, received=base + timedelta(minutes=9), priority=Priority.URGENT, key_score=0.9
+    )
+    stat = add_study(
+        node,
+        received=base + timedelta(minutes=10),
+        priority=Priority.STAT,
+        status=StudyStatus.QUEUED,
+        modalities="CT",
+        accession_number="FINDME",
+    )
+    routine_high = add_study(node, received=base + timedelta(minutes=7), key_score=0.7)
+    login(client, "rad")
+    page = client.get("/api/worklist").json()
+    order = [i["study_instance_uid"] for i in page["items"]]
+    assert order == [stat, urgent, routine_high, routine_scored, routine_old]
+    assert page["items"][1]["flag"] == "high" and page["items"][3]["flag"] == "low"
+
+    def uids(**params: Any) -> list[str]:
+        r = client.get("/api/worklist", params=params)
+        assert r.status_code == 200, r.text
+        return [i["study_instance_uid"] for i in r.json()["items"]]
+
+    assert uids(status="queued") == [stat]
+    assert uids(modality="ct") == [stat]
+    assert uids(priority=1) == [urgent]
+    assert uids(q="FINDME") == [stat]
+    assert uids(q=f"PID{stat.rsplit('.', 1)[1]}") == [stat]
+    assert uids(received_from="2026-11-26") == []
+    assert uids(received_to="2026-11-25") == order
+    two = client.get("/api/worklist", params={"limit": 2, "offset": 2}).json()
+    assert [i["study_instance_uid"] for i in two["items"]] == order[2:4] and two["has_more"]
+
+
+def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) -> None:
+    uid = add_study(node)
+    login(client, "rad")
+    before = client.get("/api/worklist/fingerprint").json()["fingerprint"]
+    r = client.post(f"/api/studies/{uid}/read")
+    assert r.status_code == 200 and r.json()["read_by"] == "rad"
+    assert client.get("/api/worklist/fingerprint").json()["fingerprint"] != before
+    assert client.get("/api/worklist", params={"unread": True}).json()["items"] == []
+    detail = client.get(f"/api/studies/{uid}").json()
+    assert detail["patient_name"].startswith("Test^Patient")
+    assert client.get("/api/studies/1.2.404").status_code == 404
+    page = client.get(f"/studies/{uid}")
+    assert page.status_code == 200 and "read by rad" in page.text
+    with node.sessions() as session:
+        events = session.execute(
+            select(AuditEvent.user_name, AuditEvent.action, AuditEvent.study_instance_uid)
+        ).all()
+    assert ("rad", "study.read", uid) in events
+    assert ("rad", "study.api", uid) in events
+    assert ("rad", "study.view", uid) in events
+    assert ("rad", "worklist.api", None) in events
+
+
+def test_audit_browse_and_csv(client: TestClient, node: Node) -> None:
+    uid = add_study(node)
+    login(client, "admin")
+    client.get(f"/api/studies/{uid}")
+    events = client.get("/api/audit", params={"study_uid": uid}).json()
+    assert [e["action"] for e in events] == ["study.api"]
+    csv = client.get("/api/audit/export.csv")
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    assert f"admin,study.api,{uid}" in csv.text
+
+
+BAD_RULES = """format = 1
+
+[[rule]]
+name = "chest"
+priority = "routine"
+models = ["no-such-model"]
+match.Modality = ["CR"]
+"""
+
+
+def test_rules_validate_save_test_and_rollback(client: TestClient, node: Node) -> None:
+    login(client, "admin")
+    active = client.get("/api/rules").json()
+    assert active["version"] == 1
+    bad = client.post("/api/rules/validate", json={"text": BAD_RULES}).json()
+    assert not bad["ok"] and bad["problems"][0]["line"] == 6
+    assert client.post("/api/rules", json={"text": BAD_RULES}).status_code == 422
+    saved = client.post("/api/rules", json={"text": active["text"], "comment": "same"})
+    assert saved.status_code == 201 and saved.json()["version"] == 2
+    assert saved.json()["created_by"] == "admin"
+    back = client.post("/api/rules/versions/1/activate")
+    assert back.status_code == 200 and back.json()["version"] == 3
+    assert client.post("/api/rules/test", json={"study_instance_uid": "9.9"}).status_code == 404
+
+
+def test_status_and_destinations(client: TestClient, node: Node) -> None:
+    add_study(node, status=StudyStatus.FAILED, status_reason="boom")
+    login(client, "admin")
+    status = client.get("/api/status").json()
+    assert status["failed_total"] == 1 and status["by_status"]["failed"] == 1
+    assert status["disk_free_bytes"] > 0
+    assert client.get("/api/destinations").json() == []
+    assert client.post("/api/destinations/NOPE/echo").status_code == 404
+
+
+def _count_statements(node: Node, fn: Callable[[], Any]) -> int:
+    count = 0
+
+    def before(*_: Any) -> None:
+        nonlocal count
+        count += 1
+
+    event.listen(node.engine, "before_cursor_execute", before)
+    try:
+        fn()
+    finally:
+        event.remove(node.engine, "before_cursor_execute", before)
+    return count
+
+
+def test_worklist_page_does_a_bounded_number_of_queries(client: TestClient, node: Node) -> None:
+    login(client, "rad")
+    for _ in range(10):
+        add_study(node)
+    client.get("/").raise_for_status()  # warm up: connections open, first-use statements
+    few = _count_statements(node, lambda: client.get("/").raise_for_status())
+    rows = [
+        Study(
+            study_instance_uid=f"1.2.826.0.1.3680043.10.99.{i}",
+            modalities="CR",
+            calling_ae_title="X",
+            status=StudyStatus.DONE,
+            priority=i % 3,
+            key_score=(i % 100) / 100,
+            first_received_at=datetime(2026, 1, 1, tzinfo=UTC),
+            last_received_at=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+        for i in range(1000)
+    ]
+    with node.sessions.begin() as session:
+        session.add_all(rows)
+    many = _count_statements(node, lambda: client.get("/").raise_for_status())
+    api = _count_statements(node, lambda: client.get("/api/worklist").raise_for_status())
+    assert few == many, (few, many)
+    assert many <= 8 and api <= 8
