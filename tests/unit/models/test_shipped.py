@@ -37,10 +37,11 @@ def test_no_stray_files_in_weights_dir() -> None:
 def test_classifier_on_fixed_val_slice(val_slice: Path) -> None:
     report = evaluate_classifier_dir(val_slice, n_boot=50)
     assert report["n"] == 40
-    assert report["auc"] >= 0.85
-    assert report["accuracy"] >= 0.75
-    assert report["sensitivity"] >= 0.75
-    assert 0.0 <= report["calibration"]["brier"] <= 0.2
+    # 1.0.0 measured: AUC 0.9925, accuracy 0.80, sensitivity 1.0, specificity 0.60, Brier 0.077.
+    assert report["auc"] >= 0.90
+    assert report["accuracy"] >= 0.70
+    assert report["sensitivity"] >= 0.90
+    assert 0.0 <= report["calibration"]["brier"] <= 0.15
 
 
 def test_classifier_outputs_are_probabilities(val_slice: Path) -> None:
@@ -58,4 +59,4 @@ def test_segmenter_on_lung_holdout(lungs_dir: Path) -> None:
     assert set(held) == data.lungs_holdout(data.list_segmentation(lungs_dir))
     report = evaluate_segmenter_dir(lungs_dir, holdout_only=True, n_boot=50, limit=4)
     assert report["n"] == 4
-    assert report["dice"] >= 0.85
+    assert report["dice"] >= 0.85  # 1.0.0 measured: 0.888 on these 4 images
