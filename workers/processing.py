@@ -36,6 +36,7 @@ from node.config import Settings
 from node.db.models import Finding, Instance, Priority, Series, Study, StudyStatus
 from node.db.types import utcnow
 from node.export import deliveries
+from node.model_switches import disabled_models
 from node.storage import InstanceStore
 from workers.inference import ModelRunner
 from workers.output import AlgorithmInfo, ImageResult
@@ -62,6 +63,10 @@ class _Analysis:
     key_score: float | None = None
     note: str | None = None
     objects: list[ResultObject] = field(default_factory=list)
+
+    def add_note(self, text: str) -> None:
+        """Append to what the study's status_reason will say (earlier notes stay)."""
+        self.note = f"{self.note}; {text}" if self.note else text
 
 
 @dataclass
@@ -150,6 +155,9 @@ class StudyProcessor:
             study = session.get(Study, study_id)
             assert study is not None
             models = list(study.routing_models or [])
+            switched_off = disabled_models(session)
+            disabled = [m for m in models if m in switched_off]
+            models = [m for m in models if m not in disabled]
             wanted_series = set(study.routing_series or [])
             study_uid = study.study_instance_uid
             rows = session.execute(
@@ -163,12 +171,17 @@ class StudyProcessor:
             for r in rows
             if not wanted_series or r.series_instance_uid in wanted_series
         ]
-        per_frame, skipped = self._select_frames(paths, models)
         analysis = _Analysis()
+        if disabled:  # an admin switched them off (node.model_switches): say so on the study
+            analysis.add_note("not run, disabled by an admin: " + ", ".join(disabled))
+            log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
+            if not models:
+                return analysis
+        per_frame, skipped = self._select_frames(paths, models)
         if skipped:
-            analysis.note = f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3])
+            analysis.add_note(f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3]))
         if not per_frame:
-            analysis.note = "no image the requested models apply to"
+            analysis.add_note("no image the requested models apply to")
             log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
             return analysis
         self._extend(study_id, owner)

@@ -330,3 +330,18 @@ class AuditEvent(Base):
     #: Free text without patient data (filters used, version numbers, outcome).
     detail: Mapped[str | None] = mapped_column(Text)
     client_address: Mapped[str | None] = mapped_column(String(64))
+
+
+class ModelSetting(Base):
+    """An admin's switch for one model: a disabled model is not run by the workers.
+
+    No row means enabled (the default for a model the node has never been told about).
+    """
+
+    __tablename__ = "model_settings"
+
+    #: The model's registry name, e.g. ``pneumonia-triage``.
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime)

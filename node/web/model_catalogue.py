@@ -7,6 +7,7 @@ TensorFlow out of the web process.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ class ModelInfo(BaseModel):
     has_card: bool
     #: Where the metadata was read from (shipped weights or the site's weights_dir).
     source: str
+    #: False: an admin switched the model off and the workers skip it.
+    enabled: bool = True
+    #: Who switched it last, and when (UTC); None if nobody ever did.
+    changed_by: str | None = None
+    changed_at: datetime | None = None
 
 
 def _info(path: Path, doc: dict[str, Any]) -> ModelInfo:

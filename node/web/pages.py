@@ -19,10 +19,10 @@ from node.web import auth
 from node.web.api.audit import AuditParams
 from node.web.api.destinations import destinations
 from node.web.api.rules import Problem, TestResult, active_rules, run_test, validate, versions
-from node.web.api.status import node_dashboard
+from node.web.api.status import node_dashboard, node_models, switch_model
 from node.web.api.worklist import WorklistParams, flag, item
 from node.web.context import Context, WebContext, client_address
-from node.web.model_catalogue import card, models
+from node.web.model_catalogue import card
 from node.web.studies import Mark, mark, study_detail
 from node.worklist import worklist_fingerprint, worklist_page
 
@@ -373,8 +373,20 @@ def models_page(admin: auth.Admin, ctx: Context, request: Request) -> HTMLRespon
         request,
         "admin/models.html",
         admin,
-        models=models(ctx.settings.models.weights_dir),
+        models=node_models(ctx),
     )
+
+
+@router.post("/admin/models/{name}/enabled")
+def models_switch(
+    name: str,
+    admin: auth.Admin,
+    ctx: Context,
+    request: Request,
+    enabled: Annotated[bool, Form()],
+) -> RedirectResponse:
+    switch_model(ctx, request, admin, name, enabled)
+    return RedirectResponse("/admin/models", status_code=303)
 
 
 @router.get("/admin/status", response_class=HTMLResponse)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
 
+from node.model_switches import set_enabled, switches
+from node.users.accounts import Account
 from node.web import auth
-from node.web.context import Context, WebContext
+from node.web.context import Context, WebContext, client_address
 from node.web.dashboard import Dashboard, dashboard
 from node.web.model_catalogue import ModelInfo, card, models
 
@@ -31,10 +34,60 @@ def status(admin: auth.Admin, ctx: Context) -> Dashboard:
     return node_dashboard(ctx)
 
 
+def node_models(ctx: WebContext) -> list[ModelInfo]:
+    """The node's models with their on/off switch."""
+    with ctx.sessions() as session:
+        state = switches(session)
+    out = []
+    for info in models(ctx.settings.models.weights_dir):
+        switch = state.get(info.name)
+        out.append(
+            info
+            if switch is None
+            else info.model_copy(
+                update={
+                    "enabled": switch.enabled,
+                    "changed_by": switch.changed_by,
+                    "changed_at": switch.changed_at,
+                }
+            )
+        )
+    return out
+
+
+def switch_model(
+    ctx: WebContext, request: Request, admin: Account, name: str, enabled: bool
+) -> ModelInfo:
+    """Switch a known model on or off, recorded on the model and in the audit trail."""
+    if name not in {m.name for m in models(ctx.settings.models.weights_dir)}:
+        raise HTTPException(404, "no such model")
+    with ctx.sessions.begin() as session:
+        set_enabled(session, name, enabled, admin.name)
+    ctx.audit.record(
+        admin.name,
+        "model.enable" if enabled else "model.disable",
+        detail=name,
+        client_address=client_address(request),
+    )
+    return next(m for m in node_models(ctx) if m.name == name)
+
+
+class ModelSwitchBody(BaseModel):
+    enabled: bool
+
+
 @router.get("/models", response_model=list[ModelInfo], tags=["models"])
 def list_models(admin: auth.Admin, ctx: Context) -> list[ModelInfo]:
-    """Models with metadata on this node (name, version, task, threshold, card)."""
-    return models(ctx.settings.models.weights_dir)
+    """Models with metadata on this node (name, version, task, threshold, card, enabled)."""
+    return node_models(ctx)
+
+
+@router.put("/models/{name}/enabled", response_model=ModelInfo, tags=["models"])
+def put_model_enabled(
+    name: str, body: ModelSwitchBody, admin: auth.Admin, ctx: Context, request: Request
+) -> ModelInfo:
+    """Switch a model on or off; workers skip a disabled model from the next study on."""
+    return switch_model(ctx, request, admin, name, body.enabled)
 
 
 @router.get("/models/{name}/card", response_class=PlainTextResponse, tags=["models"])

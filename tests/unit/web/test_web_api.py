@@ -84,6 +84,7 @@ ADMIN_ROUTES = [
     ("POST", "/api/destinations/PACS/echo"),
     ("GET", "/api/status"),
     ("GET", "/api/models"),
+    ("PUT", "/api/models/pneumonia-triage/enabled"),
 ]
 USER_ROUTES = [
     ("GET", "/api/worklist"),
@@ -321,3 +322,30 @@ def test_worklist_page_does_a_bounded_number_of_queries(client: TestClient, node
     api = _count_statements(node, lambda: client.get("/api/worklist").raise_for_status())
     assert few == many, (few, many)
     assert many <= 8 and api <= 8
+
+
+def test_admin_disables_a_model_recorded_and_audited(client: TestClient, node: Node) -> None:
+    login(client, "rad")
+    assert client.put("/api/models/lung-seg/enabled", json={"enabled": False}).status_code == 403
+    login(client, "admin")
+    before = {m["name"]: m for m in client.get("/api/models").json()}
+    assert before["lung-seg"]["enabled"] and before["lung-seg"]["changed_by"] is None
+    r = client.put("/api/models/lung-seg/enabled", json={"enabled": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["enabled"] is False and r.json()["changed_by"] == "admin"
+    assert r.json()["changed_at"] is not None
+    assert client.put("/api/models/nope/enabled", json={"enabled": False}).status_code == 404
+    page = client.get("/admin/models")
+    assert "disabled" in page.text and "by admin" in page.text
+    # The page's form switches it back on.
+    token = client.headers["X-CSRF-Token"]
+    back = client.post(
+        "/admin/models/lung-seg/enabled",
+        data={"enabled": "true", "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert back.status_code == 303
+    assert {m["name"]: m["enabled"] for m in client.get("/api/models").json()}["lung-seg"]
+    with node.sessions() as session:
+        events = session.execute(select(AuditEvent.action, AuditEvent.detail)).all()
+    assert ("model.disable", "lung-seg") in events and ("model.enable", "lung-seg") in events
