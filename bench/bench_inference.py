@@ -32,15 +32,10 @@ from models.report import read_grayscale  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "cxr-pneumonia" / "val"
 
 
-def _timings(fn: Callable[[], Any], repeats: int) -> list[float]:
-    fn()  # warm-up: trace/compile outside the measurement
+def _elapsed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
     fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+    return time.perf_counter() - start
 
 
 def bench_model(
@@ -70,17 +65,29 @@ def bench_model(
             lambda: np.asarray(bare_full(raw[:1])),
         ),
     }
+    # Interleaved rounds: every path is timed once per round, so load from other processes
+    # on a shared machine hits all paths alike instead of biasing whichever ran last.
+    for run_batch, run_one in paths.values():
+        run_batch()  # warm-up: trace/compile outside the measurement
+        run_one()
+    batch_t: dict[str, list[float]] = {p: [] for p in paths}
+    one_t: dict[str, list[float]] = {p: [] for p in paths}
+    for _ in range(repeats):
+        for path, (run_batch, run_one) in paths.items():
+            batch_t[path].append(_elapsed(run_batch))
+            one_t[path] += [_elapsed(run_one) for _ in range(4)]
     out = {}
-    for path, (run_batch, run_one) in paths.items():
-        tput = batch / statistics.median(_timings(run_batch, repeats))
-        p50 = statistics.median(_timings(run_one, repeats * 4)) * 1e3
-        out[path] = (tput, p50)
+    for path in paths:
+        out[path] = (
+            batch / statistics.median(batch_t[path]),
+            statistics.median(one_t[path]) * 1e3,
+        )
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--classifier", type=Path, help="weights dir (default: shipped)")
     parser.add_argument("--segmenter", type=Path, help="weights dir (default: shipped)")
     args = parser.parse_args()
@@ -93,7 +100,7 @@ def main() -> None:
             clf.predict, clf.model, clf.input_size, images, 32, args.repeats
         ),
         f"{seg.name} {seg.version}": bench_model(
-            seg.predict, seg.model, seg.input_size, images, 8, max(2, args.repeats // 2)
+            seg.predict, seg.model, seg.input_size, images, 4, args.repeats
         ),
     }
     table = Table(
