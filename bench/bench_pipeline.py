@@ -20,9 +20,9 @@ objects (SEG, TID 1500 SR, heatmap SC). Times come from the node's own database
    time, each sent after the previous one's findings are stored, so nothing
    queues. Per study: ack → ``finished_at`` (end-to-end), broken down into the
    quiet time (``last_received_at`` → ``completed_at``: the completion rule
-   waiting ``quiet_seconds`` by design), routing and dispatch
-   (→ ``queued_at``), broker delivery (→ ``started_at``) and processing
-   (→ ``finished_at``); processing is split further by the models' own
+   waiting ``quiet_seconds`` by design), routing and queue (→ ``started_at``:
+   the worker claimed it; split at ``queued_at`` where the node set it) and
+   processing (→ ``finished_at``); processing is split further by the models' own
    ``inference_ms`` in the findings. p50/p95 are reported, and end-to-end minus
    the quiet time, which is what a site's ``quiet_seconds`` setting adds to.
 3. **Throughput at saturation**, for each worker count on a fresh node:
@@ -345,8 +345,12 @@ class LatencySample:
     end_to_end: float  # ack -> finished
     ack_after_stored: float  # last_received -> ack (storescu's release and exit)
     quiet: float  # last_received -> completed
-    routing: float  # completed -> queued (route, send to broker)
-    delivery: float  # queued -> started (broker -> worker claims it)
+    routing_queue: float  # completed -> started (route, send, broker, worker claims it)
+    #: The split at queued_at, None where the node left queued_at empty: it sets it
+    #: after sending, guarded by status 'queued', so a worker that claims the study
+    #: first (fast broker) wins and queued_at stays empty.
+    routing: float | None  # completed -> queued (route, send to broker)
+    delivery: float | None  # queued -> started (broker -> worker claims it)
     processing: float  # started -> finished
     classifier: float  # pneumonia model incl. heatmap (its own inference_ms)
     segmenter: float  # lung model (its own inference_ms)
@@ -363,15 +367,15 @@ class LatencySample:
 
 
 def sample(study: CxrStudy, ack: float, t: StudyTimes) -> LatencySample:
-    if None in (t.completed, t.queued, t.started, t.finished):
+    if t.completed is None or t.started is None or t.finished is None:
         raise BenchError(f"study {study.study_instance_uid} is missing timestamps: {t}")
-    assert t.completed and t.queued and t.started and t.finished
     return LatencySample(
         end_to_end=t.finished - ack,
         ack_after_stored=ack - t.last_received,
         quiet=t.completed - t.last_received,
-        routing=t.queued - t.completed,
-        delivery=t.started - t.queued,
+        routing_queue=t.started - t.completed,
+        routing=None if t.queued is None else t.queued - t.completed,
+        delivery=None if t.queued is None else t.started - t.queued,
         processing=t.finished - t.started,
         classifier=(t.classifier_ms or 0.0) / 1000,
         segmenter=(t.segmenter_ms or 0.0) / 1000,
@@ -471,8 +475,9 @@ STAGES: list[tuple[str, str]] = [
     ("end_to_end", "end-to-end: ack → findings stored"),
     ("without_quiet", "end-to-end minus quiet time"),
     ("quiet", "  quiet time: last received → complete"),
-    ("routing", "  routing + dispatch: complete → queued"),
-    ("delivery", "  broker delivery: queued → started"),
+    ("routing_queue", "  routing + queue: complete → started"),
+    ("routing", "    routing + dispatch: complete → queued"),
+    ("delivery", "    broker delivery: queued → started"),
     ("processing", "  processing: started → findings stored"),
     ("classifier", "    pneumonia model + heatmap"),
     ("segmenter", "    lung segmentation"),
@@ -482,15 +487,18 @@ STAGES: list[tuple[str, str]] = [
 
 
 def stage_stats(samples: Sequence[LatencySample]) -> dict[str, dict[str, float]]:
-    out = {}
+    """p50/p95/mean/max per stage, over the samples that have it (``n``); empty if none do."""
+    out: dict[str, dict[str, float]] = {}
     for key, _ in STAGES:
-        values = [float(getattr(s, key)) for s in samples]
-        out[key] = {
-            "p50": percentile(values, 50),
-            "p95": percentile(values, 95),
-            "mean": statistics.fmean(values),
-            "max": max(values),
-        }
+        values = [float(v) for s in samples if (v := getattr(s, key)) is not None]
+        out[key] = {"n": len(values)}
+        if values:
+            out[key] |= {
+                "p50": percentile(values, 50),
+                "p95": percentile(values, 95),
+                "mean": statistics.fmean(values),
+                "max": max(values),
+            }
     return out
 
 
@@ -501,11 +509,12 @@ def print_latency(stats: dict[str, dict[str, float]], n: int, workers: int, quie
         title_justify="left",
     )
     table.add_column("stage", style="bold")
-    for col in ("p50 s", "p95 s", "mean s", "max s"):
+    for col in ("p50 s", "p95 s", "mean s", "max s", "n"):
         table.add_column(col, justify="right")
     for key, label in STAGES:
         s = stats[key]
-        table.add_row(label, *(f"{s[c]:.3f}" for c in ("p50", "p95", "mean", "max")))
+        cells = [f"{s[c]:.3f}" if c in s else "-" for c in ("p50", "p95", "mean", "max")]
+        table.add_row(label, *cells, str(int(s["n"])))
     console.print(table)
 
 

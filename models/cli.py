@@ -25,6 +25,14 @@ DEFAULT_SIZE = {Task.pneumonia: 128, Task.lungs: 256}
 DEFAULT_BATCH = {Task.pneumonia: 32, Task.lungs: 4}
 
 
+class Split(StrEnum):
+    """Which part of a `val/` folder to score (`models.data.split_validation`)."""
+
+    all = "all"
+    adapt = "adapt"
+    report = "report"
+
+
 def _quiet_tf() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -55,24 +63,55 @@ def train(
     warmup_size: Annotated[
         int | None, typer.Option(help="lungs: train first at this smaller size")
     ] = None,
+    adapt: Annotated[
+        Path | None,
+        typer.Option(help="pneumonia: val/ dir to fine-tune on (adapt half); needs --init-weights"),
+    ] = None,
+    init_weights: Annotated[
+        Path | None, typer.Option(help="pneumonia --adapt: weights dir to start from")
+    ] = None,
+    adapt_oversample: Annotated[
+        int, typer.Option(help="--adapt: repeat adapt-fit images this many times per pass")
+    ] = 15,
+    steps_per_epoch: Annotated[
+        int, typer.Option(help="--adapt: batches between early-stopping checks")
+    ] = 50,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="default 1e-3, or 1e-4 with --adapt")
+    ] = None,
+    patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 5,
 ) -> None:
     """Train a model reproducibly (fixed seed) and write weights + metadata to OUT."""
     _quiet_tf()
     from models.train import (
+        AdaptSettings,
         TrainSettings,
+        adapt_classifier,
         train_classifier,
         train_segmenter,
     )
 
+    if (adapt is None) != (init_weights is None) or (adapt and task is not Task.pneumonia):
+        raise typer.BadParameter("--adapt and --init-weights go together, for pneumonia only")
     settings = TrainSettings(
         input_size=input_size or DEFAULT_SIZE[task],
         epochs=epochs,
         batch_size=batch_size or DEFAULT_BATCH[task],
         seed=seed,
         time_budget_s=time_budget_min * 60 if time_budget_min else math.inf,
+        learning_rate=learning_rate or (1e-4 if adapt else 1e-3),
+        patience=patience,
         version=version,
     )
-    if task is Task.pneumonia:
+    if adapt is not None and init_weights is not None:
+        meta = adapt_classifier(
+            data,
+            adapt,
+            out,
+            settings,
+            AdaptSettings(init_weights, adapt_oversample, steps_per_epoch),
+        )
+    elif task is Task.pneumonia:
         meta = train_classifier(
             data, out, settings, backbone=backbone, backbone_weights=backbone_weights
         )
@@ -98,6 +137,10 @@ def evaluate(
         bool, typer.Option(help="lungs: only the images the model's metadata lists as held out")
     ] = False,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for 95% CIs")] = 2000,
+    split: Annotated[
+        Split,
+        typer.Option(help="pneumonia: score all of DATA, or only its adapt/report half (val/)"),
+    ] = Split.all,
 ) -> None:
     """Evaluate a model on a labelled folder; metrics with bootstrap 95% CIs."""
     _quiet_tf()
@@ -108,7 +151,13 @@ def evaluate(
     )
 
     if task is Task.pneumonia:
-        report = evaluate_classifier_dir(data, weights, n_boot=bootstrap, show_progress=True)
+        report = evaluate_classifier_dir(
+            data,
+            weights,
+            n_boot=bootstrap,
+            show_progress=True,
+            split=None if split is Split.all else split.value,
+        )
     else:
         report = evaluate_segmenter_dir(
             data, weights, holdout_only=holdout, n_boot=bootstrap, show_progress=True

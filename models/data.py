@@ -116,6 +116,49 @@ def split_by_patient(
     return fit, tune
 
 
+#: Seed of the `val/` adapt/report split; changing it changes which images a card reports on.
+VAL_SPLIT_SEED = 20240715
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """`val/` cut by patient into a target-domain part we may learn from and one we report on.
+
+    `val/` is the developers' half of the source test set, i.e. the domain the model is
+    judged in. Adapting to it is legitimate only if the numbers we publish come from images
+    that took no part in training or in any choice: `report` is that part. `adapt_select`
+    is a patient-level slice of `adapt` for early stopping, temperature and threshold, so
+    that nothing is chosen on `report` either.
+    """
+
+    adapt_fit: list[LabelledImage]
+    adapt_select: list[LabelledImage]
+    report: list[LabelledImage]
+
+    @property
+    def adapt(self) -> list[LabelledImage]:
+        return self.adapt_fit + self.adapt_select
+
+
+def split_validation(
+    items: Sequence[LabelledImage],
+    *,
+    report_fraction: float = 0.5,
+    select_fraction: float = 0.4,
+    seed: int = VAL_SPLIT_SEED,
+) -> ValidationSplit:
+    """Patient-level, per-class, seeded split of `val/` items (see `ValidationSplit`).
+
+    Pass the listing of the whole `val/` folder *without* deduplication (as evaluation
+    reads a folder) so that the training and evaluation commands see the same patients on
+    each side; a subset of the folder would be split differently (the file lists are
+    recorded in the model metadata).
+    """
+    adapt, report = split_by_patient(items, report_fraction, seed)
+    adapt_fit, adapt_select = split_by_patient(adapt, select_fraction, seed + 1)
+    return ValidationSplit(adapt_fit, adapt_select, report)
+
+
 def class_weights(labels: Sequence[int]) -> dict[int, float]:
     """Inverse-frequency weights (mean 1): train is 26% NORMAL, so NORMAL errors count more."""
     counts = np.bincount(np.asarray(labels), minlength=len(CLASS_NAMES))

@@ -6,7 +6,7 @@ exactly what the workers will run, preprocessing included.
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -39,13 +39,20 @@ def evaluate_classifier_dir(
     n_boot: int = 2000,
     show_progress: bool = False,
     limit_per_class: int | None = None,
+    split: Literal["adapt", "report"] | str | None = None,
 ) -> dict[str, Any]:
     """Metrics (with 95% bootstrap CIs) and calibration on `data_dir/{NORMAL,PNEUMONIA}`.
 
-    No deduplication here: an evaluation folder is scored as given, every file once.
+    No deduplication here: an evaluation folder is scored as given, every file once. With
+    `split`, only that half of the folder's patient-level `data_mod.split_validation`.
     """
     clf = load_classifier(weights_dir)
     items = data_mod.list_classification(data_dir, deduplicate=False)
+    if split is not None:
+        parts = data_mod.split_validation(items)
+        if split not in ("adapt", "report"):
+            raise ValueError(f"unknown split {split!r}")
+        items = parts.adapt if split == "adapt" else parts.report
     if limit_per_class is not None:
         items = [it for c in (0, 1) for it in [i for i in items if i.label == c][:limit_per_class]]
     scores = []
@@ -63,6 +70,7 @@ def evaluate_classifier_dir(
     report["calibration"] = {"brier": cal.brier, "ece": cal.ece, "reliability": cal.table}
     report["threshold"] = clf.threshold
     report["model"] = {"name": clf.name, "version": clf.version}
+    report["split"] = split or "all"
     return report
 
 

@@ -2,6 +2,8 @@
 
 Only `train/` data is used for fitting and for every choice made during training (early
 stopping, learning-rate drops, temperature, decision threshold); `val/` is for reporting.
+The second stage, `adapt_classifier`, also learns from the `adapt` half of `val/` (the test
+domain) and then reports on the other half only (`data.split_validation`).
 """
 
 import math
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from models import data as data_mod
-from models.architectures import build_classifier, build_unet
+from models.architectures import build_classifier, build_from_metadata, build_unet
 from models.evaluate import choose_threshold, fit_temperature
 from models.losses import dice_bce_loss, dice_metric
 from models.registry import (
@@ -26,6 +28,7 @@ from models.registry import (
     SEGMENTER_NAME,
     ModelMetadata,
     load_weights,
+    metadata_path,
     save_weights,
     write_model,
 )
@@ -219,6 +222,160 @@ def train_classifier(
         },
     )
     return write_model(model, meta, out_dir)
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """Stage 2: fine-tune shipped weights towards the test domain (`val/` adapt part)."""
+
+    init_weights: Path
+    oversample: int = 15
+    steps_per_epoch: int = 50
+
+
+def _temperature_and_threshold(
+    model: Any, items: Sequence[data_mod.LabelledImage], size: int, bs: int
+) -> tuple[float, float]:
+    """Temperature (min NLL), then Youden threshold on the calibrated P(pneumonia)."""
+    ds = data_mod.classification_dataset(items, size, bs, training=False)
+    logits = _logits(model, ds)
+    labels = np.array([it.label for it in items])
+    temperature = fit_temperature(logits, labels)
+    scaled = logits / temperature
+    probs = np.exp(scaled - scaled.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return temperature, choose_threshold(probs[:, 1], labels)
+
+
+def adapt_classifier(
+    train_dir: Path,
+    adapt_dir: Path,
+    out_dir: Path,
+    settings: TrainSettings,
+    adapt: AdaptSettings,
+    *,
+    tune_fraction: float = 0.15,
+) -> ModelMetadata:
+    """Fine-tune a trained classifier on train fit ∪ val adapt-fit (oversampled).
+
+    The train fit/tune split is the one stage 1 used (same seed), so tune images stay
+    unseen. Early stopping, the temperature and the threshold are chosen on `adapt_select`
+    (target domain, patient-level slice of the adapt half); the report half of `val/` is
+    never read here except to record its file names.
+    """
+    configure_runtime(settings.seed)
+    init_meta = ModelMetadata.read(metadata_path(adapt.init_weights, CLASSIFIER_NAME))
+    model = build_from_metadata(init_meta.task, init_meta.input_size, init_meta.architecture)
+    load_weights(model, adapt.init_weights / init_meta.weights_file, init_meta.weights_sha256)
+    size, bs = init_meta.input_size, settings.batch_size
+
+    items = data_mod.list_classification(train_dir)
+    fit_items, tune_items = data_mod.split_by_patient(items, tune_fraction, settings.seed)
+    val = data_mod.split_validation(data_mod.list_classification(adapt_dir, deduplicate=False))
+    mixed = fit_items + val.adapt_fit * adapt.oversample
+    weights = data_mod.class_weights([it.label for it in mixed])
+    console.print(
+        f"train fit {len(fit_items)} + adapt-fit {len(val.adapt_fit)} x{adapt.oversample}; "
+        f"select {len(val.adapt_select)}; report {len(val.report)} (not used); "
+        f"class weights {weights}"
+    )
+    train_ds = data_mod.classification_dataset(mixed, size, bs, training=True, seed=settings.seed)
+    select_ds = data_mod.classification_dataset(val.adapt_select, size, bs, training=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+    )
+    budget = TimeBudget(settings.time_budget_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint.weights.npz"
+    save_weights(model, checkpoint)  # epoch 0: the initial weights compete too
+    start_loss = float(model.evaluate(select_ds, verbose=0)[0])
+    console.print(f"select loss of the initial weights {start_loss:.4f}")
+    best = Checkpoint(checkpoint, "val_loss", "min")
+    best.best = start_loss
+    history = model.fit(
+        train_ds,
+        epochs=settings.epochs,
+        steps_per_epoch=adapt.steps_per_epoch,
+        validation_data=select_ds,
+        class_weight=weights,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience),
+            best,
+            budget,
+            RichProgress(adapt.steps_per_epoch, settings.epochs),
+        ],
+        verbose=0,
+        shuffle=False,
+    )
+    load_weights(model, checkpoint)
+    select_losses = [start_loss] + [float(v) for v in history.history["val_loss"]]
+    temperature, threshold = _temperature_and_threshold(model, val.adapt_select, size, bs)
+    console.print(f"temperature {temperature:.3f}, threshold {threshold:.3f}")
+
+    def names(part: Sequence[data_mod.LabelledImage]) -> list[str]:
+        return [f"{data_mod.CLASS_NAMES[it.label]}/{it.path.name}" for it in part]
+
+    training_data = _summary(train_dir, fit_items, tune_items)
+    training_data["adapt"] = {
+        "source": f"{adapt_dir.parent.name}/{adapt_dir.name}",
+        "split": "by patient, per class (models.data.split_validation)",
+        "seed": data_mod.VAL_SPLIT_SEED,
+        "oversample": adapt.oversample,
+        **{
+            part: {
+                "counts": _counts(items_),
+                "patients": len({it.patient for it in items_}),
+                "files": names(items_),
+            }
+            for part, items_ in (
+                ("adapt_fit", val.adapt_fit),
+                ("adapt_select", val.adapt_select),
+                ("report", val.report),
+            )
+        },
+    }
+    meta = ModelMetadata(
+        name=CLASSIFIER_NAME,
+        version=settings.version,
+        task="classification",
+        input_size=size,
+        architecture=init_meta.architecture,
+        class_names=init_meta.class_names,
+        decision_threshold=threshold,
+        temperature=temperature,
+        weights_file="",
+        weights_sha256="",
+        weights_dtype="float32",
+        training_data=training_data,
+        training={
+            "stage1": init_meta.training,
+            "stage2": {
+                "init_weights": f"{init_meta.name} {init_meta.version} "
+                f"(sha256 {init_meta.weights_sha256})",
+                "seed": settings.seed,
+                "batch_size": bs,
+                "optimizer": "adam",
+                "learning_rate": settings.learning_rate,
+                "steps_per_epoch": adapt.steps_per_epoch,
+                "epochs_run": len(select_losses) - 1,
+                "max_epochs": settings.epochs,
+                "best_epoch": int(np.argmin(select_losses)),
+                "select_losses": select_losses,
+                "early_stopping_patience": settings.patience,
+                "time_budget_exhausted": budget.exhausted,
+                "class_weights": {str(k): v for k, v in weights.items()},
+                "augmentation": _augmentation(),
+                "chosen_on": "adapt_select (early stopping, temperature, threshold)",
+            },
+        },
+    )
+    return write_model(model, meta, out_dir)
+
+
+def _counts(items: Sequence[data_mod.LabelledImage]) -> dict[str, int]:
+    return {c: sum(it.label == i for it in items) for i, c in enumerate(data_mod.CLASS_NAMES)}
 
 
 def _augmentation() -> dict[str, Any]:

@@ -49,3 +49,31 @@ def test_evaluate_lungs_json(lungs_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"dice", "iou", "n"} <= report.keys() and report["n"] == 2
+
+
+def test_evaluate_pneumonia_report_split_scores_only_the_report_half(pneumonia_dir: Path) -> None:
+    """The split is defined on the whole `val/` folder (a subset would split differently)."""
+    result = CliRunner().invoke(
+        app,
+        [
+            *("evaluate", "pneumonia", "--data", str(pneumonia_dir / "val")),
+            *("--split", "report", "--json", "--bootstrap", "20"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["split"] == "report"
+    # 59 NORMAL + 88 PNEUMONIA images (108 patients) of the 310 in val/.
+    assert report["n"] == 147
+    assert sum(report["confusion_matrix"][0]) == 59
+
+
+def test_train_adapt_needs_init_weights(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train", "pneumonia", "--data", str(tmp_path)),
+            *("--out", str(tmp_path), "--adapt", str(tmp_path)),
+        ],
+    )
+    assert result.exit_code != 0

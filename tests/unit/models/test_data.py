@@ -129,3 +129,23 @@ def test_lungs_holdout_is_fixed(lungs_dir: Path) -> None:
     held = data.lungs_holdout(items)
     assert len(held) == 7
     assert held == {items[i].image.name for i in range(2, len(items), 5)}
+
+
+def test_validation_split_is_patient_level_disjoint_and_fixed(pneumonia_dir: Path) -> None:
+    items = data.list_classification(pneumonia_dir / "val", deduplicate=False)
+    parts = data.split_validation(items)
+    sides = [parts.adapt_fit, parts.adapt_select, parts.report]
+    patients = [{i.patient for i in side} for side in sides]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert patients[a].isdisjoint(patients[b])
+    assert sorted(map(str, (i.path for s in sides for i in s))) == sorted(
+        str(i.path) for i in items
+    )
+    assert all({i.label for i in side} == {0, 1} for side in sides)
+    # About half of each class's patients is kept for reporting.
+    for label in (0, 1):
+        total = len({i.patient for i in items if i.label == label})
+        held = len({i.patient for i in parts.report if i.label == label})
+        assert abs(held - total / 2) <= 1
+    assert data.split_validation(items) == parts
