@@ -188,6 +188,23 @@ class Pipeline:
                 ).all()
             sent = 0
             for row in due:
+                # Record the send first (so a fast worker's claim can never hide it), and
+                # take it back if the broker refuses the message.
+                stamp = utcnow()
+                with self.sessions.begin() as session:
+                    claimed = session.execute(
+                        update(Study)
+                        .where(
+                            Study.id == row.id,
+                            Study.version == row.version,
+                            Study.status == StudyStatus.QUEUED,
+                            Study.queued_at.is_(None),
+                        )
+                        .values(queued_at=stamp, lease_until=None)
+                        .returning(Study.id)
+                    ).first()
+                if claimed is None:
+                    continue
                 try:
                     self.celery.send_task(
                         PROCESS_STUDY, args=[row.id, row.version], queue=queue_for(row.priority)
@@ -198,17 +215,13 @@ class Pipeline:
                         row.study_instance_uid,
                         exc,
                     )
-                    break
-                with self.sessions.begin() as session:
-                    session.execute(
-                        update(Study)
-                        .where(
-                            Study.id == row.id,
-                            Study.version == row.version,
-                            Study.status == StudyStatus.QUEUED,
+                    with self.sessions.begin() as session:
+                        session.execute(
+                            update(Study)
+                            .where(Study.id == row.id, Study.queued_at == stamp)
+                            .values(queued_at=None)
                         )
-                        .values(queued_at=utcnow(), lease_until=None)
-                    )
+                    break
                 sent += 1
                 log.info(
                     "study queued study_uid=%s queue=%s",

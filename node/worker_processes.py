@@ -78,7 +78,10 @@ class WorkerProcesses:
             self._thread.join(timeout=5)
         for proc in self.processes:
             if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # Celery warm shutdown: finish the task
+                # Only the Celery parent: it stops its pool after the current task (warm
+                # shutdown). Signalling the whole group would kill the pool child, and
+                # Celery would start a replacement (importing TensorFlow) mid-shutdown.
+                proc.send_signal(signal.SIGTERM)
         for proc in self.processes:
             if proc is None:
                 continue
