@@ -27,12 +27,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+#: Library warnings that quote DICOM values (patient names, dates): never shown or logged.
+#: highdicom warns "The string "<PatientName>" is unlikely to represent ... a person name".
+_VALUE_QUOTING_WARNINGS = (
+    r"The string .* is unlikely to represent the intended person name",
+    r"Invalid value for VR",
+    r"The value length .* exceeds the maximum length",
+)
+
+
+def silence_value_warnings() -> None:
+    """Drop warnings that would copy attribute values (possibly PHI) into logs.
+
+    The node and the workers validate what they need themselves; pydicom's
+    reading validation is switched off in both (see node.ingest.scp).
+    """
+    import warnings
+
+    for pattern in _VALUE_QUOTING_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    silence_value_warnings()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

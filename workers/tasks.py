@@ -35,6 +35,13 @@ def process_study(study_id: int, version: int) -> str:
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _warm_up(**_: object) -> None:
     """Load the models when a worker process starts, not when its first study arrives."""
+    from pydicom import config as pydicom_config
+
+    from node.logs import silence_value_warnings
+
+    # As in the node: no library warning may carry a patient attribute into the log.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    silence_value_warnings()
     try:
         processor = _processor()
         processor.runner.classifier  # noqa: B018 - loading is the point

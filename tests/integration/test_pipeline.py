@@ -25,7 +25,7 @@ from node.config import load_settings
 from node.db.models import Finding, Priority, Study, StudyStatus
 from node.runtime import Node
 from tests.conftest import node_config
-from tests.dicomgen import cxr_from_jpeg
+from tests.dicomgen import Patient, cxr_from_jpeg
 from tests.nodes import write_config
 from tests.peers import dcmsend, storescu
 
@@ -150,6 +150,13 @@ def test_chest_xray_end_to_end_matches_the_model(
     assert len(lungs) == 1 and lungs[0].lung_area_px and lungs[0].lung_area_px > 0.05 * pixels.size
     assert lungs[0].lung_area_mm2 == pytest.approx(lungs[0].lung_area_px * 0.7 * 0.7)
     assert done.queued_at and done.started_at and done.finished_at and done.completed_at
+
+    # The workers' logs (TensorFlow, Celery, pydicom, highdicom and ours) carry no PHI.
+    worker_logs = "".join(p.read_text() for p in (node.store.data_dir / "logs").glob("*.log"))
+    assert "study done" in worker_logs
+    patient = Patient()
+    for value in (patient.name, patient.name.split("^")[0], patient.patient_id, patient.birth_date):
+        assert value not in worker_logs, f"PHI value {value!r} in a worker log"
 
 
 def _priority_run(node: Node, shared_data: Path, tmp_path: Path) -> None:
