@@ -134,6 +134,19 @@ class Study(Base):
         Index("ix_studies_worklist", "priority", "key_score", "last_received_at"),
         Index("ix_studies_accession_number", "accession_number"),
         Index("ix_studies_patient_id", "patient_id"),
+        # The worklist fingerprint (polled by every open worklist) reads max() of these.
+        *(
+            Index(f"ix_studies_{column}", column)
+            for column in (
+                "last_received_at",
+                "completed_at",
+                "queued_at",
+                "started_at",
+                "finished_at",
+                "read_at",
+                "reviewed_at",
+            )
+        ),
     )
 
 
