@@ -1,8 +1,14 @@
 """The shipped weights: integrity, size limit, and scores on fixed slices of held-out data.
 
-The slices are `val/` (never used for training or tuning) and the lung hold-out listed in
-the metadata; the bounds sit below the measured values in the model cards, with room for
-the small-sample noise of 40 and 4 images.
+The slices are the first 20 NORMAL and 20 PNEUMONIA files of `val/` by sorted name, and
+the lung hold-out listed in the metadata; the bounds sit below the measured values in the
+model cards, with room for the small-sample noise of 40 and 4 images.
+
+Since pneumonia-triage 1.1.0 was fine-tuned on the adapt half of `val/`
+(`models.data.split_validation`), the 40-image slice is no longer unseen: 18 of its images
+are in adapt-fit (trained on), 11 in adapt-select (early stopping, temperature, threshold)
+and only 11 in the report half. These tests check integrity and regressions, not
+generalisation; the card's val-report numbers are the honest ones.
 """
 
 from pathlib import Path
@@ -38,6 +44,8 @@ def test_classifier_on_fixed_val_slice(val_slice: Path) -> None:
     report = evaluate_classifier_dir(val_slice, n_boot=50)
     assert report["n"] == 40
     # 1.0.0 measured: AUC 0.9925, accuracy 0.80, sensitivity 1.0, specificity 0.60, Brier 0.077.
+    # 1.1.0 measured: AUC 1.0, accuracy 0.975, specificity 0.95, Brier 0.037, but 29 of the
+    # 40 images were in its adapt part (module docstring), so the bounds stay where they were.
     assert report["auc"] >= 0.90
     assert report["accuracy"] >= 0.70
     assert report["sensitivity"] >= 0.90
