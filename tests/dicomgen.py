@@ -22,6 +22,38 @@ class Patient:
     birth_date: str = "19530817"
 
 
+def _instance(
+    sop_class_uid: str,
+    *,
+    sop_instance_uid: str,
+    study_uid: str,
+    series_uid: str,
+    patient: Patient,
+    accession: str,
+    study_time: str,
+    study_description: str,
+) -> Dataset:
+    """File meta, SOP common, patient and general study modules shared by the builders."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = "O"
+    ds.AccessionNumber = accession
+    ds.StudyDate = "20261125"
+    ds.StudyTime = study_time
+    ds.StudyDescription = study_description
+    return ds
+
+
 def ct_instance(
     study_uid: str,
     series_uid: str,
@@ -32,24 +64,17 @@ def ct_instance(
     accession: str = "ACC0001",
     sop_instance_uid: str | None = None,
 ) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     uid = sop_instance_uid or generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, str(number)])
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = patient.name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = patient.birth_date
-    ds.PatientSex = "O"
-    ds.AccessionNumber = accession
-    ds.StudyDate = "20261125"
-    ds.StudyTime = "101500"
-    ds.StudyDescription = "CT CHEST"
+    ds = _instance(
+        CTImageStorage,
+        sop_instance_uid=uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient=patient,
+        accession=accession,
+        study_time="101500",
+        study_description="CT CHEST",
+    )
     ds.Modality = "CT"
     ds.BodyPartExamined = "CHEST"
     ds.SeriesNumber = 1
@@ -111,23 +136,16 @@ def cxr_from_jpeg(
     study_uid = study_uid or generate_uid(prefix=TEST_ROOT)
     series_uid = generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, "cxr-series"])
     uid = generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, jpeg.name])
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = patient.name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = patient.birth_date
-    ds.PatientSex = "O"
-    ds.AccessionNumber = accession
-    ds.StudyDate = "20261125"
-    ds.StudyTime = "093000"
-    ds.StudyDescription = study_description
+    ds = _instance(
+        ComputedRadiographyImageStorage,
+        sop_instance_uid=uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient=patient,
+        accession=accession,
+        study_time="093000",
+        study_description=study_description,
+    )
     ds.SeriesDescription = "PA"
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"

@@ -23,7 +23,7 @@ from node.web.api.status import node_dashboard, node_models, switch_model
 from node.web.api.worklist import WorklistParams, flag, item
 from node.web.context import Context, WebContext, client_address
 from node.web.model_catalogue import card
-from node.web.studies import Mark, mark, study_detail
+from node.web.studies import Mark, mark_and_audit, study_detail
 from node.worklist import worklist_fingerprint, worklist_page
 
 router = APIRouter(include_in_schema=False)
@@ -194,15 +194,15 @@ def study_page(study_uid: str, user: auth.User, ctx: Context, request: Request) 
 def mark_study(
     study_uid: str, what: Mark, user: auth.User, ctx: Context, request: Request
 ) -> RedirectResponse:
-    with ctx.sessions.begin() as session:
-        if not mark(session, study_uid, what, user.name):
-            raise HTTPException(404, "no such study")
-    ctx.audit.record(
-        user.name,
-        f"study.{what}",
-        study_instance_uid=study_uid,
+    if not mark_and_audit(
+        ctx.sessions,
+        ctx.audit,
+        study_uid,
+        what=what,
+        user_name=user.name,
         client_address=client_address(request),
-    )
+    ):
+        raise HTTPException(404, "no such study")
     return RedirectResponse(f"/studies/{study_uid}", status_code=303)
 
 

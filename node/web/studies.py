@@ -10,10 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Export, Finding, Instance, Priority, Series, Study
 from node.db.types import utcnow
+from node.web.audit import AuditTrail
 
 Mark = Literal["read", "reviewed"]
 OverlayKind = Literal["mask", "heatmap"]
@@ -176,6 +177,28 @@ def mark(session: Session, study_instance_uid: str, what: Mark, user_name: str) 
         study.reviewed_at, study.reviewed_by = now, user_name
         if study.read_at is None:
             study.read_at, study.read_by = now, user_name
+    return True
+
+
+def mark_and_audit(
+    sessions: sessionmaker[Session],
+    audit: AuditTrail,
+    study_instance_uid: str,
+    *,
+    what: Mark,
+    user_name: str,
+    client_address: str | None,
+) -> bool:
+    """Mark the study (see :func:`mark`) and record who did it in the audit trail."""
+    with sessions.begin() as session:
+        if not mark(session, study_instance_uid, what, user_name):
+            return False
+    audit.record(
+        user_name,
+        f"study.{what}",
+        study_instance_uid=study_instance_uid,
+        client_address=client_address,
+    )
     return True
 
 

@@ -9,7 +9,14 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from node.web import auth
 from node.web.context import Context, client_address
 from node.web.images import ImageUnavailable, heatmap_png, image_png, mask_png
-from node.web.studies import Mark, OverlayKind, StudyOut, instance_file, mark, overlay_file
+from node.web.studies import (
+    Mark,
+    OverlayKind,
+    StudyOut,
+    instance_file,
+    mark_and_audit,
+    overlay_file,
+)
 from node.web.studies import study_detail as read_study
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
@@ -35,15 +42,15 @@ def mark_study(
     study_uid: str, what: Mark, user: auth.User, ctx: Context, request: Request
 ) -> StudyOut:
     """Mark the study read or reviewed by the current user (shown on the worklist)."""
-    with ctx.sessions.begin() as session:
-        if not mark(session, study_uid, what, user.name):
-            raise HTTPException(404, "no such study")
-    ctx.audit.record(
-        user.name,
-        f"study.{what}",
-        study_instance_uid=study_uid,
+    if not mark_and_audit(
+        ctx.sessions,
+        ctx.audit,
+        study_uid,
+        what=what,
+        user_name=user.name,
         client_address=client_address(request),
-    )
+    ):
+        raise HTTPException(404, "no such study")
     with ctx.sessions() as session:
         study = read_study(session, study_uid)
     assert study is not None
