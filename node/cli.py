@@ -23,6 +23,8 @@ from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
+
+    from node.runtime import Node
 from node.routing.cli import app as rules_app
 from node.users.cli import app as users_app
 
@@ -102,22 +104,10 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-@app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the node: DICOM listener, study completion and web server, until Ctrl-C."""
-    from node.logs import configure_logging
-    from node.runtime import Node
+def _show_running(settings: Settings, node: Node) -> bool:
+    """Verify the listener with a C-ECHO and print where everything is; True if it answered."""
     from node.verification import c_echo
 
-    settings = _settings(config)
-    configure_logging(settings.logging.level, json_format=settings.logging.json_format)
-    node = Node(settings, config_path=config)
-    with console.status("Preparing database and starting listeners..."):
-        try:
-            node.start()
-        except (NodeError, OSError) as exc:
-            err_console.print(f"[red]error:[/red] cannot start: {exc}")
-            raise typer.Exit(1) from None
     d = settings.dicom
     echo_host = "127.0.0.1" if d.host in ("0.0.0.0", "::") else d.host  # noqa: S104
     check = c_echo(
@@ -128,9 +118,27 @@ def serve(config: ConfigOption = None) -> None:
     grid.add_column()
     grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] on {d.host}:{node.dicom.port}")
     grid.add_row("Accepts", ", ".join(str(c) for c in d.allowed_callers) or "(nobody)")
+    if node.web_url:
+        from node.users.accounts import Accounts
+
+        web = f"{node.web_url}  (worklist; REST API docs at {node.web_url}docs)"
+        if not Accounts(node.sessions).list():
+            web += "\nno accounts yet: triage-node users add NAME --role admin"
+    else:
+        web = "disabled"
+    grid.add_row("Web", web)
+    pipeline = settings.pipeline
+    if pipeline.broker_url:
+        from sqlalchemy.engine import make_url
+
+        broker = make_url(pipeline.broker_url.replace("redis://", "redis+x://", 1))
+        where = f"{broker.host or ''}:{broker.port or ''}".strip(":")
+        broker_text = f"{pipeline.broker_url.split(':', 1)[0]} at {where}"
+    else:
+        broker_text = "embedded (SQLite, no server)"
     grid.add_row(
-        "Web",
-        f"{node.web_url}healthz  (API docs {node.web_url}docs)" if node.web_url else "disabled",
+        "Pipeline",
+        f"{pipeline.workers} worker process(es) started here; broker {broker_text}",
     )
     grid.add_row(
         "Data",
@@ -153,6 +161,25 @@ def serve(config: ConfigOption = None) -> None:
         f"   then: triage-node studies",
     )
     console.print(Panel(grid, title=f"triage-node {__version__} is running", expand=False))
+    return check.ok
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: DICOM listener, study completion and web server, until Ctrl-C."""
+    from node.logs import configure_logging
+    from node.runtime import Node
+
+    settings = _settings(config)
+    configure_logging(settings.logging.level, json_format=settings.logging.json_format)
+    node = Node(settings, config_path=config)
+    with console.status("Preparing database and starting listeners..."):
+        try:
+            node.start()
+        except (NodeError, OSError) as exc:
+            err_console.print(f"[red]error:[/red] cannot start: {exc}")
+            raise typer.Exit(1) from None
+    check_ok = _show_running(settings, node)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -162,7 +189,7 @@ def serve(config: ConfigOption = None) -> None:
     finally:
         console.print("Stopping...")
         node.stop()
-    if not check.ok:
+    if not check_ok:
         raise typer.Exit(1)
 
 
