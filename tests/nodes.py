@@ -33,6 +33,34 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
+def wait_for_study(node: Any, uid: str, states: set[Any], timeout: float = 120) -> Any:
+    """Poll the node's database until study ``uid`` is in one of ``states``; show worker logs if not."""
+    from sqlalchemy import select
+
+    from node.db.models import Study
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with node.sessions() as session:
+            study = session.execute(
+                select(Study).where(Study.study_instance_uid == uid)
+            ).scalar_one_or_none()
+        if study is not None and study.status in states:
+            return study
+        time.sleep(0.1)
+    logs = "".join(p.read_text()[-3000:] for p in (node.store.data_dir / "logs").glob("*.log"))
+    raise AssertionError(f"study {uid} not in {states} after {timeout} s; worker logs:\n{logs}")
+
+
+def wait_done(node: Any, uid: str, timeout: float = 180) -> Any:
+    """Wait until the study is processed, and fail with its reason if it failed."""
+    from node.db.models import StudyStatus
+
+    study = wait_for_study(node, uid, {StudyStatus.DONE, StudyStatus.FAILED}, timeout)
+    assert study.status == StudyStatus.DONE, study.status_reason
+    return study
+
+
 def write_config(path: Path, data: dict[str, Any]) -> Path:
     import tomli_w
 

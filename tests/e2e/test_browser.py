@@ -9,7 +9,6 @@ Screenshots of the worklist and the study page go to ``test-artifacts/``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy import select
 
 from node.config import load_settings
-from node.db.models import Role, Study, StudyStatus
+from node.db.models import Role, Study
 from node.runtime import Node
 from node.users.accounts import Accounts
 from tests.conftest import node_config
 from tests.dicomgen import cxr_from_jpeg
-from tests.nodes import SHARED_DATA, write_config
+from tests.nodes import SHARED_DATA, wait_done, write_config
 from tests.peers import storescu
 
 pytestmark = pytest.mark.slow
@@ -42,20 +41,6 @@ LAUNCH_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
-
-
-def wait_done(node: Node, uid: str, timeout: float = 90) -> Study:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with node.sessions() as session:
-            study = session.execute(
-                select(Study).where(Study.study_instance_uid == uid)
-            ).scalar_one_or_none()
-        if study is not None and study.status in (StudyStatus.DONE, StudyStatus.FAILED):
-            assert study.status == StudyStatus.DONE, study.status_reason
-            return study
-        time.sleep(0.1)
-    raise AssertionError(f"study {uid} not done after {timeout} s")
 
 
 @pytest.fixture(scope="module")

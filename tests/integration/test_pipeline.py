@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from node.config import load_settings
-from node.db.models import Finding, Priority, Study, StudyStatus
+from node.db.models import Finding, Priority, StudyStatus
 from node.runtime import Node
 from tests.conftest import node_config
 from tests.dicomgen import Patient, cxr_from_jpeg
-from tests.nodes import write_config
+from tests.nodes import wait_for_study, write_config
 from tests.peers import dcmsend, storescu
 
 RULES = Path(__file__).with_name("data") / "pipeline_rules.toml"
@@ -76,20 +75,6 @@ def start_pipeline(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.stop()
 
 
-def wait_for(node: Node, uid: str, states: set[StudyStatus], timeout: float = 120) -> Study:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with node.sessions() as session:
-            study = session.execute(
-                select(Study).where(Study.study_instance_uid == uid)
-            ).scalar_one_or_none()
-        if study is not None and study.status in states:
-            return study
-        time.sleep(0.1)
-    logs = "".join(p.read_text()[-3000:] for p in (node.store.data_dir / "logs").glob("*.log"))
-    raise AssertionError(f"study {uid} not in {states} after {timeout} s; worker logs:\n{logs}")
-
-
 def pneumonia_images(shared_data: Path, n: int) -> list[Path]:
     return sorted((shared_data / "cxr-pneumonia" / "val" / "PNEUMONIA").glob("*.jpeg"))[:n]
 
@@ -127,10 +112,12 @@ def test_chest_xray_end_to_end_matches_the_model(
     broken.save_as(tmp_path / "broken.dcm")
     dcmsend(node.dicom.port, [tmp_path / "broken.dcm"])
 
-    done = wait_for(node, study_uid, {StudyStatus.DONE, StudyStatus.FAILED})
+    done = wait_for_study(node, study_uid, {StudyStatus.DONE, StudyStatus.FAILED})
     assert done.status == StudyStatus.DONE, done.status_reason
-    assert wait_for(node, tibia_uid, {StudyStatus.NOT_ROUTED}).routing_rule is None
-    failed = wait_for(node, str(broken.StudyInstanceUID), {StudyStatus.FAILED, StudyStatus.DONE})
+    assert wait_for_study(node, tibia_uid, {StudyStatus.NOT_ROUTED}).routing_rule is None
+    failed = wait_for_study(
+        node, str(broken.StudyInstanceUID), {StudyStatus.FAILED, StudyStatus.DONE}
+    )
     assert failed.status == StudyStatus.FAILED and failed.status_reason
     assert failed.attempts == 1  # unreadable pixels are not retried
 
@@ -169,9 +156,9 @@ def _priority_run(node: Node, shared_data: Path, tmp_path: Path) -> None:
     stat_path = tmp_path / "stat.dcm"
     stat_uid, _ = cxr_from_jpeg(images[20], stat_path, accession="STAT01")
     storescu(node.dicom.port, [stat_path], aet="ERSCU")
-    stat = wait_for(node, stat_uid, {StudyStatus.DONE})
+    stat = wait_for_study(node, stat_uid, {StudyStatus.DONE})
     assert stat.base_priority == Priority.STAT and stat.routing_rule == "emergency-chest"
-    finished = [wait_for(node, uid, {StudyStatus.DONE}) for uid in routine]
+    finished = [wait_for_study(node, uid, {StudyStatus.DONE}) for uid in routine]
     after_stat = [
         s
         for s in finished
@@ -224,12 +211,12 @@ def test_worker_killed_mid_task_study_finishes_once(
         paths.append(path)
     assert study_uid is not None
     storescu(node.dicom.port, paths)
-    wait_for(node, study_uid, {StudyStatus.PROCESSING}, timeout=120)
+    wait_for_study(node, study_uid, {StudyStatus.PROCESSING}, timeout=120)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
     second = worker()
     try:
-        done = wait_for(node, study_uid, {StudyStatus.DONE, StudyStatus.FAILED}, timeout=120)
+        done = wait_for_study(node, study_uid, {StudyStatus.DONE, StudyStatus.FAILED}, timeout=120)
     finally:
         os.killpg(second.pid, signal.SIGTERM)
         second.wait(timeout=60)

@@ -18,11 +18,11 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
 from node.config import load_settings
-from node.db.models import Export, ExportState, Finding, Study, StudyStatus
+from node.db.models import Export, ExportState, Finding, Study
 from node.runtime import Node
 from tests.conftest import node_config
 from tests.dicomgen import cxr_from_jpeg
-from tests.nodes import free_port, write_config
+from tests.nodes import free_port, wait_done, write_config
 from tests.peers import Orthanc, require, storescu
 
 RULES = """
@@ -103,20 +103,6 @@ def wait_exports(
     raise AssertionError(
         f"exports not settled: {[(r.kind, r.state, r.last_error) for r in rows]}\n{logs}"
     )
-
-
-def wait_done(node: Node, uid: str, timeout: float = 180) -> Study:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with node.sessions() as session:
-            study = session.execute(
-                select(Study).where(Study.study_instance_uid == uid)
-            ).scalar_one_or_none()
-        if study is not None and study.status in (StudyStatus.DONE, StudyStatus.FAILED):
-            assert study.status == StudyStatus.DONE, study.status_reason
-            return study
-        time.sleep(0.2)
-    raise AssertionError(f"study {uid} not done")
 
 
 def dciodvfy_errors(data: bytes, tmp_path: Path, name: str) -> list[str]:

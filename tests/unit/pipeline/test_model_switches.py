@@ -18,9 +18,9 @@ from node.config import Settings
 from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
 from node.db.models import Finding, Study, StudyStatus
-from node.db.types import utcnow
 from node.model_switches import disabled_models, set_enabled, switches
 from tests.conftest import node_config
+from tests.unit.pipeline.studies import queued_study
 from workers.processing import StudyProcessor
 
 
@@ -40,27 +40,6 @@ def sessions(tmp_path: Path, database_url: str) -> Iterator[sessionmaker[Session
     migrate.upgrade(engine)
     yield make_sessionmaker(engine)
     engine.dispose()
-
-
-def _queued_study(sessions: sessionmaker[Session], models: list[str]) -> int:
-    now = utcnow()
-    with sessions.begin() as session:
-        study = Study(
-            study_instance_uid="1.2.826.0.1.3680043.10.1234.78",
-            calling_ae_title="CR1",
-            status=StudyStatus.QUEUED,
-            priority=0,
-            version=1,
-            modalities="CR",
-            first_received_at=now,
-            last_received_at=now,
-            queued_at=now,
-            routing_models=models,
-            routing_series=[],
-        )
-        session.add(study)
-        session.flush()
-        return study.id
 
 
 def _processor(tmp_path: Path, sessions: sessionmaker[Session]) -> StudyProcessor:
@@ -86,7 +65,7 @@ def test_switches_record_who_and_when(sessions: sessionmaker[Session]) -> None:
 def test_only_disabled_models_routed_the_study_is_done_with_a_reason(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    study_id = _queued_study(sessions, ["pneumonia-triage"])
+    study_id = queued_study(sessions, "1.2.826.0.1.3680043.10.1234.78", ["pneumonia-triage"])
     with sessions.begin() as session:
         set_enabled(session, "pneumonia-triage", False, "admin")
     assert _processor(tmp_path, sessions).run(study_id, 1).state == "done"
@@ -101,7 +80,9 @@ def test_only_disabled_models_routed_the_study_is_done_with_a_reason(
 def test_a_disabled_model_is_dropped_and_the_others_run(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    study_id = _queued_study(sessions, ["pneumonia-triage", "lung-seg"])
+    study_id = queued_study(
+        sessions, "1.2.826.0.1.3680043.10.1234.78", ["pneumonia-triage", "lung-seg"]
+    )
     with sessions.begin() as session:
         set_enabled(session, "pneumonia-triage", False, "admin")
     processor = _processor(tmp_path, sessions)

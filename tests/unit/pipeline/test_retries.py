@@ -24,6 +24,7 @@ from node.pipeline import Pipeline
 from node.routing.store import RuleStore
 from node.storage import InstanceStore
 from tests.conftest import node_config
+from tests.unit.pipeline.studies import queued_study
 from workers.processing import StudyProcessor
 
 
@@ -59,32 +60,11 @@ def setup(tmp_path: Path, database_url: str) -> Iterator[tuple[Settings, session
     engine.dispose()
 
 
-def _queued_study(sessions: sessionmaker[Session]) -> int:
-    now = utcnow()
-    with sessions.begin() as session:
-        study = Study(
-            study_instance_uid="1.2.826.0.1.3680043.10.1234.77",
-            calling_ae_title="CT1",
-            status=StudyStatus.QUEUED,
-            priority=0,
-            version=1,
-            modalities="CR",
-            first_received_at=now,
-            last_received_at=now,
-            queued_at=now,
-            routing_models=["pneumonia-triage"],
-            routing_series=[],
-        )
-        session.add(study)
-        session.flush()
-        return study.id
-
-
 def test_transient_failures_retry_with_backoff_then_fail(
     setup: tuple[Settings, sessionmaker[Session]], tmp_path: Path
 ) -> None:
     settings, sessions = setup
-    study_id = _queued_study(sessions)
+    study_id = queued_study(sessions, "1.2.826.0.1.3680043.10.1234.77", ["pneumonia-triage"])
     processor = StudyProcessor(settings, sessions, FailingRunner())  # type: ignore[arg-type]
     # No images: the runner is never reached, the study is done with a note.
     assert processor.run(study_id, 1).state == "done"
@@ -126,7 +106,7 @@ def test_supervisor_resends_when_due_and_recovers_dead_workers(
     setup: tuple[Settings, sessionmaker[Session]], tmp_path: Path
 ) -> None:
     settings, sessions = setup
-    study_id = _queued_study(sessions)
+    study_id = queued_study(sessions, "1.2.826.0.1.3680043.10.1234.77", ["pneumonia-triage"])
     celery = RecordingCelery()
     pipeline = Pipeline(
         settings, sessions, InstanceStore(tmp_path / "var"), RuleStore(sessions), celery
