@@ -39,6 +39,44 @@ def validate_ae_title(value: str) -> str:
     return stripped
 
 
+def read_secret_file(path: Path) -> str:
+    """The stripped content of a secret file that only its owner can read.
+
+    A secret readable by the group or others is refused rather than used: the
+    admin learns of the leak before a credential does.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(
+            f"secret file {path} is readable by group or others "
+            f"(mode {mode & 0o777:o}); run: chmod 600 {path}"
+        )
+    value = path.read_text(encoding="utf-8").strip()
+    if not value:
+        raise ValueError(f"secret file {path} is empty")
+    return value
+
+
+def _from_file(section: BaseModel, field: str, file_field: str) -> None:
+    """Fill ``field`` from ``file_field`` (bypassing assignment validation, no recursion)."""
+    path = getattr(section, file_field)
+    if path is not None:
+        section.__dict__[field] = read_secret_file(path)
+
+
+#: Keys whose values are secrets: refused when written in the TOML file itself.
+SECRET_KEYS: tuple[tuple[str, str], ...] = (
+    ("web", "secret_key"),
+    ("privacy", "pseudonym_key"),
+    ("cluster", "token"),
+)
+#: Keys holding URLs that are secrets only when they carry a password.
+URL_KEYS: tuple[tuple[str, str], ...] = (("database", "url"), ("pipeline", "broker_url"))
+
+
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 
 
@@ -90,6 +128,40 @@ class AllowedCaller(_Section):
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+#: BCP 195 / PS3.15 B.9 "non-downgrading" profile: forward-secret AEAD suites only.
+DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM"
+
+
+class TlsFiles(_Section):
+    """Certificate material of one TLS endpoint (PEM; keys must not be group/world-readable)."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA bundle that verifies the peer (clients of a server with mutual TLS; servers for a client).
+    ca_certificates: Path | None = None
+    minimum_version: TlsVersion = "TLSv1.2"
+    ciphers: str = DEFAULT_CIPHERS
+
+
+class DicomTlsSettings(TlsFiles):
+    """DICOM TLS for the SCP."""
+
+    enabled: bool = False
+    #: The TLS listener's port (2762 is the registered "dicom-tls" port).
+    port: int = Field(default=2762, ge=1, le=65535)
+    #: Mutual TLS: refuse callers without a certificate signed by ca_certificates.
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomTlsSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("dicom.tls needs certificate and private_key when enabled")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
 class DicomSettings(_Section):
     """The DICOM listener (C-ECHO/C-STORE SCP)."""
 
@@ -107,9 +179,17 @@ class DicomSettings(_Section):
         ]
     )
     maximum_associations: int = Field(default=32, ge=1)
+    #: At most this many associations at once from one calling AE title (0: no own limit).
+    max_associations_per_caller: int = Field(default=8, ge=0)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=120.0, gt=0)
+    #: Largest instance accepted; a larger one is refused (0xA700) and the association aborted.
+    max_instance_bytes: int = Field(default=2_147_483_648, ge=1)
+    #: DICOM TLS (PS3.15 B.2) listener beside, or instead of, the plain one.
+    tls: DicomTlsSettings = Field(default_factory=DicomTlsSettings)
+    #: Keep the plain (unencrypted) listener on ``port``; false: TLS only.
+    plain: bool = True
 
     @field_validator("ae_title")
     @classmethod
@@ -164,9 +244,16 @@ class DatabaseSettings(_Section):
     """SQLAlchemy database URL; empty means SQLite at ``<data_dir>/triage-node.db``."""
 
     url: str = ""
+    #: A file holding the URL (it carries the password; must not be group/world-readable).
+    url_file: Path | None = None
     #: Run Alembic migrations to head when the node starts (embedded mode).
     auto_upgrade: bool = True
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _secret(self) -> DatabaseSettings:
+        _from_file(self, "url", "url_file")
+        return self
 
 
 class WebSettings(_Section):
@@ -177,10 +264,29 @@ class WebSettings(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
     #: A login lasts this long after the last request (sliding expiry of the session cookie).
     session_minutes: int = Field(default=480, ge=1)
-    #: Key that signs session cookies. Empty: a random key kept in <data_dir>/web-secret (0600).
+    #: Key that signs session cookies (a secret: environment or secret_key_file only).
+    #: Neither set: a random key kept in <data_dir>/web-secret (0600).
     secret_key: str = ""
-    #: Send the session cookie only over HTTPS (set when a TLS proxy is in front).
+    secret_key_file: Path | None = None
+    #: Send the session cookie only over HTTPS. Always on when tls_certificate is set.
     secure_cookies: bool = False
+    #: Serve HTTPS with this certificate and key (PEM). Not set: plain HTTP (behind a TLS proxy).
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_minimum_version: TlsVersion = "TLSv1.2"
+    tls_ciphers: str = DEFAULT_CIPHERS
+    #: Prometheus metrics at /metrics (no login; restrict with the firewall or cluster.token).
+    metrics: bool = True
+
+    @model_validator(mode="after")
+    def _secret(self) -> WebSettings:
+        _from_file(self, "secret_key", "secret_key_file")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key are set together")
+        if self.tls_certificate is not None:
+            self.__dict__["secure_cookies"] = True
+        return self
+
     #: Studies per worklist page.
     page_size: int = Field(default=50, ge=1, le=500)
     #: How often an open worklist asks whether anything changed, in seconds.
@@ -219,10 +325,27 @@ class PipelineSettings(_Section):
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
     #: How long a worker holds a study; a dead worker's study is handed out again after it.
     lease_seconds: float = Field(default=600.0, gt=0)
+    #: A file holding broker_url (when it carries a password).
+    broker_url_file: Path | None = None
+    #: Back-pressure: with this many studies queued or processing, new C-STOREs are
+    #: answered 0xA702 (out of resources) until the backlog drains. 0: no limit.
+    max_backlog_studies: int = Field(default=5000, ge=0)
+
+    @model_validator(mode="after")
+    def _secret(self) -> PipelineSettings:
+        _from_file(self, "broker_url", "broker_url_file")
+        return self
 
 
 OutputKind = Literal["seg", "sr", "sc"]
 OUTPUT_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "sc")
+
+
+class DestinationTls(TlsFiles):
+    """TLS towards a destination."""
+
+    #: Check that the destination's certificate names ``host``.
+    check_hostname: bool = True
 
 
 class Destination(_Section):
@@ -240,6 +363,11 @@ class Destination(_Section):
     retry_for_seconds: float = Field(default=86_400.0, gt=0)
     #: Our calling AE title towards this destination (default: dicom.ae_title).
     calling_ae_title: AETitle | None = None
+    #: De-identify what is sent (PS3.15 Basic Profile, pseudonyms keyed by privacy.pseudonym_key).
+    deidentify: bool = False
+    #: DICOM TLS towards this destination; ca_certificates verifies it, certificate and
+    #: private_key are our client certificate for mutual TLS.
+    tls: DestinationTls | None = None
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -275,6 +403,66 @@ class ExportSettings(_Section):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+class RetentionSettings(_Section):
+    """How long received images are kept (findings, results metadata and audit stay)."""
+
+    #: Purge a study's received instances this many days after it was last received
+    #: and processed (0: keep forever).
+    instances_days: int = Field(default=0, ge=0)
+    #: Purge quarantined files after this many days (0: keep forever).
+    quarantine_days: int = Field(default=30, ge=0)
+    #: How often the purge runs, in minutes.
+    check_interval_minutes: float = Field(default=60.0, gt=0)
+
+
+class PrivacySettings(_Section):
+    """De-identification for destinations with ``deidentify = true``."""
+
+    #: Key of the keyed hash (HMAC-SHA256) that makes pseudonyms consistent across studies.
+    #: A secret: from the environment or pseudonym_key_file only.
+    pseudonym_key: str = ""
+    pseudonym_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secret(self) -> PrivacySettings:
+        _from_file(self, "pseudonym_key", "pseudonym_key_file")
+        return self
+
+
+class ClusterSettings(_Section):
+    """Node, web and workers on separate hosts (production topology)."""
+
+    #: Shared secret that workers and the web role present to the node's internal
+    #: HTTP API (DICOMweb WADO-RS, result upload). A secret: environment or token_file.
+    token: str = ""
+    token_file: Path | None = None
+    #: Base URL of the node (DICOM role) HTTP service, e.g. "http://node:8080".
+    #: Used by workers and the web role when they cannot see the node's storage.
+    node_url: str = ""
+
+    @model_validator(mode="after")
+    def _secret(self) -> ClusterSettings:
+        _from_file(self, "token", "token_file")
+        return self
+
+
+class WorkerSettings(_Section):
+    """A worker process (``triage-node worker``)."""
+
+    #: Where a worker reads instances and writes results: "shared" (the node's data_dir
+    #: is mounted here), "dicomweb" (fetch from cluster.node_url, upload results), or
+    #: "auto" (shared when the data_dir holds the node's instances, else dicomweb).
+    storage: Literal["auto", "shared", "dicomweb"] = "auto"
+    #: Local cache of fetched instances (empty: <data_dir>/worker-cache), bounded in size.
+    cache_dir: Path | None = None
+    cache_max_bytes: int = Field(default=2_147_483_648, ge=0)
+    #: Health and metrics HTTP endpoint of the worker (/healthz, /readyz, /metrics); 0: off.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=9100, ge=0, le=65535)
+    #: TensorFlow threads per worker process (0: the cores divided by the concurrency).
+    tf_threads: int = Field(default=0, ge=0)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -304,6 +492,10 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -312,6 +504,16 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _pseudonym_key(self) -> Settings:
+        needing = [d.name for d in self.destinations if d.deidentify]
+        if needing and not self.privacy.pseudonym_key:
+            raise ValueError(
+                f"destinations {', '.join(needing)} de-identify: set privacy.pseudonym_key "
+                "(TRIAGE_NODE_PRIVACY__PSEUDONYM_KEY or privacy.pseudonym_key_file)"
+            )
         return self
 
     def destination(self, name: str) -> Destination | None:
@@ -381,9 +583,43 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if path is not None:
         data, text = tomldoc.load(path)
         source = str(path)
+    if data is not None:
+        inline = _inline_secrets(data)
+        if inline:
+            raise ConfigError(
+                source,
+                [tomldoc.describe(source, text, loc, msg) for loc, msg in inline],
+            )
     cls: type[Settings] = type("FileSettings", (Settings,), {"toml_document": data})
     try:
         return cls(**overrides)
     except ValidationError as exc:
         problems = [tomldoc.describe(source, text, err["loc"], err["msg"]) for err in exc.errors()]
         raise ConfigError(source, problems) from None
+
+
+def _inline_secrets(data: dict[str, Any]) -> list[tuple[tuple[str, str], str]]:
+    """Secrets written into the configuration file itself (refused: files get copied)."""
+    found = []
+    for section, key in SECRET_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if value:
+            found.append(
+                (
+                    (section, key),
+                    "a secret may not be written in the configuration file; set "
+                    f"TRIAGE_NODE_{section.upper()}__{key.upper()} or {key}_file "
+                    "(a file only its owner can read)",
+                )
+            )
+    for section, key in URL_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and re.match(r"^[a-z0-9+.-]+://[^/@]*:[^/@]+@", value, re.I):
+            found.append(
+                (
+                    (section, key),
+                    "this URL carries a password; set it in "
+                    f"TRIAGE_NODE_{section.upper()}__{key.upper()} or {key}_file instead",
+                )
+            )
+    return found

@@ -119,3 +119,45 @@ def test_example_config_documents_every_key(example_config: Path) -> None:
         k for k in _keys(Settings) if k not in documented and k.split(".")[-1] not in commented
     }
     assert not missing, f"config.example.toml lacks: {sorted(missing)}"
+
+
+def test_secret_in_config_file_is_refused_with_its_line(tmp_path: Path) -> None:
+    """Secrets come from the environment or owner-only files, never the (copied) TOML file."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[web]\nport = 8081\nsecret_key = "abc"\n\n[database]\n'
+        'url = "postgresql+psycopg://triage:hunter2@db/triage"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = str(info.value)
+    assert "line 3: web.secret_key" in text
+    assert "line 6: database.url" in text and "password" in text
+    assert "hunter2" not in text
+
+
+def test_secret_file_must_be_owner_only(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    path = tmp_path / "c.toml"
+    path.write_text(f'[cluster]\ntoken_file = "{secret}"\n')
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_settings(path)
+    secret.chmod(0o600)
+    assert load_settings(path).cluster.token == "s3cret"
+
+
+def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIAGE_NODE_PRIVACY__PSEUDONYM_KEY", "k" * 32)
+    assert load_settings().privacy.pseudonym_key == "k" * 32
+
+
+def test_deidentifying_destination_needs_pseudonym_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[destinations]]\nname = "RESEARCH"\nae_title = "R"\nhost = "10.0.0.1"\n'
+        "port = 104\ndeidentify = true\n"
+    )
+    with pytest.raises(ConfigError, match="pseudonym_key"):
+        load_settings(path)
