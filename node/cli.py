@@ -20,6 +20,7 @@ from models.cli import app as model_app
 from node import __version__
 from node.config import Settings, load_settings
 from node.errors import ConfigError, NodeError
+from node.retention_cli import app as retention_app
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +49,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(exports_app, name="exports")
 # models.cli imports TensorFlow only inside its commands, so this stays cheap.
 app.add_typer(model_app, name="model")
+app.add_typer(retention_app, name="retention")
 app.add_typer(rules_app, name="rules")
 app.add_typer(users_app, name="users")
 

@@ -25,6 +25,7 @@ from node.export.exporter import Exporter
 from node.ingest.callers import CallerPolicy
 from node.ingest.scp import DicomServer, StoreSCP
 from node.pipeline import Pipeline, PipelineSupervisor
+from node.retention import Retention, RetentionMonitor
 from node.routing.store import RuleStore
 from node.storage import InstanceStore
 from node.worker_processes import WorkerProcesses
@@ -69,6 +70,8 @@ class Node:
             self.sessions, known_destinations=[d.name for d in settings.destinations]
         )
         self.exporter = Exporter(settings, self.sessions, self.store)
+        retention = Retention(settings.retention, self.sessions, self.store)
+        self.retention = RetentionMonitor(retention) if retention.enabled else None
         self.pipeline: Pipeline | None = None
         self.supervisor: PipelineSupervisor | None = None
         self.workers: WorkerProcesses | None = None
@@ -114,6 +117,8 @@ class Node:
         if self.supervisor is not None:
             self.supervisor.start()
         self.exporter.start()
+        if self.retention is not None:
+            self.retention.start()
         if self.settings.web.enabled:
             self._web = WebServer(self)
             self._web.start()
@@ -122,6 +127,8 @@ class Node:
         if self._web is not None:
             self._web.stop()
         self.completion.stop()
+        if self.retention is not None:
+            self.retention.stop()
         self.exporter.stop()
         self.dicom.stop()
         if self.supervisor is not None:

@@ -127,6 +127,11 @@ class Study(Base):
     reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reviewed_by: Mapped[str | None] = mapped_column(String(64))
 
+    # -- retention ----------------------------------------------------------------------
+    #: When the retention policy deleted the received instance files (findings, results
+    #: metadata and the audit trail stay).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
     __table_args__ = (
@@ -194,6 +199,8 @@ class Instance(Base):
     study_version: Mapped[int] = mapped_column(Integer)
     #: Further copies received after the first (kept once, counted here).
     duplicate_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: When the retention policy deleted the file at ``path`` (the row stays).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -213,6 +220,8 @@ class QuarantinedInstance(Base):
     reason: Mapped[str] = mapped_column(Text)
     path: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: When the retention policy deleted the quarantined file (the row stays).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Finding(Base):

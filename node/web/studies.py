@@ -31,6 +31,8 @@ class InstanceOut(_Out):
     rows: int | None
     columns: int | None
     number_of_frames: int | None
+    #: When the retention policy deleted the image file (None: still stored).
+    purged_at: datetime | None = None
     has_mask: bool = False
     has_heatmap: bool = False
 
@@ -88,6 +90,8 @@ class StudyOut(_Out):
     version: int
     first_received_at: datetime
     finished_at: datetime | None
+    #: When the retention policy deleted the received images (findings stay).
+    purged_at: datetime | None = None
     routing_rule: str | None
     rule_set_version: int | None
     key_finding: str | None
@@ -151,6 +155,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyOut | None:
         version=study.version,
         first_received_at=study.first_received_at,
         finished_at=study.finished_at,
+        purged_at=study.purged_at,
         routing_rule=study.routing_rule,
         rule_set_version=study.rule_set_version,
         key_finding=study.key_finding,

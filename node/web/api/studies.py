@@ -76,6 +76,8 @@ def instance_image(
         rel = instance_file(session, study_uid, sop_uid)
     if rel is None:
         raise HTTPException(404, "no such instance in this study")
+    if not ctx.store.exists(rel):
+        raise HTTPException(410, "image no longer stored (retention policy)")
     try:
         body = image_png(ctx.store.path(rel), frame)
     except ImageUnavailable as exc:

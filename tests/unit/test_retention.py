@@ -1,0 +1,252 @@
+"""Retention: received images purged when old and finished; findings, rows and audit stay.
+
+A real node (SQLite and PostgreSQL) receives instances over DICOM (storescu); the
+purge runs at a chosen ``now`` days ahead instead of waiting for days to pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+from typer.testing import CliRunner
+
+from node.cli import app as cli_app
+from node.db.models import (
+    AuditEvent,
+    Export,
+    ExportState,
+    Finding,
+    Instance,
+    QuarantinedInstance,
+    Role,
+    Study,
+    StudyStatus,
+)
+from node.db.types import utcnow
+from node.retention import AUDIT_USER, Retention
+from node.runtime import Node
+from node.users.accounts import Accounts
+from node.web.app import create_app
+from tests.dicomgen import Patient, write_series
+from tests.nodes import SHARED_DATA, write_config
+from tests.peers import raw_store, storescu
+
+PATIENT = Patient(name="Retention^Rosalind", patient_id="PID-RET-4711", birth_date="19610203")
+LATER = timedelta(days=8)
+
+
+def _receive(node: Node, tmp_path: Path, name: str, count: int = 3) -> str:
+    uid, files = write_series(tmp_path / name, count, patient=PATIENT)
+    result = storescu(node.dicom.port, files)
+    assert result.returncode == 0, result.stderr
+    return uid
+
+
+def _set_status(node: Node, uid: str, status: StudyStatus) -> None:
+    with node.sessions.begin() as session:
+        session.execute(update(Study).where(Study.study_instance_uid == uid).values(status=status))
+
+
+def _files(node: Node, uid: str) -> list[Path]:
+    with node.sessions() as session:
+        paths = session.scalars(
+            select(Instance.path).join(Study).where(Study.study_instance_uid == uid)
+        ).all()
+    return [node.store.path(p) for p in paths]
+
+
+@pytest.fixture
+def node(start_node: Callable[..., Node], database_url: str) -> Node:
+    return start_node(database_url, retention={"instances_days": 7, "quarantine_days": 30})
+
+
+def test_finished_old_study_loses_files_and_keeps_rows_findings_and_audit(
+    node: Node, tmp_path: Path
+) -> None:
+    uid = _receive(node, tmp_path, "a")
+    _set_status(node, uid, StudyStatus.DONE)
+    with node.sessions.begin() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        session.add(
+            Finding(
+                study_id=study.id,
+                study_version=study.version,
+                model_name="pneumonia-triage",
+                model_version="1.1.0",
+                kind="classification",
+                label="PNEUMONIA",
+                probability=0.9,
+                created_at=utcnow(),
+            )
+        )
+    files = _files(node, uid)
+    assert len(files) == 3 and all(f.is_file() for f in files)
+    size = sum(f.stat().st_size for f in files)
+    retention = Retention(node.settings.retention, node.sessions, node.store)
+
+    # Not yet old enough: nothing happens.
+    assert retention.run().studies == []
+    assert all(f.is_file() for f in files)
+
+    report = retention.run(now=utcnow() + LATER)
+    assert [s.study_instance_uid for s in report.studies] == [uid]
+    assert report.instances == 3
+    assert report.studies[0].bytes == size
+    assert not any(f.exists() for f in files)
+    assert not (node.store.instances_dir / uid).exists(), "empty study folder left behind"
+
+    with node.sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        assert study.purged_at is not None
+        assert study.patient_id == PATIENT.patient_id  # the catalogue row stays
+        instances = session.scalars(select(Instance).where(Instance.study_id == study.id)).all()
+        assert len(instances) == 3 and all(i.purged_at is not None for i in instances)
+        assert session.scalars(select(Finding).where(Finding.study_id == study.id)).one()
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "retention.purge")
+        ).all()
+    assert [(e.user_name, e.study_instance_uid) for e in events] == [(AUDIT_USER, uid)]
+    detail = events[0].detail or ""
+    assert "instances=3" in detail
+    for phi in (PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, "Retention"):
+        assert phi not in detail
+
+    # A second run finds nothing more to do.
+    assert retention.run(now=utcnow() + LATER).studies == []
+
+
+@pytest.mark.parametrize(
+    "status",
+    [StudyStatus.RECEIVING, StudyStatus.COMPLETE, StudyStatus.QUEUED, StudyStatus.PROCESSING],
+)
+def test_unfinished_studies_are_kept(node: Node, tmp_path: Path, status: StudyStatus) -> None:
+    uid = _receive(node, tmp_path, "b", count=1)
+    _set_status(node, uid, status)
+    report = Retention(node.settings.retention, node.sessions, node.store).run(now=utcnow() + LATER)
+    assert report.studies == []
+    assert all(f.is_file() for f in _files(node, uid))
+
+
+def test_pending_delivery_holds_the_files_until_delivered(node: Node, tmp_path: Path) -> None:
+    uid = _receive(node, tmp_path, "c", count=1)
+    _set_status(node, uid, StudyStatus.FAILED)
+    with node.sessions.begin() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        instance = session.scalars(select(Instance).where(Instance.study_id == study.id)).one()
+        now = utcnow()
+        session.add(
+            Export(
+                study_id=study.id,
+                study_version=study.version,
+                destination="PACS",
+                kind="original",
+                sop_instance_uid=instance.sop_instance_uid,
+                sop_class_uid=instance.sop_class_uid,
+                path=instance.path,
+                state=ExportState.PENDING,
+                created_at=now,
+                retry_started_at=now,
+            )
+        )
+    retention = Retention(node.settings.retention, node.sessions, node.store)
+    assert retention.run(now=utcnow() + LATER).studies == []
+    assert all(f.is_file() for f in _files(node, uid))
+
+    with node.sessions.begin() as session:
+        session.execute(update(Export).values(state=ExportState.DELIVERED))
+    assert [s.study_instance_uid for s in retention.run(now=utcnow() + LATER).studies] == [uid]
+    assert not any(f.exists() for f in _files(node, uid))
+
+
+def test_dry_run_lists_and_changes_nothing(node: Node, tmp_path: Path) -> None:
+    uid = _receive(node, tmp_path, "d", count=2)
+    _set_status(node, uid, StudyStatus.NOT_ROUTED)
+    report = Retention(node.settings.retention, node.sessions, node.store).run(
+        dry_run=True, now=utcnow() + LATER
+    )
+    assert [(s.study_instance_uid, s.instances) for s in report.studies] == [(uid, 2)]
+    assert all(f.is_file() for f in _files(node, uid))
+    with node.sessions() as session:
+        assert session.scalar(select(Study.purged_at)) is None
+        assert session.scalar(select(AuditEvent.id)) is None
+
+
+def test_quarantined_files_purged_after_quarantine_days(node: Node) -> None:
+    sent = raw_store(node.dicom.port, SHARED_DATA / "dicom" / "broken" / "MR_truncated.dcm")
+    assert sent.status is not None and sent.status >= 0xA700
+    quarantined = sorted(node.store.quarantine_dir.iterdir())
+    assert {p.suffix for p in quarantined} == {".dcm", ".json"}
+    retention = Retention(node.settings.retention, node.sessions, node.store)
+
+    assert retention.run(now=utcnow() + timedelta(days=29)).quarantine_files == 0
+    report = retention.run(now=utcnow() + timedelta(days=31))
+    assert report.quarantine_files == 1
+    assert list(node.store.quarantine_dir.iterdir()) == []
+    with node.sessions() as session:
+        row = session.scalars(select(QuarantinedInstance)).one()
+        assert row.purged_at is not None
+        assert session.scalars(
+            select(AuditEvent.action).where(AuditEvent.user_name == AUDIT_USER)
+        ).all() == ["retention.quarantine"]
+
+
+def test_study_page_and_image_of_a_purged_study(node: Node, tmp_path: Path) -> None:
+    uid = _receive(node, tmp_path, "e", count=1)
+    _set_status(node, uid, StudyStatus.DONE)
+    with node.sessions() as session:
+        sop = session.scalar(select(Instance.sop_instance_uid))
+    Retention(node.settings.retention, node.sessions, node.store).run(now=utcnow() + LATER)
+    Accounts(node.sessions).add("rad", "a-long-password", Role.RADIOLOGIST)
+    with TestClient(create_app(node)) as client:
+        r = client.post("/api/session", json={"name": "rad", "password": "a-long-password"})
+        assert r.status_code == 200
+        api = client.get(f"/api/studies/{uid}")
+        assert api.status_code == 200
+        assert api.json()["purged_at"] is not None
+        assert api.json()["series"][0]["instances"][0]["purged_at"] is not None
+        page = client.get(f"/studies/{uid}")
+        assert page.status_code == 200
+        assert "purged" in page.text and f"/instances/{sop}/image.png" not in page.text
+        image = client.get(f"/api/studies/{uid}/instances/{sop}/image.png")
+        assert image.status_code == 410
+
+
+def test_runtime_starts_the_monitor_only_when_a_policy_is_set(
+    start_node: Callable[..., Node],
+) -> None:
+    assert start_node(retention={"instances_days": 0, "quarantine_days": 0}).retention is None
+    monitor = start_node(retention={"instances_days": 3}).retention
+    assert monitor is not None and monitor.interval == 3600.0
+
+
+def test_cli_dry_run_then_run(node: Node, tmp_path: Path) -> None:
+    uid = _receive(node, tmp_path, "f", count=1)
+    _set_status(node, uid, StudyStatus.DONE)
+    with node.sessions.begin() as session:
+        session.execute(update(Study).values(last_received_at=utcnow() - LATER))
+    config = write_config(
+        tmp_path / "node.toml",
+        {
+            "storage": {"data_dir": str(node.settings.storage.data_dir)},
+            "database": {"url": node.settings.database_url},
+            "retention": {"instances_days": 7},
+        },
+    )
+    runner = CliRunner()
+    args = ["retention", "run", "--json", "--config", str(config)]
+    dry = runner.invoke(cli_app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    out = json.loads(dry.output)
+    assert out["dry_run"] is True and [s["study_instance_uid"] for s in out["studies"]] == [uid]
+    assert all(f.is_file() for f in _files(node, uid))
+
+    real = runner.invoke(cli_app, args)
+    assert real.exit_code == 0, real.output
+    assert json.loads(real.output)["instances"] == 1
+    assert not any(f.exists() for f in _files(node, uid))
