@@ -1,30 +1,48 @@
-# triage-node, all-in-one CPU image: DICOM listener, web and (with the pipeline) CPU workers.
-# Build from the repository root:  docker build -f docker/node.Dockerfile -t triage-node .
-FROM python:3.11-slim-bookworm
+# triage-node: the node image for the DICOM role (listener, completion, routing, export,
+# internal DICOMweb for workers) and the web role (worklist, REST API). No TensorFlow:
+# those processes never import it (README, "Process model"); workers use
+# worker-cpu.Dockerfile or worker-gpu.Dockerfile.
+#
+#   docker build -f docker/node.Dockerfile -t triage-node:0.1.0 .
+#   docker run triage-node:0.1.0 serve --role dicom     (or --role web)
+#
+# Configuration comes from the environment (TRIAGE_NODE_<SECTION>__<KEY>) and an optional
+# TOML file (TRIAGE_NODE_CONFIG); secrets only from *_FILE settings pointing at mounted
+# secret files (mode 0600, owned by uid 10001). See docs/deployment.md.
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TRIAGE_NODE_STORAGE__DATA_DIR=/data \
-    TRIAGE_NODE_DICOM__HOST=0.0.0.0 \
-    TRIAGE_NODE_WEB__HOST=0.0.0.0
-
-RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin triage \
-    && mkdir -p /data /opt/triage-node && chown triage /data
-
-WORKDIR /opt/triage-node
-COPY pyproject.toml README.md config.example.toml ./
+# -- build: a virtual environment with the node and its dependencies ---------------------
+FROM python:3.11.9-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY node ./node
 COPY workers ./workers
 COPY models ./models
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[ml]"
-ENV PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install .
 
+# -- run -----------------------------------------------------------------------------------
+FROM python:3.11.9-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    TRIAGE_NODE_STORAGE__DATA_DIR=/data \
+    TRIAGE_NODE_DICOM__HOST=0.0.0.0 \
+    TRIAGE_NODE_DICOM__PORT=11112 \
+    TRIAGE_NODE_WEB__HOST=0.0.0.0 \
+    TRIAGE_NODE_WEB__PORT=8080 \
+    TRIAGE_NODE_PIPELINE__WORKERS=0 \
+    TRIAGE_NODE_LOGGING__JSON_FORMAT=true
+RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin triage \
+    && mkdir -p /data /etc/triage-node && chown triage:triage /data
+COPY --from=build /opt/venv /opt/venv
+COPY config.example.toml /etc/triage-node/config.example.toml
 USER triage
+WORKDIR /data
 VOLUME ["/data"]
-EXPOSE 11112 8080
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
-    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)" || exit 1
+# DICOM (plain), DICOM TLS, HTTP (DICOM role: /healthz, /metrics, internal DICOMweb;
+# web role: the worklist and API).
+EXPOSE 11112 2762 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TRIAGE_NODE_WEB__PORT', '8080'), timeout=4)"]
 ENTRYPOINT ["triage-node"]
-CMD ["serve"]
+CMD ["serve", "--role", "dicom"]

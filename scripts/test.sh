@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
 cd "$ROOT"
 
-apt_install dcmtk dicom3tools orthanc chromium
+apt_install dcmtk dicom3tools orthanc chromium docker-compose
 
 if command -v pg_ctlcluster >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
     echo "==> starting PostgreSQL"

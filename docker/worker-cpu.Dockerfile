@@ -1,0 +1,43 @@
+# triage-node worker on the CPU: Celery worker running the Keras models (tensorflow-cpu,
+# the "ml" extra). Needs no shared disk: with worker.storage = "dicomweb" it fetches
+# instances from the node by WADO-RS and uploads its results (docs/deployment.md).
+#
+#   docker build -f docker/worker-cpu.Dockerfile -t triage-node-worker:0.1.0-cpu .
+#   docker run triage-node-worker:0.1.0-cpu worker --concurrency 1
+#
+# This image also runs everything else ("serve" with pipeline.workers > 0: all in one).
+
+FROM python:3.11.9-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY node ./node
+COPY workers ./workers
+COPY models ./models
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[ml]"
+
+FROM python:3.11.9-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    CUDA_VISIBLE_DEVICES="" \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    TRIAGE_NODE_STORAGE__DATA_DIR=/data \
+    TRIAGE_NODE_WORKER__STORAGE=dicomweb \
+    TRIAGE_NODE_WORKER__HTTP_HOST=0.0.0.0 \
+    TRIAGE_NODE_WORKER__HTTP_PORT=9100 \
+    TRIAGE_NODE_LOGGING__JSON_FORMAT=true
+RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin triage \
+    && mkdir -p /data /etc/triage-node && chown triage:triage /data
+COPY --from=build /opt/venv /opt/venv
+COPY config.example.toml /etc/triage-node/config.example.toml
+USER triage
+WORKDIR /data
+# The worker's cache of fetched instances (bounded by worker.cache_max_bytes).
+VOLUME ["/data"]
+# /healthz, /readyz, /metrics of the worker.
+EXPOSE 9100
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TRIAGE_NODE_WORKER__HTTP_PORT', '9100'), timeout=4)"]
+ENTRYPOINT ["triage-node"]
+CMD ["worker", "--queues", "stat,urgent,routine", "--concurrency", "1"]

@@ -1,0 +1,45 @@
+# triage-node worker on an NVIDIA GPU. The base image brings TensorFlow built for CUDA
+# with its CUDA/cuDNN libraries; the host needs the NVIDIA driver and the NVIDIA
+# Container Toolkit (docker run --gpus all, or the compose "gpu" profile).
+#
+#   docker build -f docker/worker-gpu.Dockerfile -t triage-node-worker:0.1.0-gpu .
+#   docker run --gpus all triage-node-worker:0.1.0-gpu worker --concurrency 1
+#
+# The "ml" extra is not installed here: it would add tensorflow-cpu beside the base
+# image's GPU build. The virtual environment sees the base's TensorFlow
+# (--system-site-packages) and adds Keras 3 and the node's own dependencies.
+# One worker process per GPU, concurrency 1: the model fills the GPU, not the CPU.
+
+FROM tensorflow/tensorflow:2.18.0-gpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    TF_FORCE_GPU_ALLOW_GROWTH=true \
+    TRIAGE_NODE_STORAGE__DATA_DIR=/data \
+    TRIAGE_NODE_WORKER__STORAGE=dicomweb \
+    TRIAGE_NODE_WORKER__HTTP_HOST=0.0.0.0 \
+    TRIAGE_NODE_WORKER__HTTP_PORT=9100 \
+    TRIAGE_NODE_LOGGING__JSON_FORMAT=true
+RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin triage \
+    && mkdir -p /data /etc/triage-node /opt/triage-node && chown triage:triage /data
+WORKDIR /opt/triage-node
+COPY pyproject.toml README.md ./
+COPY node ./node
+COPY workers ./workers
+COPY models ./models
+RUN python3 -m venv --system-site-packages /opt/venv \
+    && /opt/venv/bin/pip install . "keras>=3.3" \
+    && /opt/venv/bin/python -c "import tensorflow, keras; print('tensorflow', tensorflow.__version__, 'keras', keras.__version__)" \
+    && rm -rf /opt/triage-node/build
+COPY config.example.toml /etc/triage-node/config.example.toml
+USER triage
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 9100
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TRIAGE_NODE_WORKER__HTTP_PORT', '9100'), timeout=4)"]
+ENTRYPOINT ["triage-node"]
+CMD ["worker", "--queues", "stat,urgent,routine", "--concurrency", "1"]
