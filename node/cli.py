@@ -119,6 +119,13 @@ def _show_running(settings: Settings, node: Node) -> bool:
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] on {d.host}:{node.dicom.port}")
+    if node.dicom.tls_port is not None:
+        grid.add_row(
+            "DICOM TLS",
+            f"port {node.dicom.tls_port}"
+            + ("; client certificates required" if d.tls.require_client_certificate else "")
+            + ("" if d.plain else "; TLS only (no plain listener)"),
+        )
     grid.add_row("Accepts", ", ".join(str(c) for c in d.allowed_callers) or "(nobody)")
     if node.web_url:
         from node.users.accounts import Accounts

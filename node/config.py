@@ -39,21 +39,26 @@ def validate_ae_title(value: str) -> str:
     return stripped
 
 
-def read_secret_file(path: Path) -> str:
-    """The stripped content of a secret file that only its owner can read.
+def check_owner_only(path: Path, what: str = "secret file") -> None:
+    """Raise ValueError unless ``path`` exists and only its owner can read it.
 
-    A secret readable by the group or others is refused rather than used: the
-    admin learns of the leak before a credential does.
+    A secret (or private key) readable by the group or others is refused rather
+    than used: the admin learns of the leak before a credential does.
     """
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
     if mode & 0o077:
         raise ValueError(
-            f"secret file {path} is readable by group or others "
+            f"{what} {path} is readable by group or others "
             f"(mode {mode & 0o777:o}); run: chmod 600 {path}"
         )
+
+
+def read_secret_file(path: Path) -> str:
+    """The stripped content of a secret file that only its owner can read."""
+    check_owner_only(path)
     value = path.read_text(encoding="utf-8").strip()
     if not value:
         raise ValueError(f"secret file {path} is empty")

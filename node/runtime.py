@@ -141,7 +141,8 @@ class Node:
     def web_url(self) -> str | None:
         if self._web is None:
             return None
-        return f"http://{self.settings.web.host}:{self._web.port}/"
+        scheme = "https" if self.settings.web.tls_certificate is not None else "http"
+        return f"{scheme}://{self.settings.web.host}:{self._web.port}/"
 
     def __enter__(self) -> Node:
         self.start()
@@ -162,15 +163,19 @@ class WebServer:
     def __init__(self, node: Node) -> None:
         import uvicorn
 
+        from node.tls import web_server_context
         from node.web.app import create_app
 
         settings = node.settings.web
+        # Built here, not in the server thread, so a bad certificate stops the start.
+        tls_context = web_server_context(settings)
         config = uvicorn.Config(
             create_app(node),
             host=settings.host,
             port=settings.port,
             log_level="warning",
             access_log=False,
+            ssl_context_factory=None if tls_context is None else lambda *_: tls_context,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="web", daemon=True)

@@ -5,7 +5,9 @@ the object is stored. "Refused: Out of Resources" (0xA7xx), a refused or
 broken association and a timeout are temporary: try again later. Any other
 failure (0xA9xx data set does not match SOP class, 0xCxxx cannot understand,
 0x0122 SOP class not supported, ...) is permanent: sending the same bytes
-again cannot succeed, so we do not retry in a loop.
+again cannot succeed, so we do not retry in a loop. With ``destination.tls`` the
+association runs over DICOM TLS (PS3.15 B.2); a failed handshake is temporary
+and its delivery detail says why (e.g. "TLS certificate verify failed: ...").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from node import tls
 from node.config import Destination
 
 log = logging.getLogger(__name__)
@@ -66,17 +69,23 @@ def send(
     """Send ``items`` over one association; one :class:`Delivery` per item, in order."""
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    syntaxes: dict[str, list[str]] = {}
-    for item in items:
-        tsuid = _transfer_syntax(item.path)
-        wanted = syntaxes.setdefault(item.sop_class_uid, [])
-        for ts in (tsuid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts and ts not in wanted:
-                wanted.append(ts)
-    for sop_class, tsuids in list(syntaxes.items())[:128]:
+    for sop_class, tsuids in list(_requested_syntaxes(items).items())[:128]:
         ae.add_requested_context(sop_class, tsuids)
+    context: tls.ClientContext | None = None
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        if destination.tls is not None:
+            context = tls.client_context(
+                destination.tls, what=f"destination {destination.name} tls"
+            )
+    except tls.TlsError as exc:
+        # The admin may fix the files while the delivery waits: retry, do not give up.
+        ae.shutdown()
+        return [Delivery(Outcome.TEMPORARY, None, str(exc))] * len(items)
+    tls_args = None if context is None else (context, destination.host)
+    try:
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
     except Exception as exc:  # DNS errors and the like
         ae.shutdown()
         return [Delivery(Outcome.TEMPORARY, None, f"cannot connect: {exc}")] * len(items)
@@ -84,9 +93,12 @@ def send(
         if assoc.is_rejected:
             return [Delivery(Outcome.TEMPORARY, None, "association rejected")] * len(items)
         if not assoc.is_established:
-            return [
-                Delivery(Outcome.TEMPORARY, None, "no association (refused, aborted or timed out)")
-            ] * len(items)
+            # A TLS failure (untrusted certificate, our client certificate refused)
+            # is temporary too: certificates get fixed; the reason tells the admin what.
+            detail = (context.failure if context is not None else None) or (
+                "no association (refused, aborted or timed out)"
+            )
+            return [Delivery(Outcome.TEMPORARY, None, detail)] * len(items)
         accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
         results: list[Delivery] = []
         for item in items:
@@ -105,6 +117,18 @@ def send(
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def _requested_syntaxes(items: Sequence[Item]) -> dict[str, list[str]]:
+    """Per SOP class: each file's own transfer syntax, then the uncompressed ones."""
+    syntaxes: dict[str, list[str]] = {}
+    for item in items:
+        tsuid = _transfer_syntax(item.path)
+        wanted = syntaxes.setdefault(item.sop_class_uid, [])
+        for ts in (tsuid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts and ts not in wanted:
+                wanted.append(ts)
+    return syntaxes
 
 
 def _store(assoc: Any, item: Item) -> Delivery:

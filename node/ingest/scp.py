@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from pydicom import config as pydicom_config
 from pynetdicom import (
@@ -27,6 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined,unuse
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from node import tls
 from node.catalog import Catalog
 from node.config import DicomSettings
 from node.errors import NodeError, RejectedInstance
@@ -59,6 +61,38 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+
+class TlsAssociationServer(NoDelayAssociationServer):
+    """The DICOM TLS listener (PS3.15 B.2): the handshake runs in the connection's thread.
+
+    pynetdicom's own ``ssl_context`` wraps accepted sockets in the accept loop, so
+    one caller that connects and never speaks would stall every other TLS caller.
+    Here the accept loop only accepts; each connection's thread does the
+    handshake, bounded by the ACSE timeout, and a failed one is logged and closed.
+    """
+
+    tls_context: ssl.SSLContext
+    handshake_timeout: float
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        assert isinstance(request, socket.socket)
+        address = client_address[0] if isinstance(client_address, tuple) else client_address
+        try:
+            request.settimeout(self.handshake_timeout)
+            secured = self.tls_context.wrap_socket(request, server_side=True)
+            secured.settimeout(None)
+        except (OSError, ValueError) as exc:
+            reason = tls.describe(exc) if isinstance(exc, OSError) else str(exc)
+            log.warning("TLS connection refused address=%s reason=%s", address, reason)
+            self.shutdown_request(request)
+            return
+        log.debug("TLS connection address=%s version=%s", address, secured.version())
+        super().process_request_thread(secured, client_address)
 
 
 class _UidLocks:
@@ -287,8 +321,11 @@ class StoreSCP:
 _DUPLICATE = -1
 
 
+_Server = TypeVar("_Server", bound=ThreadedAssociationServer)
+
+
 class DicomServer:
-    """Owns the pynetdicom AE and its listening socket."""
+    """Owns the pynetdicom AE and its listeners: plain on ``port``, DICOM TLS on ``tls.port``."""
 
     def __init__(self, settings: DicomSettings, scp: StoreSCP) -> None:
         configure_pynetdicom()
@@ -306,33 +343,65 @@ class DicomServer:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self._server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self._tls_server: TlsAssociationServer | None = None
+        self._threads: list[threading.Thread] = []
 
     @property
     def port(self) -> int:
+        """The plain listener's port (the configured one when ``dicom.plain`` is false)."""
         if self._server is None:
             return self.settings.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS listener's port, or None when TLS is off."""
+        if not self.settings.tls.enabled:
+            return None
+        if self._tls_server is None:
+            return self.settings.tls.port
+        return int(self._tls_server.server_address[1])
+
     def start(self) -> None:
-        server = self.ae.make_server(
-            (self.settings.host, self.settings.port),
-            evt_handlers=self.scp.handlers(),
-            server_class=NoDelayAssociationServer,
+        """Start the listeners; a TLS certificate problem raises :class:`TlsError` first."""
+        tls_settings = self.settings.tls
+        context = tls.dicom_server_context(tls_settings) if tls_settings.enabled else None
+        if self.settings.plain:
+            self._server = self._listen(self.settings.port, NoDelayAssociationServer)
+        if context is not None:
+            server = self._listen(tls_settings.port, TlsAssociationServer)
+            server.tls_context = context
+            server.handshake_timeout = self.settings.acse_timeout
+            self._tls_server = server
+        for name, listener in (("dicom-scp", self._server), ("dicom-scp-tls", self._tls_server)):
+            if listener is not None:
+                thread = threading.Thread(target=listener.serve_forever, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        log.info(
+            "DICOM SCP listening ae_title=%s host=%s port=%s tls_port=%s mutual_tls=%s",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port if self._server is not None else "off",
+            self.tls_port if self._tls_server is not None else "off",
+            tls_settings.enabled and tls_settings.require_client_certificate,
+        )
+
+    def _listen(self, port: int, server_class: type[_Server]) -> _Server:
+        server = cast(
+            _Server,
+            self.ae.make_server(
+                (self.settings.host, port),
+                evt_handlers=self.scp.handlers(),
+                server_class=server_class,
+            ),
         )
         # Registered like AE.start_server() does, so AE.shutdown() closes it too.
         self.ae._servers.append(server)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True)
-        self._thread.start()
-        log.info(
-            "DICOM SCP listening ae_title=%s host=%s port=%d",
-            self.settings.ae_title,
-            self.settings.host,
-            self.port,
-        )
+        return server
 
     def stop(self) -> None:
-        self.ae.shutdown()  # shuts down and closes our server, then active associations
+        self.ae.shutdown()  # shuts down and closes our servers, then active associations
         self._server = None
+        self._tls_server = None
         self.scp.close()
