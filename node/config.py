@@ -196,6 +196,14 @@ class DicomSettings(_Section):
     #: Keep the plain (unencrypted) listener on ``port``; false: TLS only.
     plain: bool = True
 
+    @model_validator(mode="after")
+    def _some_listener(self) -> DicomSettings:
+        if not self.plain and not self.tls.enabled:
+            raise ValueError("plain = false needs dicom.tls.enabled (no listener otherwise)")
+        if self.tls.enabled and self.plain and self.tls.port == self.port:
+            raise ValueError("dicom.tls.port and dicom.port must differ")
+        return self
+
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:

@@ -189,6 +189,22 @@ def test_certificate_problems_stop_the_start(pki: Pki, tmp_path: Path) -> None:
             node.engine.dispose()
 
 
+def test_listener_settings_refused(tmp_path: Path) -> None:
+    from node.config import load_settings
+    from node.errors import ConfigError
+
+    cases = {
+        "plain = false needs dicom.tls.enabled": "[dicom]\nplain = false\n",
+        "must differ": "[dicom]\nport = 2762\n[dicom.tls]\nenabled = true\n"
+        'certificate = "a.pem"\nprivate_key = "a.key"\n',
+    }
+    for expected, text in cases.items():
+        path = tmp_path / "node.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=expected):
+            load_settings(path)
+
+
 def test_export_over_tls_to_orthanc(pki: Pki, tmp_path: Path) -> None:
     """Orthanc's DICOM TLS requires our client certificate (mutual TLS)."""
     orthanc = Orthanc(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port())
