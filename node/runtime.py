@@ -23,6 +23,7 @@ from node.db.engine import make_engine, make_sessionmaker
 from node.errors import NodeError
 from node.export.exporter import Exporter
 from node.ingest.callers import CallerPolicy
+from node.ingest.limits import BacklogGauge, IngestLimits, count_backlog
 from node.ingest.scp import DicomServer, StoreSCP
 from node.pipeline import Pipeline, PipelineSupervisor
 from node.retention import Retention, RetentionMonitor
@@ -64,6 +65,10 @@ class Node:
             store=self.store,
             catalog=self.catalog,
             callers=CallerPolicy(settings.dicom.allowed_callers, settings.dicom.ae_title),
+            limits=IngestLimits.from_settings(settings.dicom),
+            backlog=BacklogGauge(
+                settings.pipeline.max_backlog_studies, count_backlog(self.sessions)
+            ),
         )
         self.dicom = DicomServer(settings.dicom, self.scp)
         self.rules = RuleStore(

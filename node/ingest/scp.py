@@ -6,16 +6,20 @@ PS3.4 B.2.3: the instance is on disk and in the catalogue before Success goes ou
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import socket
 import ssl
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -23,7 +27,9 @@ from pynetdicom import (
     _config,
     evt,
 )
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined,unused-ignore]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,10 +37,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from node import tls
 from node.catalog import Catalog
 from node.config import DicomSettings
-from node.errors import NodeError, RejectedInstance
+from node.errors import NodeError, OutOfResources, RejectedInstance
 from node.ingest import status
 from node.ingest.callers import CallerPolicy
 from node.ingest.inspect import InstanceHeader, inspect_instance
+from node.ingest.limits import (
+    BacklogGauge,
+    CallerSlots,
+    IngestLimits,
+    MessageSizeWatch,
+    bound_socket,
+)
 from node.storage import InstanceStore, describe
 
 log = logging.getLogger(__name__)
@@ -119,6 +132,9 @@ class StoreSCP:
     store: InstanceStore
     catalog: Catalog
     callers: CallerPolicy
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    #: Back-pressure from the pipeline; None: never refuse for backlog.
+    backlog: BacklogGauge | None = None
     _locks: _UidLocks = field(default_factory=_UidLocks)
     _tallies: dict[int, _AssociationTally] = field(default_factory=dict)
     #: Writes instance files while association threads run the catalogue statements.
@@ -126,36 +142,80 @@ class StoreSCP:
         default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-write")
     )
 
+    def __post_init__(self) -> None:
+        self._slots = CallerSlots(self.limits.max_associations_per_caller)
+        self._sizes = MessageSizeWatch(self.limits.max_instance_bytes)
+
     def handlers(self) -> list[Any]:
         return [
+            (evt.EVT_CONN_OPEN, self.on_connection_open),
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_PDU_RECV, self.on_pdu),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_RELEASED, self.on_finished),
             (evt.EVT_ABORTED, self.on_finished),
+            (evt.EVT_REJECTED, self.on_finished),
+            (evt.EVT_CONN_CLOSE, self.on_finished),
         ]
 
     # -- association ----------------------------------------------------------------
+    def on_connection_open(self, event: evt.Event) -> None:
+        bound_socket(event.assoc, self.limits)
+
     def on_requested(self, event: evt.Event) -> None:
         """Reject unknown callers before negotiation (PS3.8 9.3.4: calling AE not recognised)."""
         requestor = event.assoc.requestor
         # The requestor's ae_title is only filled in during negotiation; read the request.
         primitive = requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
-        if self.callers.admits(calling, requestor.address):
-            log.info("association requested calling_ae=%s address=%s", calling, requestor.address)
-            self._tallies[id(event.assoc)] = _AssociationTally()
+        if not self.callers.admits(calling, requestor.address):
+            log.warning(
+                "association rejected calling_ae=%s address=%s reason=calling AE not allowed",
+                calling,
+                requestor.address,
+            )
+            # rejected-permanent, service-user, calling-AE-title-not-recognized
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()
             return
-        log.warning(
-            "association rejected calling_ae=%s address=%s reason=calling AE not allowed",
-            calling,
-            requestor.address,
+        if not self._slots.acquire(event.assoc, calling):
+            log.warning(
+                "association rejected calling_ae=%s address=%s reason=more than %d "
+                "associations from this caller",
+                calling,
+                requestor.address,
+                self.limits.max_associations_per_caller,
+            )
+            # rejected-transient, service-provider (presentation), local-limit-exceeded
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
+            return
+        log.info("association requested calling_ae=%s address=%s", calling, requestor.address)
+        self._tallies[id(event.assoc)] = _AssociationTally()
+
+    def on_pdu(self, event: evt.Event) -> None:
+        """Abort an association whose DIMSE message grows past ``max_instance_bytes``.
+
+        Checked per P-DATA-TF PDU as it arrives, so the instance is never buffered whole.
+        """
+        pdu = event.pdu
+        if not isinstance(pdu, P_DATA_TF) or event.assoc.is_aborted:
+            return  # PDUs still in flight after our A-ABORT are dropped by the DUL (Sta13)
+        values = [item.presentation_data_value or b"" for item in pdu.presentation_data_value_items]
+        size = self._sizes.add(event.assoc, values)
+        if size is None:
+            return
+        sop_class, sop_instance = _command_uids(event.assoc)
+        self._record_too_large(
+            size, event.assoc.requestor.ae_title.strip(), sop_class, sop_instance
         )
-        # rejected-permanent, service-user, calling-AE-title-not-recognized
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-        event.assoc.kill()
+        event.assoc.abort()  # in a notification handler: queued, sent by the reactor
 
     def on_finished(self, event: evt.Event) -> None:
+        """Released, aborted, rejected or disconnected: whichever comes first frees the slot."""
+        self._slots.release(event.assoc)
+        self._sizes.forget(event.assoc)
         tally = self._tallies.pop(id(event.assoc), None)
         if tally is not None:
             log.info(
@@ -170,7 +230,7 @@ class StoreSCP:
     def on_echo(self, event: evt.Event) -> int:
         return status.SUCCESS
 
-    def on_store(self, event: evt.Event) -> int:
+    def on_store(self, event: evt.Event) -> int | Dataset:
         """Persist the bytes as received, then acknowledge (PS3.4 B.2.3). Never raises."""
         tally = self._tallies.setdefault(id(event.assoc), _AssociationTally())
         calling = event.assoc.requestor.ae_title.strip()
@@ -178,9 +238,26 @@ class StoreSCP:
         assert isinstance(request, C_STORE)
         sop_class = str(request.AffectedSOPClassUID or "")
         sop_instance = str(request.AffectedSOPInstanceUID or "")
+        if self.backlog is not None and self.backlog.over_limit():
+            tally.failed += 1
+            log.warning(
+                "refused sop_instance_uid=%s reason=pipeline backlog of %d studies",
+                sop_instance,
+                self.backlog.backlog(),
+            )
+            return _refusal(
+                OutOfResources(
+                    status.OUT_OF_RESOURCES_BACKLOG,
+                    "pipeline backlog over limit, retry later",
+                    sop_instance,
+                )
+            )
         data = b""
         try:
             data = event.encoded_dataset(include_meta=True)
+            if len(data) > self.limits.max_instance_bytes:
+                tally.failed += 1
+                return _refusal(self._record_too_large(len(data), calling, sop_class, sop_instance))
             result = self._store(data, calling, sop_class, sop_instance)
         except Exception:
             # A bug must not take the listener down, nor lose the data: quarantine it.
@@ -274,6 +351,46 @@ class StoreSCP:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
+    def _record_too_large(
+        self, size: int, calling: str, sop_class: str, sop_instance: str
+    ) -> OutOfResources:
+        """Keep a record of a refused oversized instance: the reason, never its bytes."""
+        exc = OutOfResources(
+            status.OUT_OF_RESOURCES_DISK,
+            f"instance of {size}+ bytes exceeds dicom.max_instance_bytes "
+            f"({self.limits.max_instance_bytes})",
+            sop_instance,
+        )
+        log.warning(
+            "refused calling_ae=%s sop_instance_uid=%s status=0x%04X reason=%s",
+            calling,
+            sop_instance,
+            exc.status,
+            exc.reason,
+        )
+        record = {
+            "calling_ae_title": calling,
+            "sop_class_uid": sop_class,
+            "sop_instance_uid": sop_instance,
+            "status": exc.status,
+            "reason": exc.reason,
+            "size_bytes": size,
+        }
+        try:
+            rel = _write_refusal(self.store, record)
+            self.catalog.record_quarantine(
+                calling_ae_title=calling,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                status=exc.status,
+                reason=exc.reason,
+                path=rel,
+                size_bytes=size,
+            )
+        except (NodeError, SQLAlchemyError) as rexc:
+            log.error("cannot record refusal sop_instance_uid=%s error=%s", sop_instance, rexc)
+        return exc
+
     def _quarantine(
         self,
         data: bytes,
@@ -319,6 +436,34 @@ class StoreSCP:
 
 #: Internal marker: stored before, answered as Success.
 _DUPLICATE = -1
+
+
+def _refusal(exc: RejectedInstance) -> Dataset:
+    """A C-STORE response status with the reason as Error Comment (LO, 64 chars)."""
+    response = Dataset()
+    response.Status = exc.status
+    response.ErrorComment = exc.reason[:64]
+    return response
+
+
+def _write_refusal(store: InstanceStore, record: dict[str, object]) -> str:
+    """A JSON record in quarantine/ of a refusal whose bytes are not kept; its path."""
+    now = datetime.now(UTC)
+    rel = f"quarantine/{now:%Y%m%dT%H%M%S%fZ}_{secrets.token_hex(4)}.json"
+    store.write(rel, json.dumps({**record, "received_at": now.isoformat()}, indent=2).encode())
+    return rel
+
+
+def _command_uids(assoc: Association) -> tuple[str, str]:
+    """Affected SOP Class/Instance UIDs of the message being received, if its command is in."""
+    message = assoc.dimse.message
+    command = getattr(message, "command_set", None)
+    if not isinstance(command, Dataset):
+        return "", ""
+    return (
+        str(command.get("AffectedSOPClassUID", "") or ""),
+        str(command.get("AffectedSOPInstanceUID", "") or ""),
+    )
 
 
 _Server = TypeVar("_Server", bound=ThreadedAssociationServer)

@@ -11,6 +11,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES_DISK = 0xA700
 #: Out of resources because the database could not record the instance.
 OUT_OF_RESOURCES_DATABASE = 0xA701
+#: Out of resources because the pipeline is too far behind (pipeline.max_backlog_studies).
+OUT_OF_RESOURCES_BACKLOG = 0xA702
 
 #: Error: Data Set does not match SOP Class (A9xx): the dataset's SOP Class UID
 #: disagrees with the Affected SOP Class UID of the request.
@@ -30,6 +32,7 @@ DESCRIPTIONS: dict[int, str] = {
     SUCCESS: "Success",
     OUT_OF_RESOURCES_DISK: "Refused: Out of Resources (disk)",
     OUT_OF_RESOURCES_DATABASE: "Refused: Out of Resources (database)",
+    OUT_OF_RESOURCES_BACKLOG: "Refused: Out of Resources (pipeline backlog)",
     DATASET_DOES_NOT_MATCH_SOP_CLASS: "Error: Data Set does not match SOP Class",
     CANNOT_UNDERSTAND: "Error: Cannot understand",
     CANNOT_PARSE: "Error: Cannot understand (dataset cannot be parsed)",
