@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections import defaultdict
 from datetime import timedelta
@@ -10,9 +11,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Settings
+from node.config import Destination, Settings
 from node.db.models import Export
 from node.db.types import utcnow
+from node.deid import DeidentificationError, Deidentifier
 from node.export import deliveries
 from node.export.scu import Delivery, Item, Outcome, send
 from node.storage import InstanceStore
@@ -57,12 +59,7 @@ class Exporter:
                     Item(Path(self.store.path(e.path)), e.sop_class_uid, e.sop_instance_uid)
                     for e in exports
                 ]
-                results = send(
-                    destination,
-                    items,
-                    calling_ae_title=self.settings.dicom.ae_title,
-                    timeout=cfg.timeout_seconds,
-                )
+                results = self._send(destination, items)
                 retry_for = timedelta(seconds=destination.retry_for_seconds)
             with self.sessions.begin() as session:
                 for export, result in zip(exports, results, strict=True):
@@ -85,6 +82,43 @@ class Exporter:
                         result.detail,
                     )
         return len(batch)
+
+    def _send(self, destination: Destination, items: list[Item]) -> list[Delivery]:
+        """Send ``items``; for a ``deidentify`` destination, de-identified copies of them.
+
+        The copies (no PHI left in them) live in a temporary folder under the store's
+        ``tmp/`` for the duration of the association only.
+        """
+        timeout = self.settings.export.timeout_seconds
+        calling = self.settings.dicom.ae_title
+        if not destination.deidentify:
+            return send(destination, items, calling_ae_title=calling, timeout=timeout)
+        results: list[Delivery | None] = [None] * len(items)
+        try:
+            deidentifier = Deidentifier(self.settings.privacy.pseudonym_key)
+        except DeidentificationError as exc:
+            log.error("destination=%s: %s", destination.name, exc)
+            return [Delivery(Outcome.PERMANENT, None, str(exc))] * len(items)
+        with tempfile.TemporaryDirectory(prefix="deid-", dir=self.store.tmp_dir) as workdir:
+            copies: list[tuple[int, Item]] = []
+            for index, item in enumerate(items):
+                target = Path(workdir) / f"{index}.dcm"
+                try:
+                    uid = deidentifier.deidentify_file(item.path, target)
+                except DeidentificationError as exc:
+                    results[index] = Delivery(Outcome.PERMANENT, None, f"cannot de-identify: {exc}")
+                    continue
+                copies.append((index, Item(target, item.sop_class_uid, uid)))
+            if copies:
+                sent = send(
+                    destination,
+                    [copy for _, copy in copies],
+                    calling_ae_title=calling,
+                    timeout=timeout,
+                )
+                for (index, _), delivery in zip(copies, sent, strict=True):
+                    results[index] = delivery
+        return [r for r in results if r is not None]
 
     def wake(self) -> None:
         """New work was queued: look now rather than at the next interval."""

@@ -1,0 +1,163 @@
+"""De-identification: Basic Profile attributes gone, keyed pseudonyms, references kept, valid output.
+
+The SEG and SR are built by the real output code (workers.output) from a CR carrying
+distinctive identifying values, de-identified, written, and validated with dciodvfy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from node.deid import DeidentificationError, Deidentifier
+from tests.unit.output.conftest import CLASSIFIER, CTX, SEGMENTER, make_result, synthetic_cr
+from workers.output import build_report, build_segmentation
+
+KEY = "unit-test-key-6f1c2d9e"
+IDENTIFYING = {
+    "PatientName": "Zebulon^Quixotic",
+    "PatientID": "PID-987654321",
+    "PatientBirthDate": "19530817",
+    "AccessionNumber": "ACC-55501",
+    "InstitutionName": "Saint Distinctive Hospital",
+    "ReferringPhysicianName": "Referrer^Rupert",
+    "OtherPatientIDs": "OTHER-ID-24680",
+    "PatientAge": "072Y",
+    "PatientAddress": "12 Identifiable Lane",
+    "StudyDescription": "CHEST Zebulon follow-up",
+    "OperatorsName": "Operator^Olga",
+    "StudyID": "STUDY-777",
+}
+#: Dates in the source; each must be shifted (or removed), never kept.
+DATES = {"StudyDate": "20240101", "ContentDate": "20240102", "SeriesDate": "20240101"}
+
+
+def source(study: str = "study-1", patient_id: str = IDENTIFYING["PatientID"]) -> Dataset:
+    ds = synthetic_cr()
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[study])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study, "series"])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[study, "image"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in {**IDENTIFYING, **DATES, "PatientID": patient_id}.items():
+        setattr(ds, keyword, value)
+    ds.StudyTime = ds.ContentTime = "101500"  # dates shift by whole hours, with their time
+    ds.add_new(0x00090010, "LO", "ACME PRIVATE")
+    ds.add_new(0x00091001, "LO", "private-secret-value")
+    return ds
+
+
+def dciodvfy_errors(ds: Dataset, path: Path) -> set[str]:
+    ds.save_as(path, enforce_file_format=True)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return {line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")}
+
+
+def dciodvfy(ds: Dataset, path: Path) -> None:
+    errors = dciodvfy_errors(ds, path)
+    assert not errors, f"dciodvfy {path.name}: {sorted(errors)}"
+
+
+def all_values(ds: Dataset) -> str:
+    return "\n".join(str(e.value) for e in ds.iterall() if e.VR not in ("OB", "OW", "SQ"))
+
+
+def test_no_basic_profile_identifier_survives(tmp_path: Path) -> None:
+    ds = source()
+    # The synthetic CR lacks some Type 2 attributes; de-identifying must add no error.
+    before = dciodvfy_errors(ds, tmp_path / "cr-original.dcm")
+    originals = {
+        "StudyInstanceUID": ds.StudyInstanceUID,
+        "SeriesInstanceUID": ds.SeriesInstanceUID,
+        "SOPInstanceUID": ds.SOPInstanceUID,
+    }
+    ds = Deidentifier(KEY).deidentify(ds)
+    text = all_values(ds) + "\n" + all_values(ds.file_meta)
+    for keyword, value in {**IDENTIFYING, **originals}.items():
+        assert value not in text, f"{keyword} survived"
+        assert str(ds.get(keyword, "")) != value
+    for keyword in ("PatientAge", "OtherPatientIDs", "StudyDescription", "OperatorsName"):
+        assert keyword not in ds
+    assert ds.PatientBirthDate == "" and ds.PatientSex == ""
+    for keyword, value in DATES.items():
+        assert ds.get(keyword) and ds.get(keyword) != value, keyword
+    assert "private-secret-value" not in text and 0x00091001 not in ds
+    assert ds.PatientIdentityRemoved == "YES"
+    assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+    codes = [(c.CodeValue, c.CodingSchemeDesignator) for c in ds.DeidentificationMethodCodeSequence]
+    assert ("113100", "DCM") in codes
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1"  # class UIDs are not identifiers
+    assert dciodvfy_errors(ds, tmp_path / "cr.dcm") <= before
+
+
+def test_same_patient_same_key_same_pseudonyms_across_studies() -> None:
+    a, b = source("study-1"), source("study-2")
+    a = Deidentifier(KEY).deidentify(a)
+    b = Deidentifier(KEY).deidentify(b)
+    assert (a.PatientID, a.PatientName) == (b.PatientID, b.PatientName)
+    assert a.StudyInstanceUID != b.StudyInstanceUID
+    # One date offset per patient: the interval between the studies is kept.
+    assert a.StudyDate == b.StudyDate
+
+    other_key = source("study-1")
+    other_key = Deidentifier(KEY + "x").deidentify(other_key)
+    assert other_key.PatientID != a.PatientID
+    assert str(other_key.PatientName) != str(a.PatientName)
+    assert other_key.StudyInstanceUID != a.StudyInstanceUID
+
+    other_patient = source("study-3", patient_id="PID-000000001")
+    other_patient = Deidentifier(KEY).deidentify(other_patient)
+    assert other_patient.PatientID != a.PatientID
+
+
+def test_dates_shift_by_one_offset_per_patient() -> None:
+    ds = source()
+    ds = Deidentifier(KEY).deidentify(ds)
+    shift = datetime.strptime(DATES["StudyDate"], "%Y%m%d") - datetime.strptime(
+        ds.StudyDate, "%Y%m%d"
+    )
+    content = datetime.strptime(DATES["ContentDate"], "%Y%m%d") - datetime.strptime(
+        ds.ContentDate, "%Y%m%d"
+    )
+    assert shift == content and shift.days > 0
+
+
+def test_seg_and_sr_reference_the_deidentified_image_and_stay_valid(tmp_path: Path) -> None:
+    image = source()
+    result = make_result(image, 1)
+    seg = build_segmentation([result], SEGMENTER, CTX)
+    sr = build_report([result], CLASSIFIER, SEGMENTER, CTX, seg)
+    d = Deidentifier(KEY)
+    image, seg, sr = (d.deidentify(ds) for ds in (image, seg, sr))
+
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == image.StudyInstanceUID
+    assert seg.PatientID == sr.PatientID == image.PatientID
+    ref_series = seg.ReferencedSeriesSequence[0]
+    assert ref_series.SeriesInstanceUID == image.SeriesInstanceUID
+    assert ref_series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
+    source_ref = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert source_ref.SourceImageSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
+    sr_refs = {e.value for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    assert image.SOPInstanceUID in sr_refs and seg.SOPInstanceUID in sr_refs
+    for ds in (seg, sr):
+        text = all_values(ds)
+        for keyword in ("PatientName", "PatientID", "AccessionNumber", "ReferringPhysicianName"):
+            assert IDENTIFYING[keyword] not in text, keyword
+    dciodvfy(seg, tmp_path / "seg.dcm")
+    dciodvfy(sr, tmp_path / "sr.dcm")
+    back = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert back.pixel_array.astype(bool).sum() == result.lung_mask.sum()
+
+
+def test_refusals() -> None:
+    with pytest.raises(DeidentificationError, match="pseudonym_key"):
+        Deidentifier("")
+    ds = source()
+    ds.BurnedInAnnotation = "YES"
+    with pytest.raises(DeidentificationError, match="BurnedInAnnotation"):
+        ds = Deidentifier(KEY).deidentify(ds)
