@@ -350,6 +350,20 @@ def read_studies(engine: Engine) -> dict[str, StudyRecord]:
     return out
 
 
+def wait_study_status(
+    engine: Engine, uid: str, states: set[StudyStatus], timeout: float = 180
+) -> StudyRecord:
+    """Poll until study ``uid`` is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    study = None
+    while time.monotonic() < deadline:
+        study = read_studies(engine).get(uid)
+        if study is not None and study.status in states:
+            return study
+        time.sleep(0.1)
+    raise AssertionError(f"study {uid} not in {states} after {timeout} s: {study}")
+
+
 def wait_all_done(engine: Engine, uids: set[str], timeout: float = 240) -> dict[str, StudyRecord]:
     """Poll until every study in ``uids`` is done (failed ones fail the test at once)."""
     deadline = time.monotonic() + timeout
@@ -391,8 +405,8 @@ def assert_processed_once(
 ) -> None:
     """Findings of every version at most once per image, and the final version complete.
 
-    Final version: one per-image classification for each of the study's instances,
-    one study summary, and one SR plus one heatmap image per instance on disk.
+    Final version: one per-image finding of each kind for each of the study's
+    instances, one study summary (classification), and one SR plus one heatmap image per instance on disk.
     """
     ids = {}
     with engine.connect() as conn:
@@ -413,9 +427,14 @@ def assert_processed_once(
     for uid in uids:
         study = studies[uid]
         final = [f for f in findings if f.study_id == ids[uid] and f.study_version == study.version]
-        per_image = sorted(f.sop_instance_uid for f in final if f.sop_instance_uid is not None)
-        assert per_image == sorted(study.instances), f"study {uid} v{study.version} findings"
-        assert len([f for f in final if f.sop_instance_uid is None]) == 1
+        kinds = {f.kind for f in final}
+        assert "classification" in kinds, f"study {uid} v{study.version} has no findings"
+        for kind in kinds:
+            per_image = sorted(
+                f.sop_instance_uid for f in final if f.kind == kind and f.sop_instance_uid
+            )
+            assert per_image == sorted(study.instances), f"study {uid} v{study.version} {kind}"
+        assert len([f for f in final if f.sop_instance_uid is None]) == 1  # the study summary
         results = data_dir / "results" / uid / f"v{study.version}"
         assert len(list((results / "sr").glob("*.dcm"))) == 1
         assert len(list((results / "sc").glob("*.dcm"))) == len(study.instances)
