@@ -111,7 +111,7 @@ def _show_running(settings: Settings, node: Node) -> bool:
     from node.verification import c_echo
 
     d = settings.dicom
-    echo_host = "127.0.0.1" if d.host in ("0.0.0.0", "::") else d.host  # noqa: S104
+    echo_host = "127.0.0.1" if d.host in ("0.0.0.0", "::") else d.host  # noqa: S104 # nosec B104
     check = c_echo(
         echo_host, node.dicom.port, called_ae_title=d.ae_title, calling_ae_title=d.ae_title
     )

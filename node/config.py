@@ -171,7 +171,7 @@ class DicomSettings(_Section):
     """The DICOM listener (C-ECHO/C-STORE SCP)."""
 
     ae_title: AETitle = "TRIAGE"
-    host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the hospital network
+    host: str = "0.0.0.0"  # listens on the hospital network # noqa: S104 # nosec B104
     port: int = Field(default=11112, ge=1, le=65535)
     #: Largest PDU we accept. Large PDUs mean fewer, cheaper reads; 0 means unlimited.
     max_pdu_size: int = Field(default=4_194_304, ge=0)
