@@ -15,13 +15,12 @@ not-before time that the node's supervisor honours.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import secrets
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,12 +36,18 @@ from node.db.models import Finding, Instance, Priority, Series, Study, StudyStat
 from node.db.types import utcnow
 from node.export import deliveries
 from node.model_switches import disabled_models
-from node.storage import InstanceStore
 from workers.inference import ModelRunner
 from workers.output import AlgorithmInfo, ImageResult
 from workers.pixels import ImageFrame, UnreadablePixels, read_frames, robust_unit
-from workers.result_objects import ResultObject, build_objects, output_context, store_objects
+from workers.result_objects import (
+    ResultObject,
+    build_objects,
+    encode_objects,
+    output_context,
+    store_objects,
+)
 from workers.selection import selector_for
+from workers.storage import InstanceRef, StorageChooser, WorkerStorage, storage_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +77,7 @@ class _Analysis:
 @dataclass
 class _FrameResult:
     frame: ImageFrame
-    path: Path
+    source: InstanceRef
     probability: float | None = None
     present: bool = False
     heatmap: NDArray[np.float32] | None = None
@@ -88,11 +93,14 @@ class StudyProcessor:
         settings: Settings,
         sessions: sessionmaker[Session],
         runner: ModelRunner,
+        storage: StorageChooser | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.runner = runner
-        self.store = InstanceStore(settings.storage.data_dir, fsync=settings.storage.fsync)
+        #: Where instances are read and results written: worker.storage (shared disk or DICOMweb).
+        self.storage_chooser = storage or storage_from_settings(settings)
+        self.storage: WorkerStorage | None = None  # the current study's
         self.lease = timedelta(seconds=settings.pipeline.lease_seconds)
 
     # -- the whole run -----------------------------------------------------------------
@@ -166,18 +174,19 @@ class StudyProcessor:
                 .where(Instance.study_id == study_id)
                 .order_by(Series.id, Instance.instance_number, Instance.id)
             ).all()
-        paths = [
-            Path(self.store.path(r.path))
+        sources = [
+            InstanceRef(study_uid, r.series_instance_uid, r.sop_instance_uid, r.path)
             for r in rows
             if not wanted_series or r.series_instance_uid in wanted_series
         ]
+        self.storage = self.storage_chooser.for_study(sources)
         analysis = _Analysis()
         if disabled:  # an admin switched them off (node.model_switches): say so on the study
             analysis.add_note("not run, disabled by an admin: " + ", ".join(disabled))
             log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
             if not models:
                 return analysis
-        per_frame, skipped = self._select_frames(paths, models)
+        per_frame, skipped = self._select_frames(sources, models)
         if skipped:
             analysis.add_note(f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3]))
         if not per_frame:
@@ -194,31 +203,40 @@ class StudyProcessor:
             self._segment(key, per_frame, analysis)
             self._extend(study_id, owner)
         try:
-            analysis.objects = self._result_objects(results_dir, models, per_frame)
+            encoded = encode_objects(results_dir, self._result_objects(models, per_frame))
         except Exception as exc:
             # Findings stand on their own; say on the study why PACS gets no objects.
             log.exception("study_uid=%s version=%d: result objects failed", study_uid, version)
             analysis.note = f"result objects could not be built: {type(exc).__name__}: {exc}"[:2000]
+        else:
+            # Not caught: a node that cannot take the files now means "retry later".
+            analysis.objects = store_objects(self._storage(), encoded)
         return analysis
 
+    def _storage(self) -> WorkerStorage:
+        assert self.storage is not None, "storage is chosen when a study's analysis starts"
+        return self.storage
+
     def _select_frames(
-        self, paths: list[Path], models: list[str]
+        self, sources: list[InstanceRef], models: list[str]
     ) -> tuple[list[_FrameResult], list[str]]:
         """Frames of the instances at least one requested model applies to, and why others not."""
         per_frame: list[_FrameResult] = []
         skipped: list[str] = []
-        for path in paths:
-            try:
-                header = dcmread(path, stop_before_pixels=True, force=True)
-            except Exception as exc:
-                raise UnreadablePixels(
-                    f"stored instance cannot be read: {type(exc).__name__}"
-                ) from exc
-            reasons = [selector_for(m).why_not(header) for m in models]
-            if all(reason is not None for reason in reasons):
-                skipped.append(f"{header.SOPInstanceUID}: {reasons[0]}")
-                continue
-            per_frame.extend(_FrameResult(frame, path) for frame in read_frames(path))
+        storage = self._storage()
+        for ref in sources:
+            with storage.instance(ref) as path:
+                try:
+                    header = dcmread(path, stop_before_pixels=True, force=True)
+                except Exception as exc:
+                    raise UnreadablePixels(
+                        f"stored instance cannot be read: {type(exc).__name__}"
+                    ) from exc
+                reasons = [selector_for(m).why_not(header) for m in models]
+                if all(reason is not None for reason in reasons):
+                    skipped.append(f"{header.SOPInstanceUID}: {reasons[0]}")
+                    continue
+                per_frame.extend(_FrameResult(frame, ref) for frame in read_frames(path))
         return per_frame, skipped
 
     def _classify(
@@ -290,16 +308,19 @@ class StudyProcessor:
             )
 
     def _result_objects(
-        self, folder: str, models: list[str], per_frame: list[_FrameResult]
-    ) -> list[ResultObject]:
-        sources: dict[Path, Dataset] = {}
+        self, models: list[str], per_frame: list[_FrameResult]
+    ) -> list[tuple[str, Dataset]]:
+        sources: dict[str, Dataset] = {}
         results = []
+        storage = self._storage()
         for fr in per_frame:
-            if fr.path not in sources:
-                sources[fr.path] = dcmread(fr.path)
+            uid = fr.source.sop_uid
+            if uid not in sources:
+                with storage.instance(fr.source) as path:
+                    sources[uid] = dcmread(path)
             results.append(
                 ImageResult(
-                    source=sources[fr.path],
+                    source=sources[uid],
                     frame_number=fr.frame.frame_number,
                     pneumonia_probability=fr.probability or 0.0,
                     pneumonia_present=fr.present,
@@ -321,18 +342,14 @@ class StudyProcessor:
             else None
         )
         ctx = output_context(self.settings.results, __version__)
-        objects = build_objects(results, classifier=classifier, segmenter=segmenter, ctx=ctx)
-        return store_objects(self.store, folder, objects)
+        return build_objects(results, classifier=classifier, segmenter=segmenter, ctx=ctx)
 
     def _save(self, folder: str, frame: ImageFrame, kind: str, array: NDArray[np.generic]) -> str:
         """Store a heatmap or mask as .npy, atomically, under ``results/``; return its path."""
         rel = f"{folder}/{frame.sop_instance_uid}_{frame.frame_number}.{kind}.npy"
-        target = self.store.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
-        with tmp.open("wb") as fh:
-            np.save(fh, array)
-        tmp.replace(target)
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        self._storage().write_result(rel, buffer.getvalue())
         return rel
 
     # -- outcomes ------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Turning a study's analysis into the DICOM objects that go back to PACS.
 
 One SR per study version (TID 1500), SEGs as the source geometry allows, and a
-heatmap image per analysed frame. They are written to the instance store under
-``results/`` with their deterministic SOP Instance UIDs, so a re-run overwrites
-the same files and the export rows are re-armed rather than duplicated.
+heatmap image per analysed frame. They are written to the node's store under
+``results/`` (directly, or uploaded when the worker has no shared disk) with
+their deterministic SOP Instance UIDs, so a re-run overwrites the same files and
+the export rows are re-armed rather than duplicated.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from io import BytesIO
 from pydicom.dataset import Dataset
 
 from node.config import ResultsSettings
-from node.storage import InstanceStore
 from workers.output import (
     AlgorithmInfo,
     ImageResult,
@@ -27,6 +27,7 @@ from workers.output import (
     build_report,
     build_segmentations,
 )
+from workers.storage import WorkerStorage
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,33 @@ def build_objects(
     return objects
 
 
-def store_objects(
-    store: InstanceStore, folder: str, objects: Sequence[tuple[str, Dataset]]
-) -> list[ResultObject]:
-    """Write each object as a Part 10 file (atomically, durably) and describe it."""
-    stored = []
+def encode_objects(
+    folder: str, objects: Sequence[tuple[str, Dataset]]
+) -> list[tuple[ResultObject, bytes]]:
+    """Each object as Part 10 bytes, described with its path under ``folder``."""
+    encoded = []
     for kind, ds in objects:
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         rel = f"{folder}/{kind}/{ds.SOPInstanceUID}.dcm"
-        store.write(rel, buffer.getvalue())
-        stored.append(ResultObject(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel))
+        encoded.append(
+            (
+                ResultObject(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), rel),
+                buffer.getvalue(),
+            )
+        )
+    return encoded
+
+
+def store_objects(
+    storage: WorkerStorage, encoded: Sequence[tuple[ResultObject, bytes]]
+) -> list[ResultObject]:
+    """Write each encoded object where the node reads it (atomically, durably) and describe it.
+
+    Through ``storage``: the node's disk, or an upload to the node's internal API.
+    """
+    stored = []
+    for obj, data in encoded:
+        storage.write_result(obj.path, data)
+        stored.append(obj)
     return stored

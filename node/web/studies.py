@@ -5,16 +5,27 @@ The models here are pydantic so that the REST API documents them as they are.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
+import requests
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.config import ClusterSettings
 from node.db.models import Export, Finding, Instance, Priority, Series, Study
 from node.db.types import utcnow
+from node.storage import InstanceStore
 from node.web.audit import AuditTrail
+
+log = logging.getLogger(__name__)
 
 Mark = Literal["read", "reviewed"]
 OverlayKind = Literal["mask", "heatmap"]
@@ -236,3 +247,39 @@ def overlay_file(
         .order_by(Finding.frame_number)
         .limit(1)
     )
+
+
+class ResultFileMissing(Exception):
+    """A result file is neither on this host's disk nor obtainable from the node."""
+
+
+@contextlib.contextmanager
+def result_file(
+    store: InstanceStore, cluster: ClusterSettings, relative_path: str, *, timeout: float = 30.0
+) -> Iterator[Path]:
+    """A readable local copy of a worker result file (heatmap or mask .npy).
+
+    On the node's own disk it is read in place. A web role on another host
+    (``cluster.node_url`` set) fetches it from the node's internal API with the
+    cluster token into a temporary file, removed when the block ends.
+    """
+    if store.exists(relative_path):
+        yield store.path(relative_path)
+        return
+    if not cluster.node_url:
+        raise ResultFileMissing(relative_path)
+    url = f"{cluster.node_url.rstrip('/')}/internal/v1/files/{quote(relative_path)}"
+    try:
+        response = requests.get(
+            url, headers={"Authorization": f"Bearer {cluster.token}"}, timeout=timeout
+        )
+    except requests.RequestException as exc:
+        log.warning("result file %s: node unreachable (%s)", relative_path, type(exc).__name__)
+        raise ResultFileMissing(relative_path) from None
+    if response.status_code != 200:
+        log.warning("result file %s: node answered HTTP %d", relative_path, response.status_code)
+        raise ResultFileMissing(relative_path)
+    with tempfile.NamedTemporaryFile(suffix=Path(relative_path).suffix) as tmp:
+        tmp.write(response.content)
+        tmp.flush()
+        yield Path(tmp.name)

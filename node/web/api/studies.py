@@ -12,10 +12,12 @@ from node.web.images import ImageUnavailable, heatmap_png, image_png, mask_png
 from node.web.studies import (
     Mark,
     OverlayKind,
+    ResultFileMissing,
     StudyOut,
     instance_file,
     mark_and_audit,
     overlay_file,
+    result_file,
 )
 from node.web.studies import study_detail as read_study
 
@@ -106,8 +108,10 @@ def instance_overlay(
     if rel is None:
         raise HTTPException(404, f"no {kind} for this image")
     try:
-        path = ctx.store.path(rel)
-        body = mask_png(path) if kind == "mask" else heatmap_png(path)
+        with result_file(ctx.store, ctx.settings.cluster, rel) as path:
+            body = mask_png(path) if kind == "mask" else heatmap_png(path)
+    except ResultFileMissing:
+        raise HTTPException(404, f"the {kind} file is not available") from None
     except ImageUnavailable as exc:
         raise HTTPException(422, str(exc)) from None
     return Response(body, media_type="image/png", headers={"Cache-Control": _PNG_CACHE})
