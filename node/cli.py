@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import signal
@@ -106,87 +107,158 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _show_running(settings: Settings, node: Node) -> bool:
-    """Verify the listener with a C-ECHO and print where everything is; True if it answered."""
-    from node.verification import c_echo
+#: What each part of a role is called in the banner (keys of Node.components()).
+_PARTS = {
+    "dicom": "DICOM listener",
+    "completion": "study completion",
+    "supervisor": "routing and queueing",
+    "exporter": "exporter",
+    "retention": "retention",
+    "http": "HTTP",
+}
 
+
+def _role_summary(node: Node) -> str:
+    """The role and what runs in it, from the node's actual components."""
+    parts = [_PARTS.get(name, name) for name in node.components()]
+    _, workers = node.worker_processes()
+    if workers:
+        parts.append(f"{workers} worker process(es)")
+    return f"[cyan]{node.role}[/cyan]: " + ", ".join(parts)
+
+
+def _broker_text(settings: Settings) -> str:
+    """Where the broker is, without credentials."""
+    pipeline = settings.pipeline
+    if not pipeline.broker_url:
+        return "embedded (SQLite, no server)"
+    from sqlalchemy.engine import make_url
+
+    broker = make_url(pipeline.broker_url.replace("redis://", "redis+x://", 1))
+    where = f"{broker.host or ''}:{broker.port or ''}".strip(":")
+    return f"{pipeline.broker_url.split(':', 1)[0]} at {where}"
+
+
+def _show_running(settings: Settings, node: Node) -> bool:
+    """Print the role and where everything is; with a listener, C-ECHO it.
+
+    True when the listener answered (or the role has none).
+    """
     d = settings.dicom
     echo_host = "127.0.0.1" if d.host in ("0.0.0.0", "::") else d.host  # noqa: S104 # nosec B104
-    check = c_echo(
-        echo_host, node.dicom.port, called_ae_title=d.ae_title, calling_ae_title=d.ae_title
-    )
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] on {d.host}:{node.dicom.port}")
-    if node.dicom.tls_port is not None:
-        grid.add_row(
-            "DICOM TLS",
-            f"port {node.dicom.tls_port}"
-            + ("; client certificates required" if d.tls.require_client_certificate else "")
-            + ("" if d.plain else "; TLS only (no plain listener)"),
-        )
-    grid.add_row("Accepts", ", ".join(str(c) for c in d.allowed_callers) or "(nobody)")
-    if node.web_url:
+    grid.add_row("Role", _role_summary(node))
+    if node.dicom is not None:
+        grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] on {d.host}:{node.dicom.port}")
+        if node.dicom.tls_port is not None:
+            grid.add_row(
+                "DICOM TLS",
+                f"port {node.dicom.tls_port}"
+                + ("; client certificates required" if d.tls.require_client_certificate else "")
+                + ("" if d.plain else "; TLS only (no plain listener)"),
+            )
+        grid.add_row("Accepts", ", ".join(str(c) for c in d.allowed_callers) or "(nobody)")
+    else:
+        grid.add_row("DICOM", "not in this role ('serve --role dicom' runs the listener)")
+    url = node.web_url
+    if url is None:
+        web = "disabled"
+    elif node.role == "dicom":
+        web = f"{url}  (service only: no pages; the worklist runs in 'serve --role web')"
+    else:
         from node.users.accounts import Accounts
 
-        web = f"{node.web_url}  (worklist; REST API docs at {node.web_url}docs)"
+        web = f"{url}  (worklist; REST API docs at {url}docs)"
         if not Accounts(node.sessions).list():
             web += "\nno accounts yet: triage-node users add NAME --role admin"
-    else:
-        web = "disabled"
     grid.add_row("Web", web)
-    pipeline = settings.pipeline
-    if pipeline.broker_url:
-        from sqlalchemy.engine import make_url
-
-        broker = make_url(pipeline.broker_url.replace("redis://", "redis+x://", 1))
-        where = f"{broker.host or ''}:{broker.port or ''}".strip(":")
-        broker_text = f"{pipeline.broker_url.split(':', 1)[0]} at {where}"
-    else:
-        broker_text = "embedded (SQLite, no server)"
-    grid.add_row(
-        "Pipeline",
-        f"{pipeline.workers} worker process(es) started here; broker {broker_text}",
-    )
+    if url is not None:
+        grid.add_row(
+            "Health",
+            f"{url}healthz, {url}readyz" + (f", {url}metrics" if settings.web.metrics else ""),
+        )
+    if node.pipeline is not None:
+        grid.add_row(
+            "Pipeline",
+            f"{settings.pipeline.workers} worker process(es) started here; "
+            f"broker {_broker_text(settings)}",
+        )
     grid.add_row(
         "Data",
         f"{node.store.data_dir}  (free {_human_bytes(node.store.free_bytes())}, "
         f"refuses below {_human_bytes(settings.storage.min_free_bytes)})",
     )
     grid.add_row("Database", node.engine.url.render_as_string(hide_password=True))
+    problems = node.readiness_problems()
     grid.add_row(
-        "Studies", f"complete after {settings.study.quiet_seconds:g} s without a new instance"
+        "Ready", "[green]yes[/green]" if not problems else f"[yellow]no: {'; '.join(problems)}"
     )
-    grid.add_row(
-        "Self-check",
-        f"[green]C-ECHO to {d.ae_title}@{echo_host}:{node.dicom.port} succeeded[/green]"
-        if check.ok
-        else f"[red]C-ECHO failed: {check.detail}[/red]",
-    )
-    grid.add_row(
-        "Try",
-        f"TCP_NODELAY=1 storescu -aec {d.ae_title} {echo_host} {node.dicom.port} FILE.dcm"
-        f"   then: triage-node studies",
-    )
-    console.print(Panel(grid, title=f"triage-node {__version__} is running", expand=False))
-    return check.ok
+    ok = True
+    if node.dicom is not None:
+        from node.verification import c_echo
+
+        port = node.dicom.port
+        check = c_echo(echo_host, port, called_ae_title=d.ae_title, calling_ae_title=d.ae_title)
+        ok = check.ok
+        grid.add_row(
+            "Studies", f"complete after {settings.study.quiet_seconds:g} s without a new instance"
+        )
+        grid.add_row(
+            "Self-check",
+            f"[green]C-ECHO to {d.ae_title}@{echo_host}:{port} succeeded[/green]"
+            if check.ok
+            else f"[red]C-ECHO failed: {check.detail}[/red]",
+        )
+        grid.add_row(
+            "Try",
+            f"TCP_NODELAY=1 storescu -aec {d.ae_title} {echo_host} {port} FILE.dcm"
+            f"   then: triage-node studies",
+        )
+    title = f"triage-node {__version__} is running (role {node.role})"
+    console.print(Panel(grid, title=title, expand=False))
+    return ok
+
+
+class ServeRole(enum.StrEnum):
+    """``serve --role``: what this process runs (see node.runtime)."""
+
+    ALL = "all"
+    DICOM = "dicom"
+    WEB = "web"
 
 
 @app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the node: DICOM listener, study completion and web server, until Ctrl-C."""
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[
+        ServeRole,
+        typer.Option(
+            envvar="TRIAGE_NODE_ROLE",
+            help="all: everything in this process. dicom: listener, completion, routing, "
+            "exporter, retention, embedded workers, and health/metrics/internal API over "
+            "HTTP (no pages). web: worklist, REST API and admin pages only.",
+        ),
+    ] = ServeRole.ALL,
+) -> None:
+    """Run the node in a role until Ctrl-C (default: everything in one process)."""
     from node.logs import configure_logging
     from node.runtime import Node
 
     settings = _settings(config)
     configure_logging(settings.logging.level, json_format=settings.logging.json_format)
-    node = Node(settings, config_path=config)
+    try:
+        node = Node(settings, role=role.value, config_path=config)
+    except NodeError as exc:
+        err_console.print(f"[red]error:[/red] cannot start role {role.value}: {exc}")
+        raise typer.Exit(2) from None
     with console.status("Preparing database and starting listeners..."):
         try:
             node.start()
         except (NodeError, OSError) as exc:
             err_console.print(f"[red]error:[/red] cannot start: {exc}")
+            node.stop()
             raise typer.Exit(1) from None
     check_ok = _show_running(settings, node)
 
@@ -294,24 +366,59 @@ def reprocess(
 def worker(
     config: ConfigOption = None,
     queues: Annotated[str, typer.Option(help="Queues, most urgent first.")] = "stat,urgent,routine",
-    concurrency: Annotated[int, typer.Option(help="Processes running tasks.")] = 1,
+    concurrency: Annotated[int, typer.Option(min=1, help="Processes running tasks.")] = 1,
     name: Annotated[str | None, typer.Option(help="Worker name (Celery node name).")] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Port of /healthz, /readyz, /metrics (default worker.http_port; 0: off).",
+        ),
+    ] = None,
 ) -> None:
-    """Run a Celery worker: take studies from the queues, most urgent first, and run the models."""
+    """Run a Celery worker: take studies from the queues, most urgent first, and run the models.
+
+    The main process consumes and serves the health endpoint; ``--concurrency`` pool
+    processes (forked) run the tasks, each with worker.tf_threads TensorFlow threads.
+    """
     import os
 
     from node.logs import configure_logging
-    from workers.celery_app import make_celery
 
     settings = _settings(config)
+    known = ("stat", "urgent", "routine")
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    if not wanted or any(q not in known for q in wanted):
+        err_console.print(f"[red]error:[/red] --queues takes some of {','.join(known)}")
+        raise typer.Exit(2)
     if config is not None:
         os.environ["TRIAGE_NODE_CONFIG"] = str(config.resolve())  # for the task processes
+    port = settings.worker.http_port if http_port is None else http_port
+    threads = settings.worker.tf_threads or max(1, (os.cpu_count() or 1) // concurrency)
+    # Exported before anything imports TensorFlow or prometheus_client, so the pool
+    # children (forked later) inherit both (workers.tasks applies the thread counts).
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(min(2, threads))
     configure_logging(settings.logging.level, json_format=settings.logging.json_format)
+    from workers.health import prepare_multiprocess_dir
+
+    metrics_dir = prepare_multiprocess_dir(settings.storage.data_dir) if port else None
+
+    from workers.celery_app import make_celery
+    from workers.health import WorkerHealth
+
     celery = make_celery(settings)
+    probes: WorkerHealth | None = None
+    if port:
+        probes = WorkerHealth(celery, settings, settings.worker.http_host, port)
+        probes.multiprocess_dir = metrics_dir
+        probes.connect_signals()
+        probes.start()
     argv = [
         "worker",
         "--queues",
-        queues,
+        ",".join(wanted),
         "--concurrency",
         str(concurrency),
         "--pool",
@@ -323,7 +430,11 @@ def worker(
         "--hostname",
         name or f"triage-{os.getpid()}@%h",
     ]
-    celery.worker_main(argv)
+    try:
+        celery.worker_main(argv)
+    finally:
+        if probes is not None:
+            probes.stop()
 
 
 @app.command()

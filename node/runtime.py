@@ -1,7 +1,11 @@
 """The running node: wires settings, database, store, DICOM listener, completion and web.
 
 ``triage-node serve`` builds one :class:`Node`; tests build them too, on free
-ports and temporary data directories.
+ports and temporary data directories. A node runs in one of three roles
+(:data:`ROLES`): ``all`` (everything in one process, the default), ``dicom``
+(listener, completion, pipeline supervisor, exporter, retention, embedded workers
+and a service HTTP app with health, metrics and the internal API) or ``web`` (the
+worklist/REST application only). Roles share one database and one broker.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +30,7 @@ from node.export.exporter import Exporter
 from node.ingest.callers import CallerPolicy
 from node.ingest.limits import BacklogGauge, IngestLimits, count_backlog
 from node.ingest.scp import DicomServer, StoreSCP
+from node.observability import health
 from node.pipeline import Pipeline, PipelineSupervisor
 from node.retention import Retention, RetentionMonitor
 from node.routing.store import RuleStore
@@ -38,18 +44,28 @@ class SchemaOutOfDate(NodeError):
     """The database schema is behind the code and auto-upgrade is off."""
 
 
+Role = Literal["all", "dicom", "web"]
+ROLES: tuple[Role, ...] = ("all", "dicom", "web")
+
+
 class Node:
-    """One node process (the all-in-one mode, or the DICOM role of a larger site)."""
+    """One node process in one role (see the module docstring)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
+        role: Role = "all",
         config_path: Path | None = None,
         completion_hooks: Sequence[CompletionHook] = (),
         pipeline: bool = True,
     ) -> None:
+        if role not in ROLES:
+            raise NodeError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        if role == "web" and not settings.web.enabled:
+            raise NodeError("the web role needs web.enabled = true")
         self.settings = settings
+        self.role: Role = role
         self.config_path = config_path
         self.engine: Engine = make_engine(
             settings.database_url, durable=settings.storage.fsync, echo=settings.database.echo
@@ -61,6 +77,31 @@ class Node:
             fsync=settings.storage.fsync,
         )
         self.catalog = Catalog(self.sessions)
+        self.rules = RuleStore(
+            self.sessions, known_destinations=[d.name for d in settings.destinations]
+        )
+        self.scp: StoreSCP | None = None
+        self.dicom: DicomServer | None = None
+        self.exporter: Exporter | None = None
+        self.retention: RetentionMonitor | None = None
+        self.completion: CompletionMonitor | None = None
+        self.celery: Any | None = None
+        self.pipeline: Pipeline | None = None
+        self.supervisor: PipelineSupervisor | None = None
+        self.workers: WorkerProcesses | None = None
+        if role != "web":
+            self._build_dicom_role(config_path, completion_hooks, pipeline=pipeline)
+        self._web: WebServer | None = None
+
+    def _build_dicom_role(
+        self,
+        config_path: Path | None,
+        completion_hooks: Sequence[CompletionHook],
+        *,
+        pipeline: bool,
+    ) -> None:
+        """Listener, completion, pipeline supervisor, exporter, retention, embedded workers."""
+        settings = self.settings
         self.scp = StoreSCP(
             store=self.store,
             catalog=self.catalog,
@@ -71,15 +112,9 @@ class Node:
             ),
         )
         self.dicom = DicomServer(settings.dicom, self.scp)
-        self.rules = RuleStore(
-            self.sessions, known_destinations=[d.name for d in settings.destinations]
-        )
         self.exporter = Exporter(settings, self.sessions, self.store)
         retention = Retention(settings.retention, self.sessions, self.store)
         self.retention = RetentionMonitor(retention) if retention.enabled else None
-        self.pipeline: Pipeline | None = None
-        self.supervisor: PipelineSupervisor | None = None
-        self.workers: WorkerProcesses | None = None
         hooks = list(completion_hooks)
         if pipeline:
             from workers.celery_app import make_celery
@@ -100,7 +135,6 @@ class Node:
             settings.study.check_interval_seconds,
             hooks=hooks,
         )
-        self._web: WebServer | None = None
 
     def prepare_database(self) -> None:
         if self.settings.database.auto_upgrade:
@@ -112,35 +146,80 @@ class Node:
 
     def start(self) -> None:
         self.prepare_database()
-        if removed := self.store.discard_partial_writes():
-            log.info("discarded %d partial writes left by an interrupted run", removed)
-        self.rules.ensure_seeded(self.settings.routing.rules_file)
+        if self.dicom is not None:
+            if removed := self.store.discard_partial_writes():
+                log.info("discarded %d partial writes left by an interrupted run", removed)
+            self.rules.ensure_seeded(self.settings.routing.rules_file)
         if self.workers is not None:
             self.workers.start()
-        self.dicom.start()
-        self.completion.start()
+        if self.dicom is not None:
+            self.dicom.start()
+        if self.completion is not None:
+            self.completion.start()
         if self.supervisor is not None:
             self.supervisor.start()
-        self.exporter.start()
+        if self.exporter is not None:
+            self.exporter.start()
         if self.retention is not None:
             self.retention.start()
         if self.settings.web.enabled:
             self._web = WebServer(self)
             self._web.start()
+        log.info("node started role=%s", self.role)
 
     def stop(self) -> None:
         if self._web is not None:
             self._web.stop()
-        self.completion.stop()
+        if self.completion is not None:
+            self.completion.stop()
         if self.retention is not None:
             self.retention.stop()
-        self.exporter.stop()
-        self.dicom.stop()
+        if self.exporter is not None:
+            self.exporter.stop()
+        if self.dicom is not None:
+            self.dicom.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.workers is not None:
             self.workers.stop()
         self.engine.dispose()
+
+    # -- health ---------------------------------------------------------------------
+    def components(self) -> dict[str, bool]:
+        """Whether each long-running part of this role is alive (liveness, /healthz)."""
+        parts: dict[str, bool] = {}
+        if self.dicom is not None:
+            parts["dicom"] = self.dicom.listening
+        for name, part in (
+            ("completion", self.completion),
+            ("supervisor", self.supervisor),
+            ("exporter", self.exporter),
+            ("retention", self.retention),
+        ):
+            if part is not None:
+                parts[name] = _thread_alive(part)
+        if self._web is not None:
+            parts["http"] = self._web.alive
+        return parts
+
+    def worker_processes(self) -> tuple[int, int]:
+        """(running, configured) embedded worker processes; restarted when they die."""
+        if self.workers is None:
+            return 0, 0
+        procs = [p for p in self.workers.processes if p is not None]
+        return sum(1 for p in procs if p.poll() is None), self.workers.count
+
+    def readiness_problems(self) -> list[str]:
+        """Why this role should not get traffic now (/readyz); empty when ready."""
+        problems = health.database_problems(self.engine)
+        if self.dicom is not None and not self.dicom.listening:
+            problems.append("DICOM listener is not running")
+        if self.celery is not None:
+            problems += health.broker_problems(self.celery)
+        problems += health.disk_problems(
+            self.store.free_bytes(), self.settings.storage.min_free_bytes
+        )
+        return problems
 
     @property
     def web_url(self) -> str | None:
@@ -162,20 +241,37 @@ class Node:
         self.stop()
 
 
+def _thread_alive(part: object) -> bool:
+    """A node component's worker thread is running (they keep it in ``_thread``)."""
+    thread = getattr(part, "_thread", None)
+    return isinstance(thread, threading.Thread) and thread.is_alive()
+
+
 class WebServer:
-    """uvicorn in a thread of the node process (the web app never imports TensorFlow)."""
+    """uvicorn in a thread of the node process (the web app never imports TensorFlow).
+
+    The web and all roles serve the full application; the dicom role serves only
+    the service application (health, metrics, internal API; no pages, no login).
+    """
 
     def __init__(self, node: Node) -> None:
         import uvicorn
 
         from node.tls import web_server_context
-        from node.web.app import create_app
 
+        if node.role == "dicom":
+            from node.web.service import create_service_app
+
+            app = create_service_app(node)
+        else:
+            from node.web.app import create_app
+
+            app = create_app(node)
         settings = node.settings.web
         # Built here, not in the server thread, so a bad certificate stops the start.
         tls_context = web_server_context(settings)
         config = uvicorn.Config(
-            create_app(node),
+            app,
             host=settings.host,
             port=settings.port,
             log_level="warning",
@@ -192,6 +288,10 @@ class WebServer:
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
         return int(self._server.config.port)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()

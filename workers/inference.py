@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from node.observability.metrics import INFERENCE_SECONDS
+
 log = logging.getLogger(__name__)
 
 
@@ -70,12 +72,16 @@ class ModelRunner:
         start = time.perf_counter()
         probabilities = np.asarray(self.classifier.predict(images), dtype=np.float32)
         heatmaps = [np.asarray(h, dtype=np.float32) for h in self.classifier.explain(images)]
-        return Classification(probabilities, heatmaps, (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        INFERENCE_SECONDS.labels(self.classifier.name).observe(seconds)
+        return Classification(probabilities, heatmaps, seconds * 1000)
 
     def segment(self, images: Sequence[NDArray[np.float32]]) -> Segmentation:
         start = time.perf_counter()
         masks = [np.asarray(m, dtype=bool) for m in self.segmenter.predict(images)]
-        return Segmentation(masks, (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        INFERENCE_SECONDS.labels(self.segmenter.name).observe(seconds)
+        return Segmentation(masks, seconds * 1000)
 
 
 @functools.cache

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import time
 
 from celery import shared_task
 from celery.signals import worker_process_init
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.engine import make_engine, make_sessionmaker
+from node.observability.metrics import TASK_SECONDS
 from workers.celery_app import PROCESS_STUDY, settings_from_environment
 from workers.processing import StudyProcessor
 
 log = logging.getLogger(__name__)
+
+#: Set by ``triage-node worker`` from worker.tf_threads (TensorFlow reads them too).
+INTRA_OP_ENV = "TF_NUM_INTRAOP_THREADS"
+INTER_OP_ENV = "TF_NUM_INTEROP_THREADS"
 
 
 @functools.cache
@@ -29,7 +36,34 @@ def _processor() -> StudyProcessor:
 @shared_task(name=PROCESS_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def process_study(study_id: int, version: int) -> str:
     """Process one version of a study; safe to run more than once."""
-    return _processor().run(study_id, version).state
+    start, outcome = time.perf_counter(), "error"
+    try:
+        outcome = _processor().run(study_id, version).state
+        return outcome
+    finally:
+        TASK_SECONDS.labels(outcome).observe(time.perf_counter() - start)
+
+
+def configure_tensorflow_threads() -> tuple[int, int] | None:
+    """Apply the thread counts ``triage-node worker`` exported, before TensorFlow runs anything.
+
+    Without a bound every prefork child sizes its pools to all cores, and N children
+    oversubscribe the CPU N times. Returns the (intra, inter) counts TensorFlow reports
+    back, or None when no count was given.
+    """
+    intra, inter = os.environ.get(INTRA_OP_ENV), os.environ.get(INTER_OP_ENV)
+    if not (intra and intra.isdigit() and inter and inter.isdigit()):
+        return None
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(intra))
+    tf.config.threading.set_inter_op_parallelism_threads(int(inter))
+    applied = (
+        tf.config.threading.get_intra_op_parallelism_threads(),
+        tf.config.threading.get_inter_op_parallelism_threads(),
+    )
+    log.info("TensorFlow threads intra_op=%d inter_op=%d", *applied)
+    return applied
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -42,6 +76,10 @@ def _warm_up(**_: object) -> None:
     # As in the node: no library warning may carry a patient attribute into the log.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     silence_value_warnings()
+    try:
+        configure_tensorflow_threads()
+    except RuntimeError as exc:  # TensorFlow already initialised in this process
+        log.warning("TensorFlow threads not set: %s", exc)
     try:
         processor = _processor()
         processor.runner.classifier  # noqa: B018 - loading is the point

@@ -17,6 +17,7 @@ from node.db.types import utcnow
 from node.deid import DeidentificationError, Deidentifier
 from node.export import deliveries
 from node.export.scu import Delivery, Item, Outcome, send
+from node.observability import metrics
 from node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Exporter:
             with self.sessions.begin() as session:
                 for export, result in zip(exports, results, strict=True):
                     merged = session.merge(export)
+                    metrics.EXPORTS.labels(name, result.outcome.value).inc()
                     deliveries.record(
                         session,
                         merged,

@@ -48,6 +48,7 @@ from node.ingest.limits import (
     MessageSizeWatch,
     bound_socket,
 )
+from node.observability import metrics
 from node.storage import InstanceStore, describe
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class StoreSCP:
             (evt.EVT_ABORTED, self.on_finished),
             (evt.EVT_REJECTED, self.on_finished),
             (evt.EVT_CONN_CLOSE, self.on_finished),
+            *metrics.association_handlers(),  # after on_requested: it reads is_rejected
         ]
 
     # -- association ----------------------------------------------------------------
@@ -240,6 +242,7 @@ class StoreSCP:
         sop_instance = str(request.AffectedSOPInstanceUID or "")
         if self.backlog is not None and self.backlog.over_limit():
             tally.failed += 1
+            metrics.INSTANCES.labels("rejected").inc()
             log.warning(
                 "refused sop_instance_uid=%s reason=pipeline backlog of %d studies",
                 sop_instance,
@@ -255,8 +258,10 @@ class StoreSCP:
         data = b""
         try:
             data = event.encoded_dataset(include_meta=True)
+            metrics.RECEIVED_BYTES.inc(len(data))
             if len(data) > self.limits.max_instance_bytes:
                 tally.failed += 1
+                metrics.INSTANCES.labels("rejected").inc()
                 return _refusal(self._record_too_large(len(data), calling, sop_class, sop_instance))
             result = self._store(data, calling, sop_class, sop_instance)
         except Exception:
@@ -271,11 +276,14 @@ class StoreSCP:
             )
         if result == status.SUCCESS:
             tally.stored += 1
+            metrics.INSTANCES.labels("stored").inc()
         elif result == _DUPLICATE:
             tally.duplicates += 1
+            metrics.INSTANCES.labels("duplicate").inc()
             result = status.SUCCESS
         else:
             tally.failed += 1
+            metrics.INSTANCES.labels("rejected").inc()
         return result
 
     def _store(self, data: bytes, calling: str, sop_class: str, sop_instance: str) -> int:
@@ -497,6 +505,11 @@ class DicomServer:
         if self._server is None:
             return self.settings.port
         return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        """Every started listener still serves (readiness and liveness of the node)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     @property
     def tls_port(self) -> int | None:

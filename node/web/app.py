@@ -6,7 +6,7 @@ page; wrong role or missing CSRF token -> 403; a node error -> a problem respons
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
@@ -19,7 +19,9 @@ from node.errors import NodeError
 from node.web import auth, pages
 from node.web.api import audit, destinations, rules, session, status, studies, worklist
 from node.web.context import STATIC_DIR, WebContext
+from node.web.internal import internal_router
 from node.web.secret import session_secret
+from node.web.service import health_router
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -59,6 +61,8 @@ def create_app(node: Node) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (session, worklist, studies, audit, rules, destinations, status):
         app.include_router(module.router)
+    app.include_router(internal_router(node))  # workers/web role on other hosts (cluster.token)
+    app.include_router(health_router(node))  # /healthz, /readyz, /metrics: no login
     app.include_router(pages.router)
 
     @app.exception_handler(auth.NotAuthenticated)
@@ -91,17 +95,6 @@ def create_app(node: Node) -> FastAPI:
     @app.exception_handler(NodeError)
     def _node_error(request: Request, exc: NodeError) -> Response:
         return _error(request, 500, f"{type(exc).__name__}: {exc}")
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> JSONResponse:
-        """Liveness and a summary without patient data: listener, disk, study counts."""
-        body: dict[str, Any] = {
-            "status": "ok",
-            "dicom": {"ae_title": node.settings.dicom.ae_title, "port": node.dicom.port},
-            "disk_free_bytes": node.store.free_bytes(),
-            "studies": node.catalog.counts(),
-        }
-        return JSONResponse(body)
 
     _ = HTTPException  # FastAPI's subclass is handled by the Starlette handler above
     return app

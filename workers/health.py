@@ -1,0 +1,197 @@
+"""The worker's HTTP endpoint: /healthz, /readyz and /metrics from the Celery main process.
+
+A small thread in the main (consumer) process, started before the prefork pool:
+orchestrators probe it, Prometheus scrapes it. /metrics sums every pool child
+through prometheus_client's multiprocess files (:func:`prepare_multiprocess_dir`
+must run before ``prometheus_client`` is first imported, so before the tasks
+module). Nothing here carries patient data: states, reasons, counts, PIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+from sqlalchemy import Engine
+
+from node.config import Settings
+from node.db.engine import make_engine
+from node.observability import health
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_dir(data_dir: Path) -> Path:
+    """A fresh metrics directory for this worker, under ``<data_dir>/worker-metrics``.
+
+    One per host and main PID, so workers sharing a data_dir (several on one host,
+    or hosts mounting one volume) never mix their files. Directories this host's
+    earlier, dead workers left behind are removed; others' are left alone.
+    """
+    root = data_dir / "worker-metrics"
+    host = socket.gethostname()
+    for old in root.glob(f"{host}-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"{host}-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkerHealth:
+    """Probes of one Celery worker, fed by Celery's worker signals."""
+
+    def __init__(self, celery: Any, settings: Settings, host: str, port: int) -> None:
+        self.celery = celery
+        self.settings = settings
+        self.host = host
+        self.port = port
+        #: Set when the consumer is connected and consuming (``worker_ready``).
+        self.ready = threading.Event()
+        self.shutting_down = threading.Event()
+        self._controller: Any = None
+        self._engine: Engine = make_engine(settings.database_url)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.multiprocess_dir: Path | None = None
+
+    # -- Celery signals ---------------------------------------------------------------
+    def connect_signals(self) -> None:
+        signals.worker_init.connect(self._on_init, weak=False)
+        signals.worker_ready.connect(self._on_ready, weak=False)
+        signals.worker_shutdown.connect(self._on_shutdown, weak=False)
+        signals.worker_process_init.connect(self._in_child, weak=False)
+
+    def _on_init(self, sender: Any = None, **_: Any) -> None:
+        self._controller = sender
+
+    def _on_ready(self, **_: Any) -> None:
+        self.ready.set()
+        log.info("worker ready; health endpoint on %s:%d", self.host, self.bound_port)
+
+    def _on_shutdown(self, **_: Any) -> None:
+        self.shutting_down.set()
+        self.ready.clear()
+
+    def _in_child(self, **_: Any) -> None:
+        """A pool child got copies of the listening socket and the database pool: drop them."""
+        if self._server is not None:
+            self._server.socket.close()
+        self._engine.dispose(close=False)
+
+    # -- what the endpoints say -------------------------------------------------------
+    def liveness(self) -> tuple[int, dict[str, Any]]:
+        info: dict[str, Any] = {
+            "status": "stopping" if self.shutting_down.is_set() else "ok",
+            "role": "worker",
+            "pid": os.getpid(),
+            "consuming": self.ready.is_set(),
+            "processes": self._pool_processes(),
+        }
+        return (503 if self.shutting_down.is_set() else 200), info
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        reasons: list[str] = []
+        if not self.ready.is_set():
+            reasons.append(
+                "worker is shutting down" if self.shutting_down.is_set() else "not consuming yet"
+            )
+        reasons += health.broker_problems(self.celery)
+        reasons += health.database_problems(self._engine)
+        body = {"status": "not ready" if reasons else "ready", "role": "worker"}
+        return (503 if reasons else 200), {**body, "reasons": reasons}
+
+    def metrics(self) -> bytes:
+        from node.observability.metrics import exposition, worker_registry
+
+        return exposition(worker_registry())
+
+    def _pool_processes(self) -> list[int]:
+        pool = getattr(self._controller, "pool", None)
+        try:
+            return [int(pid) for pid in pool.info.get("processes", [])] if pool else []
+        except Exception:  # the pool is starting or stopping
+            return []
+
+    # -- the HTTP thread --------------------------------------------------------------
+    @property
+    def bound_port(self) -> int:
+        if self._server is None:
+            return self.port
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve; a port in use is logged and the worker runs without the endpoint."""
+        probes = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics" and probes.settings.web.metrics:
+                    from prometheus_client import CONTENT_TYPE_LATEST
+
+                    self._send(200, probes.metrics(), CONTENT_TYPE_LATEST)
+                elif path in ("/healthz", "/readyz"):
+                    code, body = probes.liveness() if path == "/healthz" else probes.readiness()
+                    self._send(code, json.dumps(body).encode(), "application/json")
+                else:
+                    self._send(404, b'{"detail": "Not Found"}', "application/json")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet: probes every few seconds would flood the worker's log."""
+
+        try:
+            server = ThreadingHTTPServer((self.host, self.port), Handler)
+        except OSError as exc:
+            log.warning(
+                "worker health endpoint not started on %s:%d: %s (worker.http_port)",
+                self.host,
+                self.port,
+                exc.strerror,
+            )
+            return
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="worker-http", daemon=True
+        )
+        self._thread.start()
+        log.info("worker health endpoint listening on %s:%d", self.host, self.bound_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self._engine.dispose()
+        if self.multiprocess_dir is not None:
+            shutil.rmtree(self.multiprocess_dir, ignore_errors=True)
