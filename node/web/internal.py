@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from node.db.models import Instance, Series, Study
 from node.errors import NodeError
@@ -202,7 +203,8 @@ def internal_router(node: Node) -> APIRouter:
                 raise HTTPException(413, "result file too large")
         try:
             store.ensure_space(len(data))
-            store.write(rel, bytes(data))
+            # fsync blocks: off the event loop, like every other file access here.
+            await run_in_threadpool(store.write, rel, bytes(data))
         except NodeError as exc:
             log.error("result upload %s failed: %s", rel, exc)
             raise HTTPException(507, "cannot store the result file") from exc

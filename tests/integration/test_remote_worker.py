@@ -37,12 +37,14 @@ def _files(root: Path) -> set[Path]:
 
 def test_worker_without_shared_disk_processes_a_study_through_the_node_api(
     start_node: Callable[..., Node],
+    database_url: str,
     shared_data: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     node = start_node(
+        database_url,
         web={"enabled": True, "port": free_port()},
         cluster={"token": TOKEN},
         study={"quiet_seconds": 0.5, "check_interval_seconds": 0.1},
