@@ -6,8 +6,9 @@
 #   docker run --gpus all triage-node-worker:0.1.0-gpu worker --concurrency 1
 #
 # The "ml" extra is not installed here: it would add tensorflow-cpu beside the base
-# image's GPU build. The virtual environment sees the base's TensorFlow
-# (--system-site-packages) and adds Keras 3 and the node's own dependencies.
+# image's GPU build. The node and Keras 3 go into the base's Python next to its
+# TensorFlow (pip keeps the installed numpy where it satisfies our range); the build
+# fails if TensorFlow or Keras cannot be imported afterwards.
 # One worker process per GPU, concurrency 1: the model fills the GPU, not the CPU.
 
 FROM tensorflow/tensorflow:2.18.0-gpu
@@ -15,7 +16,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PATH=/opt/venv/bin:$PATH \
     TF_CPP_MIN_LOG_LEVEL=2 \
     TF_FORCE_GPU_ALLOW_GROWTH=true \
     TRIAGE_NODE_STORAGE__DATA_DIR=/data \
@@ -24,16 +24,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRIAGE_NODE_WORKER__HTTP_PORT=9100 \
     TRIAGE_NODE_LOGGING__JSON_FORMAT=true
 RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin triage \
-    && mkdir -p /data /etc/triage-node /opt/triage-node && chown triage:triage /data
+    && mkdir -p /data /etc/triage-node && chown triage:triage /data
 WORKDIR /opt/triage-node
 COPY pyproject.toml README.md ./
 COPY node ./node
 COPY workers ./workers
 COPY models ./models
-RUN python3 -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install . "keras>=3.3" \
-    && /opt/venv/bin/python -c "import tensorflow, keras; print('tensorflow', tensorflow.__version__, 'keras', keras.__version__)" \
-    && rm -rf /opt/triage-node/build
+RUN python3 -m pip install . "keras>=3.3" \
+    && cd / && python3 -c "import tensorflow, keras, node, workers, models; print('tensorflow', tensorflow.__version__, 'keras', keras.__version__)" \
+    && rm -rf /opt/triage-node
 COPY config.example.toml /etc/triage-node/config.example.toml
 USER triage
 WORKDIR /data
