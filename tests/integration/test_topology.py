@@ -1,0 +1,418 @@
+"""The production topology on one machine, with faults: the processes docker-compose runs.
+
+* PostgreSQL: a fresh database on the local server, migrated by ``triage-node db
+  upgrade`` (the compose file's ``migrate`` one-shot); every process runs with
+  ``database.auto_upgrade = false``.
+* Redis: a private ``redis-server`` (append-only file) on a free port, so that it can
+  be restarted mid-run without touching the machine's shared one.
+* Orthanc as the PACS, receiving the results.
+* ``triage-node serve --role dicom`` (listener, routing, export, internal DICOMweb),
+  ``triage-node serve --role web`` and two ``triage-node worker`` processes with
+  ``worker.storage = "dicomweb"``: the same commands as the compose services.
+
+Separation: every process has its own data directory, so no disk is shared, and the
+workers reach the node's store only through its HTTP API with the cluster token.
+They all talk over loopback in one network namespace: separate namespaces would need
+veth pairs and PostgreSQL listening beyond 127.0.0.1, which the shared servers of
+this machine must not be reconfigured for.
+
+The run: 30 single-image chest studies pushed with storescu in three batches; one
+worker killed with SIGKILL (process group) after it has finished a study while work
+is still queued; the broker stopped and started again between batches. Then every
+study is done exactly once (findings not duplicated), every result object (SEG, SR,
+heatmap SC) reached Orthanc once, and the node's ``/metrics`` count 30 instances
+received, 30 studies done and the deliveries; the surviving worker's ``/metrics``
+shows task durations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, select
+
+from node.db.models import Export, ExportState, Study
+from tests.conftest import _postgres_database
+from tests.faults.conftest import (
+    PrivateRedis,
+    assert_processed_once,
+    cxr_study,
+    send_until_acknowledged,
+    wait_all_done,
+)
+from tests.nodes import CLI, free_port, wait_for_port, write_config
+from tests.peers import Orthanc
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+STUDIES = 30
+BATCHES = 3
+TOKEN = "topology-test-cluster-token-0123456789"
+RULES = """
+format = 1
+[[rule]]
+name = "chest"
+priority = "routine"
+models = ["pneumonia-triage", "lung-seg"]
+destinations = ["PACS"]
+[rule.match]
+Modality = ["CR", "DX"]
+BodyPartExamined = "CHEST"
+"""
+#: What a study's results are: one each, under deterministic UIDs.
+RESULT_KINDS = ["sc", "seg", "sr"]
+
+
+@dataclass
+class Proc:
+    """One triage-node process of the topology, in a process group of its own."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=60)
+        # Celery's pool child, or anything else left in the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def tail(self, chars: int = 4000) -> str:
+        try:
+            return f"--- {self.name}\n{self.log.read_text(errors='replace')[-chars:]}"
+        except OSError:
+            return f"--- {self.name}: no log"
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode(errors="replace")
+    except OSError:
+        return 0, ""
+
+
+def wait_http_ok(url: str, procs: list[Proc], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.alive(), f"{p.name} exited\n{p.tail()}"
+        if http_get(url, timeout=5)[0] == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not OK after {timeout} s\n" + "\n".join(p.tail() for p in procs))
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus samples: (name, sorted labels) -> value."""
+    status, body = http_get(url)
+    assert status == 200, f"{url}: HTTP {status}"
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+    )
+
+
+def done_count(log: Path) -> int:
+    try:
+        return log.read_text(errors="replace").count("study done study_uid=")
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    yield from _postgres_database()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    pacs = Orthanc(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port()).start()
+    yield pacs
+    pacs.stop()
+
+
+def _config(
+    data_dir: Path,
+    *,
+    database: str,
+    broker: str,
+    dicom_port: int,
+    web_port: int,
+    node_url: str,
+    rules: Path,
+    orthanc: Orthanc,
+    worker_port: int = 0,
+) -> dict[str, Any]:
+    return {
+        "dicom": {"host": "127.0.0.1", "port": dicom_port},
+        "storage": {"data_dir": str(data_dir), "min_free_bytes": 0},
+        "study": {"quiet_seconds": 0.5, "check_interval_seconds": 0.1},
+        "database": {"url": database, "auto_upgrade": False},
+        "web": {"enabled": True, "host": "127.0.0.1", "port": web_port},
+        "routing": {"rules_file": str(rules)},
+        "pipeline": {
+            "broker_url": broker,
+            "workers": 0,
+            "lease_seconds": 20,
+            "retry_backoff_seconds": 0.5,
+        },
+        "export": {"initial_backoff_seconds": 1.0, "max_backoff_seconds": 4.0},
+        "cluster": {"node_url": node_url},
+        "worker": {
+            "storage": "dicomweb",
+            "http_host": "127.0.0.1",
+            "http_port": worker_port,
+        },
+        "destinations": [
+            {
+                "name": "PACS",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        ],
+    }
+
+
+def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
+    tmp_path: Path,
+    database: str,
+    redis_server: PrivateRedis,
+    orthanc: Orthanc,
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    dicom_port, node_http, web_port = free_port(), free_port(), free_port()
+    worker_ports = [free_port(), free_port()]
+    node_url = f"http://127.0.0.1:{node_http}"
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "TRIAGE_NODE_CLUSTER__TOKEN": TOKEN,  # a secret: environment only
+    }
+    env.pop("TRIAGE_NODE_CONFIG", None)
+
+    def config(name: str, **overrides: int) -> Path:
+        cfg = _config(
+            tmp_path / name / "data",
+            database=database,
+            broker=redis_server.url,
+            dicom_port=overrides.get("dicom_port", free_port()),
+            web_port=overrides.get("web_port", free_port()),
+            node_url=node_url,
+            rules=rules,
+            orthanc=orthanc,
+            worker_port=overrides.get("worker_port", 0),
+        )
+        (tmp_path / name).mkdir()
+        return write_config(tmp_path / name / "triage-node.toml", cfg)
+
+    node_cfg = config("node", dicom_port=dicom_port, web_port=node_http)
+    web_cfg = config("web", web_port=web_port)
+    worker_cfgs = [config(f"worker{i}", worker_port=p) for i, p in enumerate(worker_ports)]
+
+    # The compose file's one-shot migration, then the long-running processes.
+    migrate = subprocess.run(
+        [str(CLI), "db", "upgrade", "--config", str(node_cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+
+    node = Proc(
+        "node",
+        [str(CLI), "serve", "--role", "dicom", "--config", str(node_cfg)],
+        tmp_path / "node" / "out.log",
+        env,
+    )
+    web = Proc(
+        "web",
+        [str(CLI), "serve", "--role", "web", "--config", str(web_cfg)],
+        tmp_path / "web" / "out.log",
+        env,
+    )
+    workers = [
+        Proc(
+            f"worker{i}",
+            [
+                str(CLI),
+                "worker",
+                "--concurrency",
+                "1",
+                "--name",
+                f"topo{i}@%h",
+                "--config",
+                str(cfg),
+            ],
+            tmp_path / f"worker{i}" / "out.log",
+            env,
+        )
+        for i, cfg in enumerate(worker_cfgs)
+    ]
+    procs = [node, web, *workers]
+    engine = create_engine(database)
+    try:
+        node.start()
+        wait_for_port(dicom_port, timeout=180)
+        wait_http_ok(f"{node_url}/readyz", [node])
+        web.start()
+        for w in workers:
+            w.start()
+        wait_http_ok(f"http://127.0.0.1:{web_port}/healthz", [web])
+        for w, port in zip(workers, worker_ports, strict=True):
+            wait_http_ok(f"http://127.0.0.1:{port}/healthz", [w])
+
+        studies: dict[str, list[Path]] = {}
+        for i in range(STUDIES):
+            uid, files = cxr_study(tmp_path / "studies" / f"{i:02d}", 1, offset=i)
+            studies[uid] = files
+        batches = [list(studies)[b::BATCHES] for b in range(BATCHES)]
+
+        def push(batch: list[str]) -> None:
+            send_until_acknowledged(dicom_port, [f for uid in batch for f in studies[uid]])
+
+        # Batch 1; kill worker 0 once it has finished a study while work is still queued.
+        push(batches[0])
+        victim, survivor = workers
+        deadline = time.monotonic() + 300
+        while done_count(victim.log) == 0:
+            assert time.monotonic() < deadline, victim.tail()
+            assert victim.alive(), victim.tail()
+            time.sleep(0.2)
+        push(batches[1])
+        victim.kill9()
+
+        # The broker goes away and comes back (same port, same append-only file).
+        redis_server.kill9()
+        time.sleep(2)
+        redis_server.start()
+        push(batches[2])
+
+        final = wait_all_done(engine, set(studies), timeout=600)
+        assert_processed_once(engine, tmp_path / "node" / "data", final, set(studies))
+        assert done_count(survivor.log) > 0
+
+        # Every result object reached the PACS once.
+        deadline = time.monotonic() + 300
+        while True:
+            with engine.connect() as conn:
+                exports = conn.execute(
+                    select(
+                        Study.study_instance_uid,
+                        Export.kind,
+                        Export.sop_instance_uid,
+                        Export.state,
+                        Export.last_error,
+                    ).join(Study, Study.id == Export.study_id)
+                ).all()
+            per_study = Counter(e.study_instance_uid for e in exports)
+            settled = all(e.state != ExportState.PENDING for e in exports)
+            if settled and all(per_study[uid] >= len(RESULT_KINDS) for uid in studies):
+                break
+            assert time.monotonic() < deadline, [
+                (e.kind, e.state, e.last_error) for e in exports if e.state != "delivered"
+            ][:10]
+            time.sleep(0.5)
+        assert all(e.state == ExportState.DELIVERED for e in exports), [
+            (e.kind, e.last_error) for e in exports if e.state != ExportState.DELIVERED
+        ]
+        for uid in studies:
+            kinds = sorted(e.kind for e in exports if e.study_instance_uid == uid)
+            assert kinds == RESULT_KINDS, f"study {uid}: {kinds}"
+        expected = {e.sop_instance_uid for e in exports}
+        assert len(expected) == len(exports) == STUDIES * len(RESULT_KINDS)
+        in_pacs = Counter(str(i["SOPInstanceUID"]) for i in orthanc.instances())
+        assert set(in_pacs) == expected, "PACS holds other objects than the results"
+        assert max(in_pacs.values()) == 1
+
+        # What the operators' dashboards see.
+        node_metrics = scrape(f"{node_url}/metrics")
+        assert metric(node_metrics, "triage_instances_received_total", result="stored") == STUDIES
+        assert metric(node_metrics, "triage_studies", state="done") == STUDIES
+        assert metric(
+            node_metrics, "triage_exports_total", destination="PACS", outcome="delivered"
+        ) == STUDIES * len(RESULT_KINDS)
+        worker_metrics = scrape(f"http://127.0.0.1:{worker_ports[1]}/metrics")
+        assert metric(worker_metrics, "triage_task_duration_seconds_count", outcome="done") >= 1
+
+        # Nobody shared a disk: the node's store holds every instance; the workers'
+        # data directories hold no copy of the node's catalogue or store layout.
+        for i in range(len(workers)):
+            data = tmp_path / f"worker{i}" / "data"
+            assert not (data / "instances").exists() or not any(
+                (data / "instances").rglob("*.dcm")
+            ), f"worker{i} wrote into an instance store of its own"
+    except BaseException:
+        print("\n".join(p.tail() for p in procs))
+        raise
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        engine.dispose()
