@@ -1,0 +1,69 @@
+"""PostgreSQL stopped and started again in the middle of a study's send.
+
+Proves: while the database is down the SCP answers every C-STORE with a failure
+status (0xA701, out of resources: the database could not record it), never
+Success, and writes nothing; the sender re-sends after the restart and every
+instance is stored once; the node (completion, supervisor) and the worker
+reconnect by themselves, and the study is processed exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from tests.faults.conftest import (
+    PrivatePostgres,
+    WorkerProcess,
+    assert_processed_once,
+    assert_stored_once,
+    cxr_study,
+    fault_config,
+    send,
+    send_until_acknowledged,
+    sop_uid,
+    wait_all_done,
+)
+from tests.nodes import NodeProcess, write_config
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_restart_mid_send_no_false_acknowledgement(
+    tmp_path: Path,
+    private_postgres: PrivatePostgres,
+    worker_processes: Callable[[Path, Path], WorkerProcess],
+) -> None:
+    """Half a study stored, PostgreSQL down (failures answered), back up: all stored, done once."""
+    cfg = fault_config(tmp_path, database_url=private_postgres.url, study={"quiet_seconds": 2.0})
+    config = write_config(tmp_path / "node.toml", cfg)
+    port = cfg["dicom"]["port"]
+    uid, files = cxr_study(tmp_path / "study", 6)
+    first, rest = files[:3], files[3:]
+    node = NodeProcess(config, port, tmp_path / "node.log").start()
+    engine = create_engine(private_postgres.url)
+    try:
+        worker_processes(config, tmp_path / "worker.log")
+        assert set(send(port, first).values()) == {"Success"}
+
+        private_postgres.stop()
+        answers = send(port, rest)
+        assert sorted(answers) == sorted(rest), f"no C-STORE response for some: {answers}"
+        assert "Success" not in answers.values(), answers
+        assert list((tmp_path / "var" / "instances").rglob(f"{sop_uid(rest[0])}.dcm")) == []
+
+        private_postgres.start()
+        send_until_acknowledged(port, rest)
+        assert node.proc is not None and node.proc.poll() is None
+        done = wait_all_done(engine, {uid})
+        assert done[uid].attempts == 1  # of the final version (one more, if it completed early)
+        assert_stored_once(tmp_path / "var", engine, {sop_uid(f): f for f in files})
+        assert_processed_once(engine, tmp_path / "var", done, {uid})
+        log = (tmp_path / "node.log").read_text()
+        assert log.count("database error") >= len(rest)
+    finally:
+        engine.dispose()
+        node.stop()
