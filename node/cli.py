@@ -114,13 +114,13 @@ _PARTS = {
     "supervisor": "routing and queueing",
     "exporter": "exporter",
     "retention": "retention",
-    "http": "HTTP",
 }
 
 
 def _role_summary(node: Node) -> str:
     """The role and what runs in it, from the node's actual components."""
-    parts = [_PARTS.get(name, name) for name in node.components()]
+    http = "HTTP service (health, metrics, internal API)" if node.role == "dicom" else "web app"
+    parts = [http if name == "http" else _PARTS.get(name, name) for name in node.components()]
     _, workers = node.worker_processes()
     if workers:
         parts.append(f"{workers} worker process(es)")
@@ -185,10 +185,11 @@ def _show_running(settings: Settings, node: Node) -> bool:
             f"{settings.pipeline.workers} worker process(es) started here; "
             f"broker {_broker_text(settings)}",
         )
+    refuses = f", refuses below {_human_bytes(settings.storage.min_free_bytes)}"
     grid.add_row(
         "Data",
-        f"{node.store.data_dir}  (free {_human_bytes(node.store.free_bytes())}, "
-        f"refuses below {_human_bytes(settings.storage.min_free_bytes)})",
+        f"{node.store.data_dir}  (free {_human_bytes(node.store.free_bytes())}"
+        f"{refuses if node.dicom is not None else ''})",
     )
     grid.add_row("Database", node.engine.url.render_as_string(hide_password=True))
     problems = node.readiness_problems()

@@ -81,6 +81,12 @@ INFERENCE_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 
+# Known label values start at 0, so a scrape shows them before the first event.
+for _result in ("accepted", "rejected"):
+    ASSOCIATIONS.labels(_result)
+for _result in ("stored", "duplicate", "rejected"):
+    INSTANCES.labels(_result)
+
 #: The queues a node reports the depth of, most urgent first (workers.celery_app.QUEUE_ORDER).
 QUEUES = ("stat", "urgent", "routine")
 

@@ -129,3 +129,62 @@ def test_readiness_reports_low_disk(start_node: Callable[..., Node]) -> None:
     assert ready.status_code == 503
     assert any("storage.min_free_bytes" in reason for reason in ready.json()["reasons"])
     assert httpx.get(node.web_url + "healthz", timeout=30).status_code == 200
+
+
+def test_exports_counted_by_destination_and_outcome(tmp_path: Path) -> None:
+    """Deliveries to a live AE (the node itself) and to a closed port, as the exporter sees them."""
+    from sqlalchemy import select
+
+    from node.config import Settings
+    from node.db.models import Instance
+    from node.export import deliveries
+    from tests.conftest import node_config
+    from tests.nodes import free_port
+
+    dicom_port = free_port()
+    cfg = node_config(tmp_path, web={"enabled": True}, dicom={"port": dicom_port})
+    cfg["destinations"] = [
+        {"name": "SELF", "ae_title": "TRIAGE", "host": "127.0.0.1", "port": dicom_port},
+        {"name": "NOWHERE", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()},
+    ]
+    cfg["export"] = {"initial_backoff_seconds": 3600, "timeout_seconds": 10}
+    with Node(Settings.model_validate(cfg)) as node:
+        before = scrape(node)
+        _, files = write_series(tmp_path / "ct", 1)
+        assert storescu(dicom_port, files).returncode == 0
+        with node.sessions.begin() as session:
+            instance = session.execute(select(Instance)).scalar_one()
+            for destination in ("SELF", "NOWHERE"):
+                deliveries.enqueue(
+                    session,
+                    study_id=instance.study_id,
+                    study_version=1,
+                    destination=destination,
+                    kind="original",
+                    sop_instance_uid=instance.sop_instance_uid,
+                    sop_class_uid=instance.sop_class_uid,
+                    path=instance.path,
+                )
+        assert node.exporter is not None
+        node.exporter.wake()
+
+        def attempted() -> Samples | None:
+            samples = scrape(node)
+            counts = [
+                value(samples, "triage_exports_total", destination=d, outcome=o)
+                - value(before, "triage_exports_total", destination=d, outcome=o)
+                for d, o in (("SELF", "delivered"), ("NOWHERE", "temporary"))
+            ]
+            return samples if all(counts) else None
+
+        deadline = time.monotonic() + 120
+        while (after := attempted()) is None:
+            assert time.monotonic() < deadline, "exports not counted"
+            time.sleep(0.2)
+        # The node received its own instance again: a duplicate, answered Success.
+        assert (
+            value(after, "triage_instances_received_total", result="duplicate")
+            - value(before, "triage_instances_received_total", result="duplicate")
+            == 1
+        )
+        assert value(after, "triage_exports_total", destination="SELF", outcome="permanent") == 0
