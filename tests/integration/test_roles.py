@@ -72,6 +72,11 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def tensorflow_loaded(pid: int) -> bool:
+    """Whether TensorFlow's native library is mapped into process ``pid``."""
+    return "tensorflow" in Path(f"/proc/{pid}/maps").read_text()
+
+
 class Process:
     """A ``triage-node`` command in its own process group, logging to a file."""
 
@@ -173,7 +178,8 @@ def test_dicom_web_and_worker_roles_share_database_and_broker(
             "TRIAGE_NODE_WEB__PORT": str(web_port),
             "TRIAGE_NODE_DICOM__PORT": str(web_dicom_port),
         }
-        processes.append(Process(["serve", "--config", str(config)], logs / "web.log", web_env))
+        web_proc = Process(["serve", "--config", str(config)], logs / "web.log", web_env)
+        processes.append(web_proc)
         poll(
             "web role ready",
             lambda: httpx.get(web + "readyz", timeout=10).status_code == 200,
@@ -278,6 +284,9 @@ def test_dicom_web_and_worker_roles_share_database_and_broker(
         assert m[("triage_task_duration_seconds_count", (("outcome", "done"),))] == 1
         for model in ("pneumonia-triage", "lung-seg"):
             assert m[("triage_inference_seconds_count", (("model", model),))] >= 1
+        # TensorFlow is mapped into the worker's pool process, never into the node roles.
+        assert tensorflow_loaded(live.json()["processes"][0])
+        assert not tensorflow_loaded(dicom.proc.pid) and not tensorflow_loaded(web_proc.proc.pid)
         # worker.tf_threads took effect in the pool process (TensorFlow reports it back).
         assert re.search(r"TensorFlow threads intra_op=1 inter_op=1", worker.log.read_text())
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.runtime import Node
 from tests.dicomgen import Patient, write_series
+from tests.nodes import free_port, wait_for_port
 from tests.peers import echoscu, storescu
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -81,15 +85,45 @@ def test_metrics_reflect_a_storescu_send(
         time.sleep(0.2)
 
 
-def test_queue_depth_counts_waiting_messages(start_node: Callable[..., Node]) -> None:
-    """A message sent to a queue with no worker shows in that queue's depth only."""
-    node = start_node(web={"enabled": True})
+@pytest.fixture(params=["embedded", "redis"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The embedded SQLite broker (""), or a private redis-server on a free port."""
+    if request.param == "embedded":
+        yield ""
+        return
+    server = shutil.which("redis-server")
+    assert server, "redis-server not installed"
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_queue_depth_counts_waiting_messages(
+    start_node: Callable[..., Node], broker_url: str
+) -> None:
+    """Messages sent to queues with no worker show in those queues' depth only.
+
+    On Redis, a message with a priority lands in a priority sub-list of the queue
+    (kombu's ``queue_order_strategy = priority``); it counts all the same.
+    """
+    node = start_node(web={"enabled": True}, pipeline={"broker_url": broker_url})
     assert node.celery is not None
     node.celery.send_task("triage.process_study", args=[0, 0], queue="urgent")
+    node.celery.send_task("triage.process_study", args=[0, 0], queue="urgent", priority=9)
     samples = scrape(node)
-    assert value(samples, "triage_queue_depth", queue="urgent") == 1
+    assert value(samples, "triage_queue_depth", queue="urgent") == 2
     assert value(samples, "triage_queue_depth", queue="stat") == 0
     assert value(samples, "triage_queue_depth", queue="routine") == 0
+    assert value(samples, "triage_source_up", source="broker") == 1
 
 
 def test_health_and_readiness(start_node: Callable[..., Node]) -> None:
@@ -139,7 +173,6 @@ def test_exports_counted_by_destination_and_outcome(tmp_path: Path) -> None:
     from node.db.models import Instance
     from node.export import deliveries
     from tests.conftest import node_config
-    from tests.nodes import free_port
 
     dicom_port = free_port()
     cfg = node_config(tmp_path, web={"enabled": True}, dicom={"port": dicom_port})
