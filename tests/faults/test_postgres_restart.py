@@ -1,4 +1,4 @@
-"""PostgreSQL stopped and started again in the middle of a study's send.
+"""PostgreSQL (a private cluster, not the shared server) stopped and started mid-send.
 
 Proves: while the database is down the SCP answers every C-STORE with a failure
 status (0xA701, out of resources: the database could not record it), never
@@ -31,7 +31,6 @@ from tests.nodes import NodeProcess, write_config
 
 
 @pytest.mark.slow
-@pytest.mark.postgres
 def test_postgres_restart_mid_send_no_false_acknowledgement(
     tmp_path: Path,
     private_postgres: PrivatePostgres,
