@@ -50,6 +50,10 @@ class WorkerProcesses:
                     str(self.concurrency),
                     "--name",
                     f"triage-{index}-{os.getpid()}@%h",
+                    # Embedded workers are watched by this node (its /healthz reports them);
+                    # several of them cannot share worker.http_port.
+                    "--http-port",
+                    "0",
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
