@@ -151,7 +151,8 @@ def _show_running(settings: Settings, node: Node) -> bool:
     grid.add_column()
     grid.add_row("Role", _role_summary(node))
     if node.dicom is not None:
-        grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] on {d.host}:{node.dicom.port}")
+        plain = f"on {d.host}:{node.dicom.port}" if d.plain else "plain listener off"
+        grid.add_row("DICOM", f"AE title [cyan]{d.ae_title}[/cyan] {plain}")
         if node.dicom.tls_port is not None:
             grid.add_row(
                 "DICOM TLS",
@@ -197,7 +198,17 @@ def _show_running(settings: Settings, node: Node) -> bool:
         "Ready", "[green]yes[/green]" if not problems else f"[yellow]no: {'; '.join(problems)}"
     )
     ok = True
-    if node.dicom is not None:
+    if node.dicom is not None and not d.plain:
+        # TLS only: a plain C-ECHO has nowhere to go, and with mutual TLS we hold no
+        # client certificate; report the listener instead.
+        ok = node.dicom.listening
+        grid.add_row(
+            "Self-check",
+            "[green]TLS listener is up (no plain C-ECHO in TLS-only mode)[/green]"
+            if ok
+            else "[red]TLS listener is not running[/red]",
+        )
+    elif node.dicom is not None:
         from node.verification import c_echo
 
         port = node.dicom.port
