@@ -13,10 +13,12 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from node.errors import RejectedInstance
 from node.ingest import status
@@ -25,6 +27,9 @@ from node.ingest import status
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = 0x7FE00010
 _DEFER = 64 * 1024
+#: PS3.5 sets no limit; real objects nest a handful deep (SR content trees the most).
+_MAX_DEPTH = 64
+_VRS = frozenset(vr.value for vr in VR)
 
 
 def is_valid_uid(value: str) -> bool:
@@ -72,6 +77,7 @@ def inspect_instance(
         if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
             # Offsets then point into the inflated stream: read it all, defer nothing.
             ds = dcmread(BytesIO(data))
+        _check_encoding(ds)
         header = _header(ds)
     except RejectedInstance:
         raise
@@ -97,8 +103,34 @@ def inspect_instance(
     deflated = header.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
     # Deflated datasets are read whole, so every value's own length tells.
     _check_truncation(ds, header, sys.maxsize if deflated else len(data))
+    _check_structure(ds, header)
     _check_pixel_data(ds, header)
     return header
+
+
+def _check_encoding(ds: Dataset) -> None:
+    """Refuse a data set not encoded in the transfer syntax it was sent with (PS3.5 10).
+
+    pydicom notices implicit VR under an explicit VR transfer syntax (and the
+    reverse) and reads on regardless; the node would then keep, and later send on,
+    bytes whose file meta lies about them. Must run before any element is read,
+    while the elements still say how they were found.
+    """
+    meta = getattr(ds, "file_meta", None)
+    tsuid = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    if not tsuid.is_transfer_syntax:
+        return
+    first = next(iter(ds._dict.values()), None)
+    if not isinstance(first, RawDataElement):
+        return
+    if first.is_implicit_VR != tsuid.is_implicit_VR:
+        found, declared = (
+            ("implicit", "explicit") if first.is_implicit_VR else ("explicit", "implicit")
+        )
+        raise RejectedInstance(
+            status.CANNOT_PARSE,
+            f"data set is encoded in {found} VR, its transfer syntax {tsuid} is {declared} VR",
+        )
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 324) -> str | None:
@@ -185,6 +217,52 @@ def _check_truncation(ds: Dataset, header: InstanceHeader, stream_length: int) -
                 f"dataset truncated in element {elem.tag}: {available} of {elem.length} bytes",
                 header.sop_instance_uid,
             )
+
+
+def _check_structure(ds: Dataset, header: InstanceHeader, depth: int = 0) -> None:
+    """Refuse unknown VRs and sequences whose items do not parse, at any depth.
+
+    The top level is walked by ``dcmread`` already; sequence contents are not until
+    someone reads them, so a broken item would be acknowledged and only fail later,
+    in the worker or at the PACS. Only element headers and sequences are read here,
+    no values.
+    """
+    if depth > _MAX_DEPTH:
+        raise RejectedInstance(
+            status.CANNOT_PARSE,
+            f"sequences nested deeper than {_MAX_DEPTH}",
+            header.sop_instance_uid,
+        )
+    for tag, found in list(ds._dict.items()):
+        elem: DataElement | RawDataElement = found
+        if isinstance(elem, RawDataElement):
+            vr = elem.VR
+            if vr is not None and vr not in _VRS:
+                raise RejectedInstance(
+                    status.CANNOT_PARSE,
+                    f"element {elem.tag} has an unknown VR",
+                    header.sop_instance_uid,
+                )
+            if vr is None and not tag.is_private:
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    continue
+            if vr != "SQ":
+                continue
+            try:
+                elem = ds[tag]
+            except Exception as exc:  # pydicom raises many types for malformed items
+                raise RejectedInstance(
+                    status.CANNOT_PARSE,
+                    f"sequence {elem.tag} cannot be parsed: {type(exc).__name__}",
+                    header.sop_instance_uid,
+                ) from exc
+        # Undefined-length sequences were parsed while reading; their items hold raw elements.
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                if isinstance(item, Dataset):
+                    _check_structure(item, header, depth + 1)
 
 
 def _check_pixel_data(ds: Dataset, header: InstanceHeader) -> None:

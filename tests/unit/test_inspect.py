@@ -5,8 +5,15 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 from node.errors import RejectedInstance
 from node.ingest import status
@@ -127,3 +134,28 @@ def test_invalid_integer_string_in_image_module_is_refused(ct: Dataset) -> None:
 )
 def test_uid_syntax(uid: str, valid: bool) -> None:
     assert is_valid_uid(uid) is valid
+
+
+@pytest.mark.parametrize(
+    "written,declared",
+    [
+        (ImplicitVRLittleEndian, ExplicitVRLittleEndian),
+        (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+    ],
+)
+def test_data_set_in_another_transfer_syntax_than_declared_is_refused(
+    ct: Dataset, written: str, declared: str
+) -> None:
+    """pydicom would read it anyway; the node must not keep bytes its file meta misdescribes."""
+    ct.file_meta.TransferSyntaxUID = written
+    data = encode(ct)
+    body = data[144 + int.from_bytes(data[140:144], "little") :]
+    meta = FileMetaDataset(ct.file_meta)
+    meta.TransferSyntaxUID = declared
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta)
+    with pytest.raises(RejectedInstance) as info:
+        inspect(buf.getvalue() + body, ct)
+    assert info.value.status == status.CANNOT_PARSE
+    assert "transfer syntax" in info.value.reason
