@@ -358,6 +358,11 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
         final = wait_all_done(engine, set(studies), timeout=600)
         assert_processed_once(engine, tmp_path / "node" / "data", final, set(studies))
         assert done_count(survivor.log) > 0
+        retried = sorted(uid for uid, rec in final.items() if rec.attempts > 1)
+        print(
+            f"topology: done per worker {[done_count(w.log) for w in workers]}, "
+            f"studies claimed more than once (worker kill, broker restart): {len(retried)}"
+        )
 
         # Every result object reached the PACS once.
         deadline = time.monotonic() + 300
