@@ -11,10 +11,13 @@
   ``worker.storage = "dicomweb"``: the same commands as the compose services.
 
 Separation: every process has its own data directory, so no disk is shared, and the
-workers reach the node's store only through its HTTP API with the cluster token.
-They all talk over loopback in one network namespace: separate namespaces would need
-veth pairs and PostgreSQL listening beyond 127.0.0.1, which the shared servers of
-this machine must not be reconfigured for.
+workers reach the node's store only through its HTTP API with the cluster token. Where
+network namespaces can be made (root with ``ip netns``), node, web and each worker run
+in a namespace of their own on a private bridge, as on separate hosts: they reach each
+other by the bridge addresses only, and PostgreSQL, Redis and Orthanc (which stay in the
+root namespace) through TCP forwarders on the bridge's address, because the machine's
+shared PostgreSQL listens on 127.0.0.1 only and must not be reconfigured. Elsewhere
+everything runs on loopback.
 
 The run: 30 single-image chest studies pushed with storescu in three batches; one
 worker killed with SIGKILL (process group) after it has finished a study while work
@@ -28,9 +31,15 @@ shows task durations.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import random
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +52,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
+from sqlalchemy.engine import make_url
 
 from node.db.models import Export, ExportState, Study
 from tests.conftest import _postgres_database
@@ -50,11 +60,10 @@ from tests.faults.conftest import (
     PrivateRedis,
     assert_processed_once,
     cxr_study,
-    send_until_acknowledged,
     wait_all_done,
 )
-from tests.nodes import CLI, free_port, wait_for_port, write_config
-from tests.peers import Orthanc
+from tests.nodes import CLI, free_port, write_config
+from tests.peers import Orthanc, dcmtk_env, require, storescu_responses
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -174,6 +183,209 @@ def done_count(log: Path) -> int:
         return 0
 
 
+class Forwarder:
+    """A TCP forwarder: connections to ``listen`` are piped to ``target`` (one thread pair each).
+
+    A server restarted behind it is reached again by new connections; open ones break
+    with it, as they would without the forwarder.
+    """
+
+    def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
+        self.target = target
+        self._server = socket.create_server((listen_host, 0))
+        self.port = int(self._server.getsockname()[1])
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+class Network:
+    """Where the topology's processes run: loopback, or one network namespace each.
+
+    ``host(name)``: the address process ``name`` binds to and is reached at;
+    ``argv(name, argv)``: the command that runs it there; ``peer``: the address the
+    processes reach the root namespace's servers at; ``expose(port)``: a port there
+    that reaches ``127.0.0.1:port`` of the root namespace.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.namespaces: dict[str, str] = {}
+        self.peer = "127.0.0.1"
+        self._forwarders: list[Forwarder] = []
+        self._bridge: str | None = None
+        self._addresses: dict[str, str] = {}
+
+    @staticmethod
+    def namespaces_possible() -> str | None:
+        """None when namespaces can be made here, else why not."""
+        if os.environ.get("TRIAGE_TEST_TOPOLOGY_LOOPBACK"):
+            return "TRIAGE_TEST_TOPOLOGY_LOOPBACK is set"
+        if os.geteuid() != 0:
+            return "not root"
+        if shutil.which("ip") is None:
+            return "no 'ip' command (iproute2)"
+        return None
+
+    def create(self) -> Network:
+        tag = secrets.token_hex(3)
+        used = subprocess.run(
+            ["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(50):
+            net = ipaddress.ip_network(
+                f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
+            )
+            prefix = str(net.network_address).rsplit(".", 1)[0] + "."
+            if f" {prefix}" not in used:
+                break
+        else:
+            raise RuntimeError("no free 10.x.y.0/24 for the test bridge")
+        self._bridge = f"tb{tag}"
+        self.peer = f"{prefix}1"
+        self._ip("link", "add", self._bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.peer}/24", "dev", self._bridge)
+        self._ip("link", "set", self._bridge, "up")
+        for i, name in enumerate(self.names):
+            ns, outside, inside = f"tn{tag}{i}", f"tv{tag}{i}", f"tp{tag}{i}"
+            address = f"{prefix}{i + 2}"
+            self._ip("netns", "add", ns)
+            self.namespaces[name] = ns
+            self._ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            self._ip("link", "set", outside, "master", self._bridge)
+            self._ip("link", "set", outside, "up")
+            self._ip("link", "set", inside, "netns", ns)
+            self._ip("-n", ns, "addr", "add", f"{address}/24", "dev", inside)
+            self._ip("-n", ns, "link", "set", inside, "up")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+            self._addresses[name] = address
+        return self
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], capture_output=True, text=True, check=True, timeout=30)
+
+    def host(self, name: str) -> str:
+        return self._addresses.get(name, "127.0.0.1")
+
+    def argv(self, name: str, argv: list[str]) -> list[str]:
+        ns = self.namespaces.get(name)
+        return argv if ns is None else ["ip", "netns", "exec", ns, *argv]
+
+    def expose(self, port: int) -> int:
+        if self._bridge is None:
+            return port
+        forwarder = Forwarder(self.peer, ("127.0.0.1", port))
+        self._forwarders.append(forwarder)
+        return forwarder.port
+
+    def remove(self) -> None:
+        for forwarder in self._forwarders:
+            forwarder.close()
+        for ns in self.namespaces.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        if self._bridge is not None:
+            subprocess.run(["ip", "link", "del", self._bridge], capture_output=True, check=False)
+
+
+def wait_for_listener(host: str, port: int, procs: list[Proc], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.alive(), f"{p.name} exited\n{p.tail()}"
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def send_until_acknowledged(host: str, port: int, files: list[Path], timeout: float = 300) -> None:
+    """storescu ``files`` to ``host``, re-sending what was not acknowledged, as a modality does."""
+    pending = list(files)
+    deadline = time.monotonic() + timeout
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} instances never acknowledged"
+        out = subprocess.run(
+            [
+                require("storescu"),
+                "-v",
+                "-nh",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "TRIAGE",
+                host,
+                str(port),
+                *map(str, pending),
+            ],
+            capture_output=True,
+            text=True,
+            env=dcmtk_env(),
+            timeout=600,
+            check=False,
+        )
+        answers = dict(storescu_responses(out.stdout + out.stderr))
+        pending = [f for f in pending if answers.get(f) != "Success"]
+        if pending:
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    names = ["node", "web", "worker0", "worker1"]
+    why_not = Network.namespaces_possible()
+    net = Network(names)
+    if why_not is None:
+        net.create()
+        print(
+            f"topology in network namespaces on bridge {net.peer}/24: "
+            + ", ".join(f"{n} {net.host(n)}" for n in names)
+        )
+    else:
+        print(f"topology on loopback: no network namespaces ({why_not})")
+    try:
+        yield net
+    finally:
+        net.remove()
+
+
 @pytest.fixture
 def database() -> Iterator[str]:
     yield from _postgres_database()
@@ -196,21 +408,27 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 def _config(
     data_dir: Path,
     *,
+    host: str,
     database: str,
     broker: str,
     dicom_port: int,
     web_port: int,
     node_url: str,
     rules: Path,
-    orthanc: Orthanc,
+    pacs: tuple[str, int],
+    sender_host: str,
     worker_port: int = 0,
 ) -> dict[str, Any]:
     return {
-        "dicom": {"host": "127.0.0.1", "port": dicom_port},
+        "dicom": {
+            "host": host,
+            "port": dicom_port,
+            "allowed_callers": [f"STORESCU@{sender_host}"],
+        },
         "storage": {"data_dir": str(data_dir), "min_free_bytes": 0},
         "study": {"quiet_seconds": 0.5, "check_interval_seconds": 0.1},
         "database": {"url": database, "auto_upgrade": False},
-        "web": {"enabled": True, "host": "127.0.0.1", "port": web_port},
+        "web": {"enabled": True, "host": host, "port": web_port},
         "routing": {"rules_file": str(rules)},
         "pipeline": {
             "broker_url": broker,
@@ -220,24 +438,14 @@ def _config(
         },
         "export": {"initial_backoff_seconds": 1.0, "max_backoff_seconds": 4.0},
         "cluster": {"node_url": node_url},
-        "worker": {
-            "storage": "dicomweb",
-            "http_host": "127.0.0.1",
-            "http_port": worker_port,
-        },
-        "destinations": [
-            {
-                "name": "PACS",
-                "ae_title": orthanc.aet,
-                "host": "127.0.0.1",
-                "port": orthanc.dicom_port,
-            }
-        ],
+        "worker": {"storage": "dicomweb", "http_host": host, "http_port": worker_port},
+        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": pacs[0], "port": pacs[1]}],
     }
 
 
 def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
     tmp_path: Path,
+    network: Network,
     database: str,
     redis_server: PrivateRedis,
     orthanc: Orthanc,
@@ -246,7 +454,15 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
     rules.write_text(RULES)
     dicom_port, node_http, web_port = free_port(), free_port(), free_port()
     worker_ports = [free_port(), free_port()]
-    node_url = f"http://127.0.0.1:{node_http}"
+    node_host = network.host("node")
+    node_url = f"http://{node_host}:{node_http}"
+    # The root namespace's servers, as the topology's processes reach them.
+    db_url = make_url(database)
+    remote_database = db_url.set(
+        host=network.peer, port=network.expose(db_url.port or 5432)
+    ).render_as_string(hide_password=False)
+    remote_broker = f"redis://{network.peer}:{network.expose(redis_server.port)}/0"
+    pacs = (network.peer, network.expose(orthanc.dicom_port))
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -259,13 +475,15 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
     def config(name: str, **overrides: int) -> Path:
         cfg = _config(
             tmp_path / name / "data",
-            database=database,
-            broker=redis_server.url,
+            host=network.host(name),
+            database=remote_database,
+            broker=remote_broker,
             dicom_port=overrides.get("dicom_port", free_port()),
             web_port=overrides.get("web_port", free_port()),
             node_url=node_url,
             rules=rules,
-            orthanc=orthanc,
+            pacs=pacs,
+            sender_host=network.peer,
             worker_port=overrides.get("worker_port", 0),
         )
         (tmp_path / name).mkdir()
@@ -277,7 +495,7 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
 
     # The compose file's one-shot migration, then the long-running processes.
     migrate = subprocess.run(
-        [str(CLI), "db", "upgrade", "--config", str(node_cfg)],
+        network.argv("node", [str(CLI), "db", "upgrade", "--config", str(node_cfg)]),
         env=env,
         capture_output=True,
         text=True,
@@ -288,29 +506,32 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
 
     node = Proc(
         "node",
-        [str(CLI), "serve", "--role", "dicom", "--config", str(node_cfg)],
+        network.argv("node", [str(CLI), "serve", "--role", "dicom", "--config", str(node_cfg)]),
         tmp_path / "node" / "out.log",
         env,
     )
     web = Proc(
         "web",
-        [str(CLI), "serve", "--role", "web", "--config", str(web_cfg)],
+        network.argv("web", [str(CLI), "serve", "--role", "web", "--config", str(web_cfg)]),
         tmp_path / "web" / "out.log",
         env,
     )
     workers = [
         Proc(
             f"worker{i}",
-            [
-                str(CLI),
-                "worker",
-                "--concurrency",
-                "1",
-                "--name",
-                f"topo{i}@%h",
-                "--config",
-                str(cfg),
-            ],
+            network.argv(
+                f"worker{i}",
+                [
+                    str(CLI),
+                    "worker",
+                    "--concurrency",
+                    "1",
+                    "--name",
+                    f"topo{i}@%h",
+                    "--config",
+                    str(cfg),
+                ],
+            ),
             tmp_path / f"worker{i}" / "out.log",
             env,
         )
@@ -320,14 +541,14 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
     engine = create_engine(database)
     try:
         node.start()
-        wait_for_port(dicom_port, timeout=180)
+        wait_for_listener(node_host, dicom_port, [node])
         wait_http_ok(f"{node_url}/readyz", [node])
         web.start()
         for w in workers:
             w.start()
-        wait_http_ok(f"http://127.0.0.1:{web_port}/healthz", [web])
-        for w, port in zip(workers, worker_ports, strict=True):
-            wait_http_ok(f"http://127.0.0.1:{port}/healthz", [w])
+        wait_http_ok(f"http://{network.host('web')}:{web_port}/healthz", [web])
+        for i, (w, port) in enumerate(zip(workers, worker_ports, strict=True)):
+            wait_http_ok(f"http://{network.host(f'worker{i}')}:{port}/healthz", [w])
 
         studies: dict[str, list[Path]] = {}
         for i in range(STUDIES):
@@ -336,7 +557,8 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
         batches = [list(studies)[b::BATCHES] for b in range(BATCHES)]
 
         def push(batch: list[str]) -> None:
-            send_until_acknowledged(dicom_port, [f for uid in batch for f in studies[uid]])
+            files = [f for uid in batch for f in studies[uid]]
+            send_until_acknowledged(node_host, dicom_port, files)
 
         # Batch 1; kill worker 0 once it has finished a study while work is still queued.
         push(batches[0])
@@ -404,7 +626,7 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
         assert metric(
             node_metrics, "triage_exports_total", destination="PACS", outcome="delivered"
         ) == STUDIES * len(RESULT_KINDS)
-        worker_metrics = scrape(f"http://127.0.0.1:{worker_ports[1]}/metrics")
+        worker_metrics = scrape(f"http://{network.host('worker1')}:{worker_ports[1]}/metrics")
         assert metric(worker_metrics, "triage_task_duration_seconds_count", outcome="done") >= 1
 
         # Nobody shared a disk: the node's store holds every instance; the workers'
