@@ -58,7 +58,7 @@ RESULTS = REPO / "bench" / "results" / "soak.json"
 CXR_VAL = REPO.parent / "shared" / "data" / "cxr-pneumonia" / "val"
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."
 CALLED_AE = "TRIAGE"
-USER, PASSWORD = "soak", "soak-bench-password"
+USER, PASSWORD = "soak", "soak-bench-password"  # pragma: allowlist secret
 JPEGS = sorted(CXR_VAL.glob("*/*.jpeg"))
 
 

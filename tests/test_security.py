@@ -67,7 +67,8 @@ def test_no_new_secrets_in_tracked_files() -> None:
     ]
     assert not unaudited, f"baseline entries not audited as false positives: {unaudited}"
 
-    run = _run("detect-secrets", "scan", timeout=300)
+    # The baseline itself holds the hashes of what it records: not a finding.
+    run = _run("detect-secrets", "scan", "--exclude-files", r"^\.secrets\.baseline$", timeout=300)
     assert run.returncode == 0, run.stderr
     current = json.loads(run.stdout)["results"]
     new = [
