@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from node.db.models import Instance, Series, Study
 from node.errors import NodeError
+from node.web.audit import AuditTrail
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -136,10 +137,20 @@ def _stored(
     return [(r.path, r.transfer_syntax_uid) for r in rows if node.store.exists(r.path)]
 
 
-def _multipart(node: Node, request: Request, found: list[tuple[str, str]], what: str) -> Response:
+def _multipart(
+    node: Node, request: Request, found: list[tuple[str, str]], what: str, study_uid: str
+) -> Response:
     """The instances ``found`` as one streamed multipart/related response."""
     if not found:
         raise HTTPException(404, "Not Found")
+    # Machines read patient data here too: the audit trail shows who fetched what.
+    AuditTrail(node.sessions).record(
+        "cluster-token",
+        "dicomweb.retrieve",
+        study_instance_uid=study_uid,
+        detail=f"{len(found)} instance(s) of {what}",
+        client_address=request.client.host if request.client else None,
+    )
     wanted = acceptable_syntaxes(request.headers.get("accept", ""))
     if wanted is not None and any(syntax not in wanted for _, syntax in found):
         raise HTTPException(
@@ -174,12 +185,12 @@ def internal_router(node: Node) -> APIRouter:
 
     @router.get(DICOMWEB_PREFIX + "/studies/{study_uid}")
     def retrieve_study(study_uid: str, request: Request) -> Response:
-        return _multipart(node, request, _stored(node, study_uid), f"study {study_uid}")
+        return _multipart(node, request, _stored(node, study_uid), f"study {study_uid}", study_uid)
 
     @router.get(DICOMWEB_PREFIX + "/studies/{study_uid}/series/{series_uid}")
     def retrieve_series(study_uid: str, series_uid: str, request: Request) -> Response:
         return _multipart(
-            node, request, _stored(node, study_uid, series_uid), f"series {series_uid}"
+            node, request, _stored(node, study_uid, series_uid), f"series {series_uid}", study_uid
         )
 
     @router.get(DICOMWEB_PREFIX + "/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}")
@@ -187,7 +198,11 @@ def internal_router(node: Node) -> APIRouter:
         study_uid: str, series_uid: str, sop_uid: str, request: Request
     ) -> Response:
         return _multipart(
-            node, request, _stored(node, study_uid, series_uid, sop_uid), f"instance {sop_uid}"
+            node,
+            request,
+            _stored(node, study_uid, series_uid, sop_uid),
+            f"instance {sop_uid}",
+            study_uid,
         )
 
     @router.put(FILES_PREFIX + "/{path:path}", status_code=204)

@@ -16,7 +16,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 from sqlalchemy import select
 
-from node.db.models import Instance
+from node.db.models import AuditEvent, Instance
 from node.runtime import Node
 from tests.dicomgen import write_series
 from tests.nodes import free_port
@@ -148,6 +148,15 @@ def test_dicomweb_client_retrieves_study_series_and_instance(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("multipart/related")
     assert _parts(response) == [stored[r.sop_instance_uid] for r in rows]
+
+    # Machine reads of patient data are in the audit trail like a person's.
+    with node.sessions() as session:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "dicomweb.retrieve")
+        ).all()
+    assert len(events) == 4
+    assert {e.study_instance_uid for e in events} == {study_uid}
+    assert all(e.user_name == "cluster-token" and e.client_address for e in events)
 
 
 def test_unknown_or_malformed_uids_are_not_found(
