@@ -69,6 +69,43 @@ class Catalog:
             ).first()
             return found is not None
 
+    def is_purged(self, sop_instance_uid: str) -> bool:
+        """The instance is catalogued but its file was removed by the retention policy."""
+        with self._engine.connect() as conn:
+            found = conn.execute(
+                select(Instance.id).where(
+                    Instance.sop_instance_uid == sop_instance_uid, Instance.purged_at.is_not(None)
+                )
+            ).first()
+            return found is not None
+
+    def restore_purged(self, sop_instance_uid: str, stored: StoredFile) -> None:
+        """A purged instance was sent again: its row points at the new file once more.
+
+        The study keeps its state and results (the same bytes give the same findings);
+        its ``purged_at`` clears when none of its instances is purged any longer.
+        """
+        with self._engine.begin() as conn:
+            study_id = conn.execute(
+                update(Instance)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+                .values(
+                    path=stored.relative_path,
+                    size_bytes=stored.size_bytes,
+                    sha256=stored.sha256,
+                    purged_at=None,
+                    duplicate_count=Instance.duplicate_count + 1,
+                )
+                .returning(Instance.study_id)
+            ).scalar_one()
+            still_purged = conn.execute(
+                select(Instance.id).where(
+                    Instance.study_id == study_id, Instance.purged_at.is_not(None)
+                )
+            ).first()
+            if still_purged is None:
+                conn.execute(update(Study).where(Study.id == study_id).values(purged_at=None))
+
     def record_duplicate(self, sop_instance_uid: str) -> None:
         with self._engine.begin() as conn:
             conn.execute(

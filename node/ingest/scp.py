@@ -301,15 +301,22 @@ class StoreSCP:
 
         with self._locks(header.sop_instance_uid):
             try:
-                if self.catalog.has_instance(header.sop_instance_uid):
-                    self.catalog.record_duplicate(header.sop_instance_uid)
-                    log.info("duplicate sop_instance_uid=%s kept once", header.sop_instance_uid)
-                    return _DUPLICATE
                 rel = self.store.instance_relpath(
                     header.study_instance_uid,
                     header.series_instance_uid,
                     header.sop_instance_uid,
                 )
+                if self.catalog.has_instance(header.sop_instance_uid):
+                    if self.catalog.is_purged(header.sop_instance_uid):
+                        self._restore(rel, data, header.sop_instance_uid)
+                        log.info(
+                            "purged sop_instance_uid=%s received again; file restored",
+                            header.sop_instance_uid,
+                        )
+                        return status.SUCCESS
+                    self.catalog.record_duplicate(header.sop_instance_uid)
+                    log.info("duplicate sop_instance_uid=%s kept once", header.sop_instance_uid)
+                    return _DUPLICATE
                 self._write_and_record(rel, data, header, calling)
             except RejectedInstance as exc:
                 log.warning(
@@ -355,6 +362,11 @@ class StoreSCP:
             # After a database error the file may stay without a row; the sender's
             # retry replaces it. Never answer while the write is still running.
             wait([written])
+
+    def _restore(self, rel: str, data: bytes, sop_instance_uid: str) -> None:
+        """Write a purged instance's file again, then point its row at it (file durable first)."""
+        stored = self.store.write(rel, data)
+        self.catalog.restore_purged(sop_instance_uid, stored)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -6,13 +6,16 @@ purge runs at a chosen ``now`` days ahead instead of waiting for days to pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom import dcmread
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
@@ -119,6 +122,34 @@ def test_finished_old_study_loses_files_and_keeps_rows_findings_and_audit(
 
     # A second run finds nothing more to do.
     assert retention.run(now=utcnow() + LATER).studies == []
+
+
+def test_purged_instances_sent_again_are_stored_again(node: Node, tmp_path: Path) -> None:
+    """A modality re-sending a purged study gets Success and the node has the files again."""
+    uid, files = write_series(tmp_path / "r", 2, patient=PATIENT)
+    assert storescu(node.dicom.port, files).returncode == 0
+    _set_status(node, uid, StudyStatus.DONE)
+    Retention(node.settings.retention, node.sessions, node.store).run(now=utcnow() + LATER)
+    assert not any(f.exists() for f in _files(node, uid))
+
+    assert storescu(node.dicom.port, files[:1]).returncode == 0
+    with node.sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        rows = session.scalars(
+            select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
+        ).all()
+        assert study.purged_at is not None  # one of two instances is still gone
+        assert [r.purged_at is None for r in rows] == [True, False]
+        assert study.status == StudyStatus.DONE and study.instance_count == 2
+    restored = node.store.path(rows[0].path).read_bytes()
+    assert hashlib.sha256(restored).hexdigest() == rows[0].sha256
+    assert dcmread(BytesIO(restored)).PixelData == dcmread(files[0]).PixelData
+
+    assert storescu(node.dicom.port, files[1:]).returncode == 0
+    with node.sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        assert study.purged_at is None
+    assert all(f.is_file() for f in _files(node, uid))
 
 
 @pytest.mark.parametrize(
