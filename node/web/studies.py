@@ -218,15 +218,33 @@ def mark_and_audit(
     return True
 
 
-def instance_file(session: Session, study_instance_uid: str, sop_instance_uid: str) -> str | None:
-    """Path (relative to the data directory) of an instance of this study."""
-    return session.scalar(
-        select(Instance.path)
+class InstanceLocation(BaseModel):
+    """Where one stored instance is: its file, its series, whether retention removed it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    series_instance_uid: str
+    purged: bool
+
+
+def instance_file(
+    session: Session, study_instance_uid: str, sop_instance_uid: str
+) -> InstanceLocation | None:
+    """The stored file (relative to the data directory) of an instance of this study."""
+    row = session.execute(
+        select(Instance.path, Series.series_instance_uid, Instance.purged_at)
         .join(Study, Study.id == Instance.study_id)
+        .join(Series, Series.id == Instance.series_id)
         .where(
             Study.study_instance_uid == study_instance_uid,
             Instance.sop_instance_uid == sop_instance_uid,
         )
+    ).first()
+    if row is None:
+        return None
+    return InstanceLocation(
+        path=row.path, series_instance_uid=row.series_instance_uid, purged=row.purged_at is not None
     )
 
 
@@ -281,5 +299,56 @@ def result_file(
         raise ResultFileMissing(relative_path)
     with tempfile.NamedTemporaryFile(suffix=Path(relative_path).suffix) as tmp:
         tmp.write(response.content)
+        tmp.flush()
+        yield Path(tmp.name)
+
+
+@contextlib.contextmanager
+def instance_copy(
+    store: InstanceStore,
+    cluster: ClusterSettings,
+    study_instance_uid: str,
+    sop_instance_uid: str,
+    where: InstanceLocation,
+    *,
+    timeout: float = 30.0,
+) -> Iterator[Path]:
+    """A readable local copy of a stored instance, for rendering it.
+
+    On the node's own disk it is read in place. A web role on another host
+    (``cluster.node_url`` set) retrieves it by DICOMweb WADO-RS from the node,
+    like a worker does, into a temporary file removed when the block ends.
+    """
+    if store.exists(where.path):
+        yield store.path(where.path)
+        return
+    if not cluster.node_url:
+        raise ResultFileMissing(where.path)
+    from dicomweb_client import DICOMwebClient
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {cluster.token}"
+    client = DICOMwebClient(
+        url=f"{cluster.node_url.rstrip('/')}/dicomweb", session=session, timeout=timeout
+    )
+    client.set_http_retry_params(retry=False)  # a page waits for an image, not for retries
+    try:
+        ds = client.retrieve_instance(
+            study_instance_uid,
+            where.series_instance_uid,
+            sop_instance_uid,
+            media_types=(("application/dicom", "*"),),
+        )
+    except (requests.RequestException, OSError) as exc:
+        log.warning(
+            "instance sop_instance_uid=%s: node did not deliver it (%s)",
+            sop_instance_uid,
+            type(exc).__name__,
+        )
+        raise ResultFileMissing(where.path) from None
+    finally:
+        session.close()
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
         tmp.flush()
         yield Path(tmp.name)

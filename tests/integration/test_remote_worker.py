@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from sqlalchemy import select
 
 from node.config import ClusterSettings, Settings
@@ -21,7 +22,8 @@ from node.db.engine import make_engine, make_sessionmaker
 from node.db.models import Finding, StudyStatus
 from node.runtime import Node
 from node.storage import InstanceStore
-from node.web.studies import ResultFileMissing, result_file
+from node.web.images import image_png
+from node.web.studies import ResultFileMissing, instance_copy, instance_file, result_file
 from tests.dicomgen import Patient, cxr_from_jpeg
 from tests.nodes import free_port, wait_for_study
 from tests.peers import storescu
@@ -109,6 +111,28 @@ def test_worker_without_shared_disk_processes_a_study_through_the_node_api(
     with (
         pytest.raises(ResultFileMissing),
         result_file(web_store, ClusterSettings(token="wrong", node_url=node.web_url), arrays[0]),
+    ):
+        pass
+
+    # ...and renders the received image itself, retrieved by WADO-RS from the node.
+    sop_uid = findings[0].sop_instance_uid
+    assert sop_uid is not None
+    with node.sessions() as session:
+        where = instance_file(session, study_uid, sop_uid)
+    assert where is not None and not where.purged
+    with instance_copy(web_store, cluster, study_uid, sop_uid, where) as path:
+        assert not path.is_relative_to(node_dir)
+        assert dcmread(path).PixelData == dcmread(node.store.path(where.path)).PixelData
+        assert image_png(path, 1).startswith(b"\x89PNG")
+    with (
+        pytest.raises(ResultFileMissing),
+        instance_copy(
+            web_store,
+            ClusterSettings(token="wrong", node_url=node.web_url),
+            study_uid,
+            sop_uid,
+            where,
+        ),
     ):
         pass
 

@@ -14,6 +14,7 @@ from node.web.studies import (
     OverlayKind,
     ResultFileMissing,
     StudyOut,
+    instance_copy,
     instance_file,
     mark_and_audit,
     overlay_file,
@@ -75,13 +76,16 @@ def instance_image(
 ) -> Response:
     """One frame of a stored image as PNG (grey levels as the models saw them)."""
     with ctx.sessions() as session:
-        rel = instance_file(session, study_uid, sop_uid)
-    if rel is None:
+        where = instance_file(session, study_uid, sop_uid)
+    if where is None:
         raise HTTPException(404, "no such instance in this study")
-    if not ctx.store.exists(rel):
+    if where.purged:
         raise HTTPException(410, "image no longer stored (retention policy)")
     try:
-        body = image_png(ctx.store.path(rel), frame)
+        with instance_copy(ctx.store, ctx.settings.cluster, study_uid, sop_uid, where) as path:
+            body = image_png(path, frame)
+    except ResultFileMissing:
+        raise HTTPException(503, "the image is not reachable from this web server") from None
     except ImageUnavailable as exc:
         raise HTTPException(422, str(exc)) from None
     ctx.audit.record(
