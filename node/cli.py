@@ -19,8 +19,9 @@ from rich.table import Table
 
 from models.cli import app as model_app
 from node import __version__
-from node.config import Settings, load_settings
-from node.errors import ConfigError, NodeError
+from node.cli_options import ConfigOption, settings_or_exit
+from node.config import Settings
+from node.errors import NodeError
 from node.retention_cli import app as retention_app
 
 if TYPE_CHECKING:
@@ -54,25 +55,8 @@ app.add_typer(retention_app, name="retention")
 app.add_typer(rules_app, name="rules")
 app.add_typer(users_app, name="users")
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (see config.example.toml).",
-        envvar="TRIAGE_NODE_CONFIG",
-        exists=True,
-        dir_okay=False,
-    ),
-]
 
-
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+_settings = settings_or_exit
 
 
 @contextmanager

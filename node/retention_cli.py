@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from node.cli_options import ConfigOption
+
 app = typer.Typer(help="Retention policy: purge old received images.", no_args_is_help=True)
 console = Console()
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (see config.example.toml).",
-        envvar="TRIAGE_NODE_CONFIG",
-        exists=True,
-        dir_okay=False,
-    ),
-]
 
 
 @app.command("run")

@@ -22,33 +22,24 @@ from rich.tree import Tree
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Settings, load_settings
+from node.cli_options import ConfigOption, settings_or_exit
+from node.config import Settings
 
 if TYPE_CHECKING:
     from node.routing.store import RuleStore
-from node.errors import ConfigError, NodeError, RuleError
+from node.errors import NodeError, RuleError
 from node.routing.match import RuleExplanation, SeriesAttributes, explain, route
 from node.routing.rules import Rule, RuleSet, parse_rules
 
 console = Console()
 err_console = Console(stderr=True)
 
+
 app = typer.Typer(
     help="Routing rules: which studies run which models, at what priority, sent where.",
     no_args_is_help=True,
 )
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (finds the database).",
-        envvar="TRIAGE_NODE_CONFIG",
-        exists=True,
-        dir_okay=False,
-    ),
-]
 RulesFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Rules file (TOML).")]
 
 
@@ -62,12 +53,7 @@ def _user() -> str:
 ByOption = Annotated[str, typer.Option("--by", help="Who makes the change (recorded).")]
 
 
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+_settings = settings_or_exit
 
 
 def _refuse(exc: RuleError) -> typer.Exit:

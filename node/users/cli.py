@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from node.cli_options import ConfigOption
 from node.config import load_settings
 from node.db.models import Role
 from node.errors import ConfigError
@@ -20,18 +21,6 @@ from node.users.accounts import AccountError, Accounts
 app = typer.Typer(help="Web users and their roles (radiologist, admin).", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML configuration file (see config.example.toml).",
-        envvar="TRIAGE_NODE_CONFIG",
-        exists=True,
-        dir_okay=False,
-    ),
-]
 
 
 @contextmanager
