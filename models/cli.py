@@ -68,7 +68,8 @@ def train(
         typer.Option(help="pneumonia: val/ dir to fine-tune on (adapt half); needs --init-weights"),
     ] = None,
     init_weights: Annotated[
-        Path | None, typer.Option(help="pneumonia --adapt: weights dir to start from")
+        Path | None,
+        typer.Option(help="weights dir to start from (pneumonia --adapt; lungs: continue a run)"),
     ] = None,
     adapt_oversample: Annotated[
         int, typer.Option(help="--adapt: repeat adapt-fit images this many times per pass")
@@ -91,8 +92,10 @@ def train(
         train_segmenter,
     )
 
-    if (adapt is None) != (init_weights is None) or (adapt and task is not Task.pneumonia):
-        raise typer.BadParameter("--adapt and --init-weights go together, for pneumonia only")
+    if task is Task.pneumonia and (adapt is None) != (init_weights is None):
+        raise typer.BadParameter("pneumonia: --adapt and --init-weights go together")
+    if task is Task.lungs and adapt is not None:
+        raise typer.BadParameter("--adapt is for pneumonia only")
     settings = TrainSettings(
         input_size=input_size or DEFAULT_SIZE[task],
         epochs=epochs,
@@ -116,7 +119,9 @@ def train(
             data, out, settings, backbone=backbone, backbone_weights=backbone_weights
         )
     else:
-        meta = train_segmenter(data, out, settings, warmup_size=warmup_size)
+        meta = train_segmenter(
+            data, out, settings, warmup_size=warmup_size, init_weights=init_weights
+        )
     typer.echo(f"wrote {meta.name} {meta.version} to {out} (sha256 {meta.weights_sha256})")
 
 

@@ -414,8 +414,12 @@ def train_segmenter(
     steps_per_epoch: int = 16,
     warmup_size: int | None = None,
     warmup_fraction: float = 0.7,
+    init_weights: Path | None = None,
 ) -> ModelMetadata:
     """Fit the U-Net on every image of `data_dir` except the fixed hold-out.
+
+    `init_weights` (a weights dir) continues an earlier run instead of starting from
+    random weights: more epochs at the final size without repeating the warm-up.
 
     With 27 training images there is nothing to spare for early stopping: the run goes for
     a fixed number of epochs (or the time budget) with learning-rate drops on the training
@@ -437,6 +441,13 @@ def train_segmenter(
             (size, settings.time_budget_s * (1 - warmup_fraction), settings.learning_rate / 3),
         ]
     weights: list[Any] | None = None
+    init_note: str | None = None
+    if init_weights is not None:
+        init_meta = ModelMetadata.read(metadata_path(init_weights, SEGMENTER_NAME))
+        start = build_unet(size)
+        load_weights(start, init_weights / init_meta.weights_file, init_meta.weights_sha256)
+        weights = start.get_weights()
+        init_note = f"{init_meta.name} {init_meta.version} sha256 {init_meta.weights_sha256}"
     losses: list[float] = []
     exhausted = False
     for phase_size, seconds, lr in phases:
@@ -502,6 +513,7 @@ def train_segmenter(
             "final_loss": losses[-1],
             "time_budget_exhausted": exhausted,
             "float16_check": fp16,
+            "init_weights": init_note,
             "loss": "dice + bce",
             "augmentation": {**_augmentation(), "gamma": [0.8, 1.25], "brightness": 0.1},
         },
