@@ -379,6 +379,7 @@ def worker(
     processes (forked) run the tasks, each with worker.tf_threads TensorFlow threads.
     """
     import os
+    import shutil
 
     from node.logs import configure_logging
 
@@ -399,7 +400,8 @@ def worker(
     configure_logging(settings.logging.level, json_format=settings.logging.json_format)
     from workers.health import prepare_multiprocess_dir
 
-    metrics_dir = prepare_multiprocess_dir(settings.storage.data_dir) if port else None
+    # Always: with no port of its own (embedded in "serve"), the node sums these files.
+    metrics_dir = prepare_multiprocess_dir(settings.storage.data_dir)
 
     from workers.celery_app import make_celery
     from workers.health import WorkerHealth
@@ -431,6 +433,7 @@ def worker(
     finally:
         if probes is not None:
             probes.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

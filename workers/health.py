@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from node.config import Settings
 from node.db.engine import make_engine
 from node.observability import health
+from node.observability.health import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +43,13 @@ def prepare_multiprocess_dir(data_dir: Path) -> Path:
     host = socket.gethostname()
     for old in root.glob(f"{host}-*"):
         pid = old.name.rpartition("-")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     path = root / f"{host}-{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     os.environ[MULTIPROC_ENV] = str(path)
     return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class WorkerHealth:

@@ -7,6 +7,7 @@ reasons name components and exception types, never URLs with credentials or data
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from sqlalchemy import Engine
@@ -44,3 +45,14 @@ def disk_problems(free_bytes: int, min_free_bytes: int) -> list[str]:
     if free_bytes <= min_free_bytes:
         return [f"disk free {free_bytes} bytes, at or below storage.min_free_bytes"]
     return []
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -14,8 +14,10 @@ Labels never carry patient data: results, destination, model and queue names onl
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -33,6 +35,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Study, StudyStatus
+from node.observability.health import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +244,63 @@ class NodeCollector(Collector):
         )
 
 
+#: Families only worker processes fill in (the node reports its embedded workers' values).
+WORKER_FAMILIES = frozenset({"triage_task_duration_seconds", "triage_inference_seconds"})
+
+
 class _ProcessMetrics(Collector):
-    """This process's own counters and histograms (the default registry)."""
+    """This process's own counters and histograms (the default registry), minus ``exclude``."""
+
+    def __init__(self, exclude: frozenset[str] = frozenset()) -> None:
+        self.exclude = exclude
 
     def collect(self) -> Iterable[Metric]:
-        return REGISTRY.collect()
+        return (m for m in REGISTRY.collect() if m.name not in self.exclude)
 
 
-def node_registry(collector: NodeCollector) -> CollectorRegistry:
-    """What a node or web process exposes: its own metrics plus the scrape-time gauges."""
+class EmbeddedWorkerMetrics(Collector):
+    """Task and inference metrics of the worker processes a node started itself.
+
+    Each ``triage-node worker`` writes prometheus_client multiprocess files under
+    ``<data_dir>/worker-metrics/<host>-<pid>/`` (its pool children too). The node
+    sums the files of its live workers, so the all-in-one ``/metrics`` shows task
+    durations and inference latency without a port per embedded worker.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        host = socket.gethostname()
+        files: list[str] = []
+        for folder in self.root.glob(f"{host}-*"):
+            pid = folder.name.rpartition("-")[2]
+            if pid.isdigit() and pid_alive(int(pid)):
+                files += [str(f) for f in folder.glob("*.db")]
+        try:
+            merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        except (OSError, ValueError) as exc:  # a worker exiting while we read its files
+            log.warning("metrics: cannot read worker metrics error=%s", type(exc).__name__)
+            return []
+        return [m for m in merged if m.name in WORKER_FAMILIES]
+
+
+def node_registry(
+    collector: NodeCollector, *, embedded_workers: Path | None = None
+) -> CollectorRegistry:
+    """What a node or web process exposes: its own metrics plus the scrape-time gauges.
+
+    ``embedded_workers``: the ``worker-metrics`` folder of workers this node started,
+    whose task and inference metrics it reports as its own.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ProcessMetrics())
+    if embedded_workers is None:
+        registry.register(_ProcessMetrics())
+    else:
+        registry.register(_ProcessMetrics(exclude=WORKER_FAMILIES))
+        registry.register(EmbeddedWorkerMetrics(embedded_workers))
     registry.register(collector)
     return registry
 

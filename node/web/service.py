@@ -56,7 +56,12 @@ def health_router(node: Node) -> APIRouter:
         return JSONResponse({**body, "reasons": reasons}, status_code=503 if reasons else 200)
 
     if node.settings.web.metrics:
-        registry = node_registry(NodeCollector(node.sessions, node.store.free_bytes, node.celery))
+        registry = node_registry(
+            NodeCollector(node.sessions, node.store.free_bytes, node.celery),
+            embedded_workers=(
+                node.store.data_dir / "worker-metrics" if node.workers is not None else None
+            ),
+        )
 
         @router.get("/metrics")
         def metrics() -> Response:

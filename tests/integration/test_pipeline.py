@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from sqlalchemy import func, select
 
@@ -89,7 +91,7 @@ def test_chest_xray_end_to_end_matches_the_model(
     """
     from models.inference import load_classifier
 
-    node = start_pipeline()
+    node = start_pipeline(web={"enabled": True})
     jpeg = pneumonia_images(shared_data, 1)[0]
     study_uid, pixels = cxr_from_jpeg(jpeg, tmp_path / "cxr.dcm")
     assert storescu(node.dicom.port, [tmp_path / "cxr.dcm"]).returncode == 0
@@ -137,6 +139,21 @@ def test_chest_xray_end_to_end_matches_the_model(
     assert len(lungs) == 1 and lungs[0].lung_area_px and lungs[0].lung_area_px > 0.05 * pixels.size
     assert lungs[0].lung_area_mm2 == pytest.approx(lungs[0].lung_area_px * 0.7 * 0.7)
     assert done.queued_at and done.started_at and done.finished_at and done.completed_at
+
+    # The node's /metrics includes its embedded worker's task and inference metrics,
+    # each family once (a duplicate family would make Prometheus reject the scrape).
+    assert node.web_url is not None
+    text = httpx.get(node.web_url + "metrics", timeout=30).text
+    families = [f.name for f in text_string_to_metric_families(text)]
+    assert len(families) == len(set(families)), families
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("triage_task_duration_seconds_count", (("outcome", "done"),))] >= 1
+    for model in ("pneumonia-triage", "lung-seg"):
+        assert samples[("triage_inference_seconds_count", (("model", model),))] >= 1
 
     # The workers' logs (TensorFlow, Celery, pydicom, highdicom and ours) carry no PHI.
     worker_logs = "".join(p.read_text() for p in (node.store.data_dir / "logs").glob("*.log"))
