@@ -241,6 +241,8 @@ def node_peer(*, fsync: bool) -> PeerKind:
             "dicom": {"ae_title": "TRIAGE", "host": LOOPBACK, "port": port},
             "storage": {"data_dir": str(data), "min_free_bytes": 0, "fsync": fsync},
             "web": {"enabled": False},
+            # Ingest only: no worker process loading TensorFlow on the same cores meanwhile.
+            "pipeline": {"workers": 0},
         }
 
         def stored() -> int:
