@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC
 from pathlib import Path
@@ -64,19 +64,17 @@ from harness import (
     write_json,
 )
 from rich.table import Table
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import Engine
 
 sys.path.insert(0, str(REPO))
 from bench_pipeline import CxrStudy, cxr_images, make_studies
 
 from node.db.models import Finding, Study
+from tests.nodes import postgres_database
 
 RESULTS = REPO / "bench" / "results" / "scale.json"
 CALLED_AE = "TRIAGE"
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TRIAGE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 DONE_LINE = "study done study_uid="  # workers/processing.py logs this per finished study
 STUDY_TIMEOUT_S = 600.0
 WORKER_ENV = {"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -95,21 +93,6 @@ BodyPartExamined = "CHEST"
 
 
 # -- servers of this benchmark ----------------------------------------------------------
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the local PostgreSQL server, dropped at the end."""
-    name = f"triage_bench_{secrets.token_hex(4)}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def redis_process(work: Path) -> tuple[PeerProcess, int]:
     """A private redis-server (append-only file, as in production) on a free port."""
     redis_server = shutil.which("redis-server")
@@ -238,7 +221,7 @@ def run_count(
     token = secrets.token_urlsafe(24)
     env = {**WORKER_ENV, "TRIAGE_NODE_CLUSTER__TOKEN": token}
     redis, redis_port = redis_process(work / "redis")
-    with postgres_database() as database, redis:
+    with postgres_database("triage_bench") as database, redis:
         broker = f"redis://{LOOPBACK}:{redis_port}/0"
         dicom_port, http_port = free_port(), free_port()
         node_url = f"http://{LOOPBACK}:{http_port}"

@@ -23,9 +23,7 @@ Exit status: 0 measured (whether or not the target was met), 2 the benchmark fai
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import secrets
 import sys
 import tempfile
 import time
@@ -40,18 +38,15 @@ import httpx
 from harness import REPO, BenchError, console, free_port, machine_description, percentile
 from harness import write_json as save_json
 from rich.table import Table
-from sqlalchemy import create_engine, insert, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import insert, text
 
 from node.config import Settings
 from node.db.models import Finding, Priority, Role, Study, StudyStatus
 from node.runtime import Node
 from node.users.accounts import Accounts
+from tests.nodes import postgres_database
 
 RESULTS = REPO / "bench" / "results" / "web.json"
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 TARGET_MS = 100.0
 PASSWORD = "bench-password-123"
 BATCH = 10_000
@@ -78,16 +73,8 @@ def database(backend: str, folder: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{folder / 'bench.db'}"
         return
-    name = f"triage_bench_{secrets.token_hex(4)}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database("triage_bench") as url:
+        yield url
 
 
 def start_node(url: str, folder: Path) -> Node:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from node.config import Settings, load_settings
 from node.runtime import Node
-from tests.nodes import SHARED_DATA, free_port
-
-#: The PostgreSQL server of these machines; the test command starts it when down.
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+from tests.nodes import SHARED_DATA, free_port, postgres_database
+from tests.peers import Orthanc
 
 
 @pytest.fixture(scope="session")
@@ -33,26 +25,14 @@ def dicom_corpus(shared_data: Path) -> list[Path]:
     return sorted((shared_data / "dicom").rglob("*.dcm"))
 
 
-def _postgres_database() -> Iterator[str]:
-    name = f"triage_test_{secrets.token_hex(4)}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database on each backend the node supports."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
     else:
-        yield from _postgres_database()
+        with postgres_database() as url:
+            yield url
 
 
 def node_config(tmp_path: Path, database_url: str | None = None, **sections: Any) -> dict[str, Any]:
@@ -93,3 +73,11 @@ def example_config() -> Path:
     path = Path(__file__).resolve().parents[1] / "config.example.toml"
     load_settings(path)
     return path
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Orthanc on free ports: the PACS that receives results."""
+    pacs = Orthanc(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port()).start()
+    yield pacs
+    pacs.stop()

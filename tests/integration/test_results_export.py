@@ -79,13 +79,6 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.stop()
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    pacs = Orthanc(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port()).start()
-    yield pacs
-    pacs.stop()
-
-
 def wait_exports(
     node: Node, study_id: int, done: Callable[[list[Export]], bool], timeout: float = 180
 ) -> list[Export]:

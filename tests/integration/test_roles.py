@@ -24,9 +24,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import _postgres_database, node_config
+from tests.conftest import node_config
 from tests.dicomgen import Patient, cxr_from_jpeg
-from tests.nodes import CLI, free_port, wait_for_port, write_config
+from tests.nodes import CLI, free_port, postgres_database, wait_for_port, write_config
 from tests.peers import storescu
 
 pytestmark = pytest.mark.postgres
@@ -139,7 +139,8 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    yield from _postgres_database()
+    with postgres_database() as url:
+        yield url
 
 
 def test_dicom_web_and_worker_roles_share_database_and_broker(

@@ -55,14 +55,13 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
 
 from node.db.models import Export, ExportState, Study
-from tests.conftest import _postgres_database
 from tests.faults.conftest import (
     PrivateRedis,
     assert_processed_once,
     cxr_study,
     wait_all_done,
 )
-from tests.nodes import CLI, free_port, write_config
+from tests.nodes import CLI, free_port, postgres_database, write_config
 from tests.peers import Orthanc, dcmtk_env, require, storescu_responses
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -388,7 +387,8 @@ def network() -> Iterator[Network]:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    yield from _postgres_database()
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -396,13 +396,6 @@ def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
     server = PrivateRedis(tmp_path / "redis", appendonly=True).start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    pacs = Orthanc(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port()).start()
-    yield pacs
-    pacs.stop()
 
 
 def _config(
