@@ -1,10 +1,12 @@
 """Network definitions: the triage classifier (pluggable backbone) and the lung U-Net.
 
 Layer names `features` (last convolutional map) and `logits` (pre-softmax scores) are part
-of the contract: Grad-CAM and temperature scaling in `models.inference` look them up.
+of the contract: Grad-CAM and temperature scaling in `models.inference` look them up. An
+ensemble (`build_ensemble`) has one `member{i}_features` layer per member instead of
+`features` (`feature_layers` names them) and one `logits` layer for the whole ensemble.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,14 +140,98 @@ def build_unet(input_size: int, base_filters: int = 64, depth: int = 3) -> keras
     return keras.Model(inputs, outputs, name="unet")
 
 
+def member_name(index: int) -> str:
+    return f"member{index + 1}"
+
+
+def build_ensemble(
+    input_size: int,
+    member_temperatures: Sequence[float],
+    backbone: str = "cxrnet",
+    **member_kwargs: Any,
+) -> keras.Model:
+    """Members of identical architecture averaged in one functional model.
+
+    Each member is a `build_classifier` network split into a backbone sub-model
+    (`member{i}_backbone`, image to features) and a head sub-model (`member{i}_head`,
+    features to logits), joined by a `member{i}_features` identity layer so Grad-CAM can
+    take gradients of the ensemble score with respect to each member's features. Member
+    logits are divided by that member's own temperature (`member{i}_calibrated`), then
+    averaged (`logits`), then softmaxed: the ensemble's logit is the mean of the members'
+    calibrated logits (for two classes: the geometric mean of their calibrated odds).
+
+    The temperatures are constants in the layer config, not weights. `get_weights()` order
+    is Keras' (by graph depth: both backbones, then both heads), stable for a given build;
+    `member_views` gives each member in `build_classifier` order, so a member trained
+    alone can be loaded into its part.
+    """
+    if len(member_temperatures) < 2:
+        raise ValueError("an ensemble needs at least two members")
+    inputs = keras.Input((input_size, input_size, 1), name="image")
+    calibrated = []
+    for i, temperature in enumerate(member_temperatures):
+        single = build_classifier(input_size, backbone, **member_kwargs)
+        name = member_name(i)
+        features = single.get_layer(FEATURES_LAYER)
+        body = keras.Model(single.input, features.output, name=f"{name}_backbone")
+        head_in = keras.Input(tuple(features.output.shape[1:]), name=f"{name}_head_in")
+        x = head_in
+        names = [layer.name for layer in single.layers]
+        head_layers = single.layers[names.index(FEATURES_LAYER) + 1 : names.index(LOGITS_LAYER) + 1]
+        for layer in head_layers:
+            x = layer(x)
+        head = keras.Model(head_in, x, name=f"{name}_head")
+        feats = layers.Activation("linear", name=f"{name}_features")(body(inputs))
+        scale = 1.0 / float(temperature)
+        calibrated.append(layers.Rescaling(scale, name=f"{name}_calibrated")(head(feats)))
+    logits = layers.Average(name=LOGITS_LAYER)(calibrated)
+    probs = layers.Softmax(name="probabilities")(logits)
+    return keras.Model(inputs, probs, name=f"ensemble{len(member_temperatures)}_{backbone}")
+
+
+def member_views(ensemble: keras.Model) -> list[keras.Model]:
+    """One image-to-logits model per member, sharing the ensemble's variables.
+
+    Their `get_weights()` order is `build_classifier`'s, so a member trained alone can be
+    loaded into its part with `models.registry.load_weights`.
+    """
+    views = []
+    i = 0
+    while True:
+        try:
+            body = ensemble.get_layer(f"{member_name(i)}_backbone")
+        except ValueError:
+            break
+        head = ensemble.get_layer(f"{member_name(i)}_head")
+        views.append(keras.Model(body.input, head(body.output), name=member_name(i)))
+        i += 1
+    return views
+
+
+def feature_layers(architecture: dict[str, Any]) -> list[str]:
+    """Names of the Grad-CAM feature layers of a classifier (one per ensemble member)."""
+    n = int(architecture.get("ensemble", 0))
+    return [f"{member_name(i)}_features" for i in range(n)] if n else [FEATURES_LAYER]
+
+
 def build_from_metadata(task: str, input_size: int, architecture: dict[str, Any]) -> keras.Model:
-    """Rebuild the network a metadata file describes (weights are loaded separately)."""
+    """Rebuild the network a metadata file describes (weights are loaded separately).
+
+    A classifier with `"ensemble": n` in its architecture is `build_ensemble` with the
+    `member_temperatures` listed there.
+    """
     if task == "classification":
         arch = dict(architecture)
         arch.pop("backbone_weights", None)  # only needed at training time
         for key in ("dense_units", "widths"):
             if key in arch:
                 arch[key] = tuple(arch[key])
+        n = int(arch.pop("ensemble", 0))
+        if n:
+            temperatures = [float(t) for t in arch.pop("member_temperatures")]
+            if len(temperatures) != n:
+                raise ValueError(f"ensemble of {n} with {len(temperatures)} member temperatures")
+            return build_ensemble(input_size, temperatures, **arch)
         return build_classifier(input_size, **arch)
     if task == "segmentation":
         return build_unet(input_size, **architecture)

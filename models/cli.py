@@ -74,6 +74,12 @@ def train(
     adapt_oversample: Annotated[
         int, typer.Option(help="--adapt: repeat adapt-fit images this many times per pass")
     ] = 15,
+    adapt_fold: Annotated[
+        str,
+        typer.Option(
+            help="--adapt: a = fit adapt-fit, select on adapt-select; b = the roles swapped"
+        ),
+    ] = "a",
     steps_per_epoch: Annotated[
         int, typer.Option(help="--adapt: batches between early-stopping checks")
     ] = 50,
@@ -112,7 +118,7 @@ def train(
             adapt,
             out,
             settings,
-            AdaptSettings(init_weights, adapt_oversample, steps_per_epoch),
+            AdaptSettings(init_weights, adapt_oversample, steps_per_epoch, adapt_fold),
         )
     elif task is Task.pneumonia:
         meta = train_classifier(
@@ -122,6 +128,25 @@ def train(
         meta = train_segmenter(
             data, out, settings, warmup_size=warmup_size, init_weights=init_weights
         )
+    typer.echo(f"wrote {meta.name} {meta.version} to {out} (sha256 {meta.weights_sha256})")
+
+
+@app.command()
+def ensemble(
+    *,
+    member: Annotated[
+        list[Path], typer.Option(help="stage-2 weights dir of a member (give it once per member)")
+    ],
+    adapt: Annotated[Path, typer.Option(help="the val/ dir the members were adapted on")],
+    out: Annotated[Path, typer.Option(help="output dir for the ensemble's weights + metadata")],
+    version: Annotated[str, typer.Option(help="version of the ensemble")],
+) -> None:
+    """Join cross-fitted pneumonia members into one model; threshold on out-of-fold scores."""
+    _quiet_tf()
+    from models.ensemble import assemble
+
+    meta, oof = assemble(member, adapt, out, version)
+    typer.echo(json.dumps(oof, indent=2))
     typer.echo(f"wrote {meta.name} {meta.version} to {out} (sha256 {meta.weights_sha256})")
 
 

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 
-from models.architectures import FEATURES_LAYER, LOGITS_LAYER, build_from_metadata
+from models.architectures import LOGITS_LAYER, build_from_metadata, feature_layers
+from models.postprocess import PostProcess, clean_mask
 from models.preprocess import normalize_images
 from models.registry import (
     CLASSIFIER_NAME,
@@ -101,9 +102,11 @@ class Classifier(_Compiled):
         self.threshold = meta.decision_threshold
         self.temperature = meta.temperature
         logits_model = keras.Model(model.input, model.get_layer(LOGITS_LAYER).output)
+        # One feature map per ensemble member (just `features` for a single network).
         self._explain_model = keras.Model(
             model.input,
-            [model.get_layer(FEATURES_LAYER).output, model.get_layer(LOGITS_LAYER).output],
+            [model.get_layer(n).output for n in feature_layers(meta.architecture)]
+            + [model.get_layer(LOGITS_LAYER).output],
         )
         inv_t = 1.0 / float(meta.temperature)
 
@@ -143,20 +146,30 @@ class Classifier(_Compiled):
         return out
 
 
+def _peak_normalized(cam: Any) -> Any:
+    return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2, 3), keepdims=True))
+
+
 def grad_cam(model: Any, x: Any, class_index: Any, out_size: Any) -> Any:
     """Grad-CAM (Selvaraju et al. 2017) of the class logit w.r.t. the last conv features.
 
-    `model` maps x to (features, logits). Maps are ReLU'd, scaled to [0, 1] per image and
+    `model` maps x to (features, ..., logits): one feature map for a single network, one per
+    member for an ensemble. Each member's map uses the gradients of the *ensemble's* class
+    logit w.r.t. that member's features, is ReLU'd and scaled to [0, 1] per image; the maps
+    are averaged and scaled to [0, 1] again (a single network: its own map, unchanged), then
     resized to `out_size` so they overlay the caller's image pixel for pixel.
     """
     with tf.GradientTape() as tape:
-        feats, logits = model(x, training=False)
+        *feats, logits = model(x, training=False)
         score = tf.gather(logits, class_index, axis=1)
     grads = tape.gradient(score, feats)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * feats, axis=-1, keepdims=True))
-    peak = tf.reduce_max(cam, axis=(1, 2, 3), keepdims=True)
-    cam = tf.math.divide_no_nan(cam, peak)
+    cams = []
+    for f, g in zip(feats, grads, strict=True):
+        weights = tf.reduce_mean(g, axis=(1, 2), keepdims=True)
+        cams.append(
+            _peak_normalized(tf.nn.relu(tf.reduce_sum(weights * f, axis=-1, keepdims=True)))
+        )
+    cam = _peak_normalized(tf.add_n(cams) / float(len(cams)))
     cam = tf.image.resize(cam, out_size, method="bilinear")
     return tf.clip_by_value(cam[..., 0], 0.0, 1.0)
 
@@ -175,6 +188,7 @@ class LungSegmenter(_Compiled):
 
         self._maps: Any = tf.function(probability_maps, input_signature=[_RAW_BATCH])
         self.threshold = meta.decision_threshold
+        self.postprocess = PostProcess.from_dict(meta.postprocess) if meta.postprocess else None
 
     def predict_proba(self, images: Sequence[NDArray[Any]]) -> list[NDArray[np.float32]]:
         """Lung probability maps in [0, 1], resized back to each input's shape."""
@@ -185,8 +199,15 @@ class LungSegmenter(_Compiled):
         return out
 
     def predict(self, images: Sequence[NDArray[Any]]) -> list[NDArray[np.bool_]]:
-        """Boolean lung masks (left or right lung), each with its input image's shape."""
-        return [np.asarray(p >= self.threshold) for p in self.predict_proba(images)]
+        """Boolean lung masks (left or right lung), each with its input image's shape.
+
+        The probability map is thresholded, then cleaned by the metadata's post-processing
+        rule (`models.postprocess`: the two largest components, holes filled) if it has one.
+        """
+        masks = [np.asarray(p >= self.threshold) for p in self.predict_proba(images)]
+        if self.postprocess is None:
+            return masks
+        return [clean_mask(m, self.postprocess) for m in masks]
 
 
 def load_classifier(weights_dir: Path | None = None, batch_size: int = 32) -> Classifier:

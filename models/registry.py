@@ -40,6 +40,9 @@ class ModelMetadata:
     temperature: float = 1.0
     training_data: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    #: Segmentation: the mask post-processing rule (`models.postprocess.PostProcess`), empty
+    #: for none. Part of the model's output, so changing it changes the version.
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -231,6 +231,28 @@ class AdaptSettings:
     init_weights: Path
     oversample: int = 15
     steps_per_epoch: int = 50
+    #: "a": fit on adapt-fit, select on adapt-select (1.1.0); "b": the roles swapped, for
+    #: the second member of a cross-fitted ensemble (each adapt image is out-of-fold once).
+    fold: str = "a"
+
+
+#: Stage-2 folds: (the adapt part fitted on, the adapt part that early stopping,
+#: temperature and threshold are chosen on).
+ADAPT_FOLDS: dict[str, tuple[str, str]] = {
+    "a": ("adapt_fit", "adapt_select"),
+    "b": ("adapt_select", "adapt_fit"),
+}
+
+
+def adapt_roles(
+    val: data_mod.ValidationSplit, fold: str
+) -> tuple[list[data_mod.LabelledImage], list[data_mod.LabelledImage]]:
+    """(fit part, select part) of the adapt half for a stage-2 fold."""
+    if fold not in ADAPT_FOLDS:
+        raise ValueError(f"unknown adapt fold {fold!r} (expected one of {sorted(ADAPT_FOLDS)})")
+    parts = {"adapt_fit": val.adapt_fit, "adapt_select": val.adapt_select}
+    fit_name, select_name = ADAPT_FOLDS[fold]
+    return parts[fit_name], parts[select_name]
 
 
 def _temperature_and_threshold(
@@ -272,15 +294,17 @@ def adapt_classifier(
     items = data_mod.list_classification(train_dir)
     fit_items, tune_items = data_mod.split_by_patient(items, tune_fraction, settings.seed)
     val = data_mod.split_validation(data_mod.list_classification(adapt_dir, deduplicate=False))
-    mixed = fit_items + val.adapt_fit * adapt.oversample
+    fit_part, select_part = adapt_roles(val, adapt.fold)
+    fit_name, select_name = ADAPT_FOLDS[adapt.fold]
+    mixed = fit_items + fit_part * adapt.oversample
     weights = data_mod.class_weights([it.label for it in mixed])
     console.print(
-        f"train fit {len(fit_items)} + adapt-fit {len(val.adapt_fit)} x{adapt.oversample}; "
-        f"select {len(val.adapt_select)}; report {len(val.report)} (not used); "
-        f"class weights {weights}"
+        f"fold {adapt.fold}: train fit {len(fit_items)} + {fit_name} {len(fit_part)} "
+        f"x{adapt.oversample}; select on {select_name} {len(select_part)}; "
+        f"report {len(val.report)} (not used); class weights {weights}"
     )
     train_ds = data_mod.classification_dataset(mixed, size, bs, training=True, seed=settings.seed)
-    select_ds = data_mod.classification_dataset(val.adapt_select, size, bs, training=False)
+    select_ds = data_mod.classification_dataset(select_part, size, bs, training=False)
     model.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss="categorical_crossentropy",
@@ -311,7 +335,7 @@ def adapt_classifier(
     )
     load_weights(model, checkpoint)
     select_losses = [start_loss] + [float(v) for v in history.history["val_loss"]]
-    temperature, threshold = _temperature_and_threshold(model, val.adapt_select, size, bs)
+    temperature, threshold = _temperature_and_threshold(model, select_part, size, bs)
     console.print(f"temperature {temperature:.3f}, threshold {threshold:.3f}")
 
     def names(part: Sequence[data_mod.LabelledImage]) -> list[str]:
@@ -323,6 +347,9 @@ def adapt_classifier(
         "split": "by patient, per class (models.data.split_validation)",
         "seed": data_mod.VAL_SPLIT_SEED,
         "oversample": adapt.oversample,
+        "fold": adapt.fold,
+        "fit_on": fit_name,
+        "selected_on": select_name,
         **{
             part: {
                 "counts": _counts(items_),
@@ -367,7 +394,9 @@ def adapt_classifier(
                 "time_budget_exhausted": budget.exhausted,
                 "class_weights": {str(k): v for k, v in weights.items()},
                 "augmentation": _augmentation(),
-                "chosen_on": "adapt_select (early stopping, temperature, threshold)",
+                "fold": adapt.fold,
+                "fitted_on": f"train fit + {fit_name} x{adapt.oversample}",
+                "chosen_on": f"{select_name} (early stopping, temperature, threshold)",
             },
         },
     )

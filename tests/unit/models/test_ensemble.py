@@ -1,0 +1,134 @@
+"""Cross-fitted ensemble: one model from two members, same API, OOF threshold."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from models import data
+from models.architectures import build_classifier, build_ensemble, build_from_metadata, member_views
+from models.ensemble import oof_threshold
+from models.evaluate import choose_threshold
+from models.inference import Classifier, load_classifier
+from models.registry import ModelMetadata, write_model
+from models.train import adapt_roles
+
+SIZE = 48
+SMALL = {"widths": (8, 16), "dense_units": (8, 8)}
+TEMPERATURES = [1.5, 2.5]
+
+
+def _meta() -> ModelMetadata:
+    return ModelMetadata(
+        name="pneumonia-triage",
+        version="0.0.1",
+        task="classification",
+        input_size=SIZE,
+        architecture={
+            "backbone": "cxrnet",
+            "widths": [8, 16],
+            "dense_units": [8, 8],
+            "ensemble": 2,
+            "member_temperatures": TEMPERATURES,
+        },
+        class_names=["normal", "pneumonia"],
+        decision_threshold=0.5,
+        weights_file="",
+        weights_sha256="",
+        weights_dtype="float32",
+    )
+
+
+def _members() -> list[keras.Model]:
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    members = []
+    for _ in TEMPERATURES:
+        m = build_classifier(SIZE, **SMALL)  # type: ignore[arg-type]
+        m.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in m.get_weights()])
+        members.append(m)
+    return members
+
+
+def _images() -> list[np.ndarray]:
+    rng = np.random.default_rng(2)
+    return [
+        rng.integers(0, 4096, (70, 90)).astype(np.uint16),
+        rng.integers(0, 255, (64, 64)).astype(np.uint8),
+        rng.integers(0, 4096, (70, 90)).astype(np.uint16),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> keras.Model:
+    model = build_ensemble(SIZE, TEMPERATURES, **SMALL)  # type: ignore[arg-type]
+    for view, member in zip(member_views(model), _members(), strict=True):
+        view.set_weights(member.get_weights())
+    return model
+
+
+def test_ensemble_is_the_mean_of_calibrated_member_logits(ensemble: keras.Model) -> None:
+    x = np.random.default_rng(3).uniform(size=(4, SIZE, SIZE, 1)).astype(np.float32)
+    logits = [
+        np.asarray(keras.Model(m.input, m.get_layer("logits").output)(x, training=False)) / t
+        for m, t in zip(_members(), TEMPERATURES, strict=True)
+    ]
+    z = (logits[0] + logits[1]) / 2.0
+    expected = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(ensemble(x, training=False)), expected, atol=1e-5)
+
+
+def test_ensemble_round_trip_is_identical(ensemble: keras.Model, tmp_path: Path) -> None:
+    meta = write_model(ensemble, _meta(), tmp_path)
+    rebuilt = build_from_metadata("classification", SIZE, meta.architecture)
+    assert len(rebuilt.get_weights()) == len(ensemble.get_weights())
+    loaded = load_classifier(tmp_path)
+    original = Classifier(ensemble, meta)
+    images = _images()
+    np.testing.assert_array_equal(loaded.predict(images), original.predict(images))
+    for a, b in zip(loaded.explain(images), original.explain(images), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / meta.weights_file).stat().st_size < 2 * 1024 * 1024
+
+
+def test_ensemble_gradcam_has_each_input_shape(ensemble: keras.Model) -> None:
+    clf = Classifier(ensemble, _meta())
+    images = _images()
+    probs = clf.predict(images)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert clf.is_pneumonia(probs).shape == (3,)
+    maps = clf.explain(images)
+    assert [m.shape for m in maps] == [im.shape for im in images]
+    assert all(m.min() >= 0.0 and m.max() <= 1.0 for m in maps)
+
+
+def test_ensemble_needs_two_members_and_matching_temperatures() -> None:
+    with pytest.raises(ValueError, match="two members"):
+        build_ensemble(SIZE, [1.0], **SMALL)  # type: ignore[arg-type]
+    arch = {**_meta().architecture, "member_temperatures": [1.0]}
+    with pytest.raises(ValueError, match="member temperatures"):
+        build_from_metadata("classification", SIZE, arch)
+
+
+def test_oof_threshold_pools_the_members_out_of_fold_scores() -> None:
+    rng = np.random.default_rng(4)
+    labels = [rng.integers(0, 2, 30), rng.integers(0, 2, 20)]
+    scores = [np.clip(y * 0.6 + rng.uniform(0, 0.5, len(y)), 0, 1) for y in labels]
+    threshold, metrics = oof_threshold(scores, labels)
+    assert threshold == choose_threshold(np.concatenate(scores), np.concatenate(labels))
+    assert metrics["n"] == 50
+    assert {"accuracy", "auc", "brier", "ece", "nll"} <= set(metrics)
+    with pytest.raises(ValueError):
+        oof_threshold(scores, labels[:1])
+
+
+def test_adapt_folds_swap_roles() -> None:
+    def item(i: int) -> data.LabelledImage:
+        return data.LabelledImage(Path(f"person{i}_bacteria_{i}.jpeg"), 1)
+
+    split = data.ValidationSplit([item(1)], [item(2)], [item(3)])
+    assert adapt_roles(split, "a") == ([item(1)], [item(2)])
+    assert adapt_roles(split, "b") == ([item(2)], [item(1)])
+    with pytest.raises(ValueError, match="fold"):
+        adapt_roles(split, "c")
