@@ -67,4 +67,5 @@ def test_segmenter_on_lung_holdout(lungs_dir: Path) -> None:
     assert set(held) == data.lungs_holdout(data.list_segmentation(lungs_dir))
     report = evaluate_segmenter_dir(lungs_dir, holdout_only=True, n_boot=50, limit=4)
     assert report["n"] == 4
-    assert report["dice"] >= 0.85  # 1.0.0 measured: 0.888 on these 4 images
+    # 1.0.0 measured 0.888 on these 4 images, 1.2.0 (post-processing) 0.927.
+    assert report["dice"] >= 0.89
