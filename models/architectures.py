@@ -144,10 +144,19 @@ def member_name(index: int) -> str:
     return f"member{index + 1}"
 
 
+class HorizontalFlip(layers.Layer):  # type: ignore[misc]
+    """Mirror an image batch (N, H, W, C) left-right; no weights."""
+
+    def call(self, x: Any) -> Any:
+        return keras.ops.flip(x, axis=2)
+
+
 def build_ensemble(
     input_size: int,
     member_temperatures: Sequence[float],
     backbone: str = "cxrnet",
+    *,
+    hflip_tta: bool = False,
     **member_kwargs: Any,
 ) -> keras.Model:
     """Members of identical architecture averaged in one functional model.
@@ -160,6 +169,9 @@ def build_ensemble(
     averaged (`logits`), then softmaxed: the ensemble's logit is the mean of the members'
     calibrated logits (for two classes: the geometric mean of their calibrated odds).
 
+    With `hflip_tta`, each member also scores the mirrored image (`image_flipped`, feature
+    layer `member{i}_features_flipped`) and the mean runs over both views of every member.
+
     The temperatures are constants in the layer config, not weights. `get_weights()` order
     is Keras' (by graph depth: both backbones, then both heads), stable for a given build;
     `member_views` gives each member in `build_classifier` order, so a member trained
@@ -168,6 +180,9 @@ def build_ensemble(
     if len(member_temperatures) < 2:
         raise ValueError("an ensemble needs at least two members")
     inputs = keras.Input((input_size, input_size, 1), name="image")
+    views = [("", inputs)]
+    if hflip_tta:
+        views.append(("_flipped", HorizontalFlip(name="image_flipped")(inputs)))
     calibrated = []
     for i, temperature in enumerate(member_temperatures):
         single = build_classifier(input_size, backbone, **member_kwargs)
@@ -181,9 +196,12 @@ def build_ensemble(
         for layer in head_layers:
             x = layer(x)
         head = keras.Model(head_in, x, name=f"{name}_head")
-        feats = layers.Activation("linear", name=f"{name}_features")(body(inputs))
         scale = 1.0 / float(temperature)
-        calibrated.append(layers.Rescaling(scale, name=f"{name}_calibrated")(head(feats)))
+        for suffix, image in views:
+            feats = layers.Activation("linear", name=f"{name}_features{suffix}")(body(image))
+            calibrated.append(
+                layers.Rescaling(scale, name=f"{name}_calibrated{suffix}")(head(feats))
+            )
     logits = layers.Average(name=LOGITS_LAYER)(calibrated)
     probs = layers.Softmax(name="probabilities")(logits)
     return keras.Model(inputs, probs, name=f"ensemble{len(member_temperatures)}_{backbone}")
@@ -208,17 +226,27 @@ def member_views(ensemble: keras.Model) -> list[keras.Model]:
     return views
 
 
-def feature_layers(architecture: dict[str, Any]) -> list[str]:
-    """Names of the Grad-CAM feature layers of a classifier (one per ensemble member)."""
+def feature_layers(architecture: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Grad-CAM feature layers of a classifier: (name, whether it sees the mirrored image).
+
+    One per member and view for an ensemble, just `features` for a single network.
+    """
     n = int(architecture.get("ensemble", 0))
-    return [f"{member_name(i)}_features" for i in range(n)] if n else [FEATURES_LAYER]
+    if not n:
+        return [(FEATURES_LAYER, False)]
+    flips = (False, True) if architecture.get("hflip_tta") else (False,)
+    return [
+        (f"{member_name(i)}_features{'_flipped' if flip else ''}", flip)
+        for i in range(n)
+        for flip in flips
+    ]
 
 
 def build_from_metadata(task: str, input_size: int, architecture: dict[str, Any]) -> keras.Model:
     """Rebuild the network a metadata file describes (weights are loaded separately).
 
     A classifier with `"ensemble": n` in its architecture is `build_ensemble` with the
-    `member_temperatures` listed there.
+    `member_temperatures` (and `hflip_tta`) listed there.
     """
     if task == "classification":
         arch = dict(architecture)
@@ -231,7 +259,8 @@ def build_from_metadata(task: str, input_size: int, architecture: dict[str, Any]
             temperatures = [float(t) for t in arch.pop("member_temperatures")]
             if len(temperatures) != n:
                 raise ValueError(f"ensemble of {n} with {len(temperatures)} member temperatures")
-            return build_ensemble(input_size, temperatures, **arch)
+            tta = bool(arch.pop("hflip_tta", False))
+            return build_ensemble(input_size, temperatures, hflip_tta=tta, **arch)
         return build_classifier(input_size, **arch)
     if task == "segmentation":
         return build_unet(input_size, **architecture)

@@ -132,7 +132,7 @@ def assemble(
         raise ValueError(f"members must come from different adapt folds, got {folds}")
     temperatures = [float(m.temperature) for m in metas]
     size = metas[0].input_size
-    member_arch = {
+    member_arch: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in archs[0].items() if k != "backbone"
     }
     backbone = str(archs[0].get("backbone", "cxrnet"))
@@ -148,8 +148,8 @@ def assemble(
         threshold, metrics = oof_threshold(scores, labels)
         variants[name] = {"threshold": threshold, "metrics": metrics}
     # Rule fixed before looking: flip TTA only if it lowers both the OOF log-loss and the
-    # OOF error count at its own threshold. The ensemble graph has no TTA branch, so it is
-    # reported either way and adopted only by a later version that adds it.
+    # OOF error count at its own threshold; then the ensemble gets the mirrored branch
+    # (`build_ensemble(hflip_tta=True)`) and that variant's threshold.
     plain, tta = variants["plain"], variants["hflip_tta"]
 
     def errors(v: dict[str, Any]) -> int:
@@ -157,6 +157,11 @@ def assemble(
         return int(fp + fn)
 
     tta_helps = tta["metrics"]["nll"] < plain["metrics"]["nll"] and errors(tta) < errors(plain)
+    chosen = tta if tta_helps else plain
+    if tta_helps:
+        model = build_ensemble(size, temperatures, backbone, hflip_tta=True, **member_arch)
+        for view, meta_, folder in zip(member_views(model), metas, member_dirs, strict=True):
+            load_weights(view, folder / meta_.weights_file, meta_.weights_sha256)
     oof = {
         "chosen_on": "out-of-fold adapt predictions: each adapt image scored by the member "
         "that did not fit it (cross-fitting approximation, see models/ensemble.py)",
@@ -168,6 +173,7 @@ def assemble(
         "variants": variants,
         "hflip_tta_rule": "adopt only if OOF log-loss and OOF errors both go down",
         "hflip_tta_helps_on_oof": bool(tta_helps),
+        "hflip_tta_adopted": bool(tta_helps),
     }
     training_data = dict(metas[0].training_data)
     adapt_info = dict(training_data.get("adapt", {}))
@@ -183,9 +189,14 @@ def assemble(
         version=version,
         task="classification",
         input_size=size,
-        architecture={**archs[0], "ensemble": len(metas), "member_temperatures": temperatures},
+        architecture={
+            **archs[0],
+            "ensemble": len(metas),
+            "member_temperatures": temperatures,
+            "hflip_tta": bool(tta_helps),
+        },
         class_names=metas[0].class_names,
-        decision_threshold=plain["threshold"],
+        decision_threshold=chosen["threshold"],
         temperature=1.0,
         weights_file="",
         weights_sha256="",
@@ -204,7 +215,11 @@ def assemble(
                 }
                 for m, f in zip(metas, folds, strict=True)
             ],
-            "ensemble": {"combination": COMBINATION, "threshold": oof},
+            "ensemble": {
+                "combination": COMBINATION
+                + (", over the image and its mirror image" if tta_helps else ""),
+                "threshold": oof,
+            },
         },
     )
     return write_model(model, meta, out_dir), oof

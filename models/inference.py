@@ -102,10 +102,12 @@ class Classifier(_Compiled):
         self.threshold = meta.decision_threshold
         self.temperature = meta.temperature
         logits_model = keras.Model(model.input, model.get_layer(LOGITS_LAYER).output)
-        # One feature map per ensemble member (just `features` for a single network).
+        # One feature map per ensemble member and view (just `features` for one network).
+        cam_layers = feature_layers(meta.architecture)
+        self._cam_flipped = [flipped for _, flipped in cam_layers]
         self._explain_model = keras.Model(
             model.input,
-            [model.get_layer(n).output for n in feature_layers(meta.architecture)]
+            [model.get_layer(n).output for n, _ in cam_layers]
             + [model.get_layer(LOGITS_LAYER).output],
         )
         inv_t = 1.0 / float(meta.temperature)
@@ -116,7 +118,9 @@ class Classifier(_Compiled):
 
         def gradcam(raw: Any, class_index: Any) -> Any:
             x = normalize_images(raw[..., tf.newaxis], size)
-            return grad_cam(self._explain_model, x, class_index, tf.shape(raw)[1:3])
+            return grad_cam(
+                self._explain_model, x, class_index, tf.shape(raw)[1:3], self._cam_flipped
+            )
 
         self._probabilities: Any = tf.function(probabilities, input_signature=[_RAW_BATCH])
         self._gradcam: Any = tf.function(
@@ -150,25 +154,31 @@ def _peak_normalized(cam: Any) -> Any:
     return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2, 3), keepdims=True))
 
 
-def grad_cam(model: Any, x: Any, class_index: Any, out_size: Any) -> Any:
+def grad_cam(
+    model: Any,
+    x: Any,
+    class_index: Any,
+    out_size: Any,
+    flipped: Sequence[bool] | None = None,
+) -> Any:
     """Grad-CAM (Selvaraju et al. 2017) of the class logit w.r.t. the last conv features.
 
     `model` maps x to (features, ..., logits): one feature map for a single network, one per
     member for an ensemble. Each member's map uses the gradients of the *ensemble's* class
     logit w.r.t. that member's features, is ReLU'd and scaled to [0, 1] per image; the maps
     are averaged and scaled to [0, 1] again (a single network: its own map, unchanged), then
-    resized to `out_size` so they overlay the caller's image pixel for pixel.
+    resized to `out_size` so they overlay the caller's image pixel for pixel. A map whose
+    `flipped` entry is true came from the mirrored image and is mirrored back first.
     """
     with tf.GradientTape() as tape:
         *feats, logits = model(x, training=False)
         score = tf.gather(logits, class_index, axis=1)
     grads = tape.gradient(score, feats)
     cams = []
-    for f, g in zip(feats, grads, strict=True):
+    for f, g, flip in zip(feats, grads, flipped or [False] * len(feats), strict=True):
         weights = tf.reduce_mean(g, axis=(1, 2), keepdims=True)
-        cams.append(
-            _peak_normalized(tf.nn.relu(tf.reduce_sum(weights * f, axis=-1, keepdims=True)))
-        )
+        cam = tf.nn.relu(tf.reduce_sum(weights * f, axis=-1, keepdims=True))
+        cams.append(_peak_normalized(tf.reverse(cam, axis=[2]) if flip else cam))
     cam = _peak_normalized(tf.add_n(cams) / float(len(cams)))
     cam = tf.image.resize(cam, out_size, method="bilinear")
     return tf.clip_by_value(cam[..., 0], 0.0, 1.0)

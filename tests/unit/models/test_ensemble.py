@@ -132,3 +132,21 @@ def test_adapt_folds_swap_roles() -> None:
     assert adapt_roles(split, "b") == ([item(2)], [item(1)])
     with pytest.raises(ValueError, match="fold"):
         adapt_roles(split, "c")
+
+
+def test_flip_tta_ensemble_is_mirror_invariant(tmp_path: Path) -> None:
+    model = build_ensemble(SIZE, TEMPERATURES, hflip_tta=True, **SMALL)  # type: ignore[arg-type]
+    for view, member in zip(member_views(model), _members(), strict=True):
+        view.set_weights(member.get_weights())
+    meta = _meta()
+    meta.architecture["hflip_tta"] = True
+    meta = write_model(model, meta, tmp_path)
+    clf = load_classifier(tmp_path)
+    images = _images()
+    mirrored = [im[:, ::-1].copy() for im in images]
+    np.testing.assert_allclose(clf.predict(images), clf.predict(mirrored), atol=1e-5)
+    for cam, cam_m in zip(clf.explain(images), clf.explain(mirrored), strict=True):
+        np.testing.assert_allclose(cam, cam_m[:, ::-1], atol=1e-4)
+    # The same members without TTA score only the image as given.
+    plain = Classifier(build_ensemble(SIZE, TEMPERATURES, **SMALL), _meta())  # type: ignore[arg-type]
+    assert len(plain.model.get_weights()) == len(clf.model.get_weights())
