@@ -11,12 +11,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.dialects import insert_for
+from node.db.engine import READ_ONLY
 from node.db.models import Instance, QuarantinedInstance, Series, Study, StudyStatus
 from node.db.types import utcnow
 from node.ingest.inspect import InstanceHeader
@@ -33,6 +34,64 @@ class Recorded:
     study_version: int
     is_new: bool
     reopened: bool
+    #: Catalogued before and its file removed by retention (the caller writes it again).
+    purged: bool = False
+
+
+class _AlreadyRecorded(Exception):
+    """The SOP Instance was inserted by someone else inside our transaction's window."""
+
+
+class _IngestStatements:
+    """The per-instance statements, built once (building and cache-keying them per call
+    cost more CPU than executing them); parameters are bound at execution."""
+
+    def __init__(self, engine: Engine) -> None:
+        studies, series, instances = (cast(Table, m.__table__) for m in (Study, Series, Instance))
+        self.find_instance = select(
+            instances.c.study_id,
+            instances.c.study_version,
+            instances.c.purged_at,
+        ).where(instances.c.sop_instance_uid == bindparam("uid"))
+        self.count_duplicate = (
+            update(instances)
+            .where(instances.c.sop_instance_uid == bindparam("uid"))
+            .values(duplicate_count=instances.c.duplicate_count + 1)
+        )
+        self.count_into_receiving_study = (
+            update(studies)
+            .where(
+                studies.c.study_instance_uid == bindparam("uid"),
+                studies.c.status == StudyStatus.RECEIVING,
+            )
+            .values(
+                instance_count=studies.c.instance_count + 1,
+                size_bytes=studies.c.size_bytes + bindparam("size"),
+                last_received_at=bindparam("now", type_=studies.c.last_received_at.type),
+            )
+            .returning(
+                studies.c.id,
+                studies.c.version,
+                studies.c.modalities,
+                studies.c.body_part_examined,
+            )
+        )
+        self.count_into_series = (
+            update(series)
+            .where(series.c.series_instance_uid == bindparam("uid"))
+            .values(
+                instance_count=series.c.instance_count + 1,
+                last_received_at=bindparam("now", type_=series.c.last_received_at.type),
+            )
+            .returning(series.c.id)
+        )
+        insert = insert_for(engine, instances)
+        columns = [c.name for c in instances.columns if c.name not in ("id", "purged_at")]
+        self.insert_instance = (
+            insert.values({name: bindparam(name) for name in columns})
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(instances.c.id)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +120,10 @@ class Catalog:
         bind = sessions.kw["bind"]
         assert isinstance(bind, Engine)
         self._engine = bind
+        self._sql = _IngestStatements(bind)
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self._engine.connect() as conn:
+        with self._engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             found = conn.execute(
                 select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
             ).first()
@@ -71,7 +131,7 @@ class Catalog:
 
     def is_purged(self, sop_instance_uid: str) -> bool:
         """The instance is catalogued but its file was removed by the retention policy."""
-        with self._engine.connect() as conn:
+        with self._engine.connect().execution_options(**{READ_ONLY: True}) as conn:
             found = conn.execute(
                 select(Instance.id).where(
                     Instance.sop_instance_uid == sop_instance_uid, Instance.purged_at.is_not(None)
@@ -121,157 +181,222 @@ class Catalog:
         calling_ae_title: str,
         now: datetime | None = None,
         *,
-        before_commit: Callable[[], object] | None = None,
+        start_write: Callable[[], Callable[[], object]] | None = None,
     ) -> Recorded:
-        """Record one stored instance, creating or updating its study and series.
+        """Record one received instance, creating or updating its study and series.
+
+        One transaction: it first looks the SOP Instance up (a copy already
+        catalogued is counted as a duplicate, or reported as ``purged``), then
+        calls ``start_write``, which starts writing the file and returns a wait
+        for its durability; the statements run meanwhile and COMMIT comes after
+        the wait, so a committed row always has its file and the disk wait and
+        the SQL overlap. If anything raises, nothing is recorded.
 
         A study that had completed (or gone further) is re-opened as a new
         version: the newcomer is never dropped, and later stages see the bump.
-
-        ``before_commit`` runs inside the transaction after every statement,
-        just before COMMIT; if it raises, nothing is recorded. The SCP passes
-        "wait until the file is durable" here: the statements run while the
-        file is fsynced, and a committed row still always has its file.
         """
         now = now or utcnow()
-        with self._engine.begin() as session:
-            study_values = {
-                "study_instance_uid": header.study_instance_uid,
-                "accession_number": header.accession_number,
-                "patient_id": header.patient_id,
-                "patient_name": header.patient_name,
-                "patient_birth_date": header.patient_birth_date,
-                "patient_sex": header.patient_sex,
-                "study_date": header.study_date,
-                "study_time": header.study_time,
-                "study_description": header.study_description,
-                "referring_physician_name": header.referring_physician_name,
-                "modalities": "",
-                "body_part_examined": header.body_part_examined,
-                "calling_ae_title": calling_ae_title,
-                "status": StudyStatus.RECEIVING,
-                "priority": 0,
-                "version": 1,
-                "series_count": 0,
-                "instance_count": 0,
-                "size_bytes": 0,
-                "first_received_at": now,
-                "last_received_at": now,
-            }
-            session.execute(
-                insert_for(session, Study)
-                .values(**study_values)
-                .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        sql = self._sql
+        uid = header.sop_instance_uid
+        try:
+            with self._engine.begin() as conn:
+                found = conn.execute(sql.find_instance, {"uid": uid}).first()
+                if found is not None:
+                    if found.purged_at is not None:
+                        return Recorded(found.study_id, found.study_version, False, False, True)
+                    conn.execute(sql.count_duplicate, {"uid": uid})
+                    return Recorded(found.study_id, found.study_version, False, False)
+                wait_durable = start_write() if start_write is not None else None
+                recorded = self._record_new(conn, header, stored, calling_ae_title, now)
+                if wait_durable is not None:
+                    wait_durable()
+        except _AlreadyRecorded:
+            # Another process inserted the same SOP Instance since the lookup.
+            self.record_duplicate(uid)
+            return self._existing(uid)
+        if recorded.reopened:
+            log.info(
+                "study re-opened study_uid=%s version=%d",
+                header.study_instance_uid,
+                recorded.study_version,
             )
-            study = session.execute(
-                select(
-                    Study.id,
-                    Study.status,
-                    Study.version,
-                    Study.modalities,
-                    Study.body_part_examined,
-                )
-                .where(Study.study_instance_uid == header.study_instance_uid)
-                .with_for_update()
-            ).one()
-            reopened = study.status != StudyStatus.RECEIVING
-            version = study.version + 1 if reopened else study.version
+        return recorded
 
-            new_series_id = session.execute(
-                insert_for(session, Series)
-                .values(
-                    study_id=study.id,
-                    series_instance_uid=header.series_instance_uid,
-                    modality=header.modality,
-                    series_number=header.series_number,
-                    series_description=header.series_description,
-                    body_part_examined=header.body_part_examined,
-                    instance_count=0,
-                    first_received_at=now,
-                    last_received_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["series_instance_uid"])
-                .returning(Series.id)
-            ).scalar()
-            series_new = new_series_id is not None
-            series_id = (
-                new_series_id
-                or session.execute(
-                    select(Series.id).where(
-                        Series.series_instance_uid == header.series_instance_uid
-                    )
+    def _existing(self, sop_instance_uid: str) -> Recorded:
+        with self._engine.connect() as conn:
+            row = conn.execute(self._sql.find_instance, {"uid": sop_instance_uid}).one()
+        return Recorded(row.study_id, row.study_version, False, False, row.purged_at is not None)
+
+    def _record_new(
+        self,
+        conn: Connection,
+        header: InstanceHeader,
+        stored: StoredFile,
+        calling_ae_title: str,
+        now: datetime,
+    ) -> Recorded:
+        """The statements for an instance not catalogued yet; the caller commits."""
+        sql = self._sql
+        # Common case, one statement: the study is receiving, count the instance in.
+        study = conn.execute(
+            sql.count_into_receiving_study,
+            {"uid": header.study_instance_uid, "size": stored.size_bytes, "now": now},
+        ).first()
+        reopened = False
+        if study is None:
+            study, reopened = self._open_study(conn, header, stored, calling_ae_title, now)
+        else:
+            extra: dict[str, Any] = {}
+            merged = _merge_modalities(study.modalities, header.modality)
+            if merged != study.modalities:
+                extra["modalities"] = merged
+            if study.body_part_examined is None and header.body_part_examined:
+                extra["body_part_examined"] = header.body_part_examined
+            if extra:
+                conn.execute(update(Study).where(Study.id == study.id).values(**extra))
+        series_id = conn.execute(
+            sql.count_into_series, {"uid": header.series_instance_uid, "now": now}
+        ).scalar()
+        if series_id is None:
+            series_id = self._open_series(conn, study.id, header, now)
+        inserted = conn.execute(
+            sql.insert_instance,
+            {
+                "study_id": study.id,
+                "series_id": series_id,
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "instance_number": header.instance_number,
+                "rows": header.rows,
+                "columns": header.columns,
+                "number_of_frames": header.number_of_frames,
+                "photometric_interpretation": header.photometric_interpretation,
+                "path": stored.relative_path,
+                "size_bytes": stored.size_bytes,
+                "sha256": stored.sha256,
+                "calling_ae_title": calling_ae_title,
+                "received_at": now,
+                "study_version": study.version,
+                "duplicate_count": 0,
+            },
+        ).scalar()
+        if inserted is None:
+            raise _AlreadyRecorded  # rolls the counts back
+        return Recorded(study.id, study.version, is_new=True, reopened=reopened)
+
+    def _open_study(
+        self,
+        conn: Connection,
+        header: InstanceHeader,
+        stored: StoredFile,
+        calling_ae_title: str,
+        now: datetime,
+    ) -> tuple[Any, bool]:
+        """First instance of a study, or one that re-opens a completed study.
+
+        Returns the study row as counted in (id, version, ...) and whether it re-opened.
+        """
+        conn.execute(
+            insert_for(conn, Study)
+            .values(
+                study_instance_uid=header.study_instance_uid,
+                accession_number=header.accession_number,
+                patient_id=header.patient_id,
+                patient_name=header.patient_name,
+                patient_birth_date=header.patient_birth_date,
+                patient_sex=header.patient_sex,
+                study_date=header.study_date,
+                study_time=header.study_time,
+                study_description=header.study_description,
+                referring_physician_name=header.referring_physician_name,
+                modalities="",
+                body_part_examined=header.body_part_examined,
+                calling_ae_title=calling_ae_title,
+                status=StudyStatus.RECEIVING,
+                priority=0,
+                version=1,
+                series_count=0,
+                instance_count=0,
+                size_bytes=0,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        study = conn.execute(
+            select(
+                Study.id,
+                Study.status,
+                Study.version,
+                Study.modalities,
+                Study.body_part_examined,
+            )
+            .where(Study.study_instance_uid == header.study_instance_uid)
+            .with_for_update()
+        ).one()
+        reopened = study.status != StudyStatus.RECEIVING
+        version = study.version + 1 if reopened else study.version
+        values: dict[str, Any] = {
+            "instance_count": Study.instance_count + 1,
+            "size_bytes": Study.size_bytes + stored.size_bytes,
+            "last_received_at": now,
+            "modalities": _merge_modalities(study.modalities, header.modality),
+        }
+        if study.body_part_examined is None and header.body_part_examined:
+            values["body_part_examined"] = header.body_part_examined
+        if reopened:
+            values.update(
+                status=StudyStatus.RECEIVING,
+                status_reason=None,
+                version=version,
+                completed_at=None,
+                queued_at=None,
+                started_at=None,
+                finished_at=None,
+                attempts=0,
+                lease_owner=None,
+                lease_until=None,
+            )
+        counted = conn.execute(
+            update(Study)
+            .where(Study.id == study.id)
+            .values(**values)
+            .returning(Study.id, Study.version)
+        ).one()
+        return counted, reopened
+
+    @staticmethod
+    def _open_series(conn: Connection, study_id: int, header: InstanceHeader, now: datetime) -> int:
+        series_id = conn.execute(
+            insert_for(conn, Series)
+            .values(
+                study_id=study_id,
+                series_instance_uid=header.series_instance_uid,
+                modality=header.modality,
+                series_number=header.series_number,
+                series_description=header.series_description,
+                body_part_examined=header.body_part_examined,
+                instance_count=1,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            .returning(Series.id)
+        ).scalar()
+        if series_id is None:  # inserted since the UPDATE by another process: count it there
+            return int(
+                conn.execute(
+                    update(Series)
+                    .where(Series.series_instance_uid == header.series_instance_uid)
+                    .values(instance_count=Series.instance_count + 1, last_received_at=now)
+                    .returning(Series.id)
                 ).scalar_one()
             )
-
-            # RETURNING yields no row when the SOP Instance is already there.
-            inserted_id = session.execute(
-                insert_for(session, Instance)
-                .values(
-                    study_id=study.id,
-                    series_id=series_id,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    transfer_syntax_uid=header.transfer_syntax_uid,
-                    instance_number=header.instance_number,
-                    rows=header.rows,
-                    columns=header.columns,
-                    number_of_frames=header.number_of_frames,
-                    photometric_interpretation=header.photometric_interpretation,
-                    path=stored.relative_path,
-                    size_bytes=stored.size_bytes,
-                    sha256=stored.sha256,
-                    calling_ae_title=calling_ae_title,
-                    received_at=now,
-                    study_version=version,
-                    duplicate_count=0,
-                )
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                .returning(Instance.id)
-            ).scalar()
-            if inserted_id is None:
-                session.execute(
-                    update(Instance)
-                    .where(Instance.sop_instance_uid == header.sop_instance_uid)
-                    .values(duplicate_count=Instance.duplicate_count + 1)
-                )
-                if before_commit is not None:
-                    before_commit()
-                return Recorded(study.id, study.version, is_new=False, reopened=False)
-
-            study_update: dict[str, Any] = {
-                "instance_count": Study.instance_count + 1,
-                "size_bytes": Study.size_bytes + stored.size_bytes,
-                "last_received_at": now,
-                "modalities": _merge_modalities(study.modalities, header.modality),
-            }
-            if series_new:
-                study_update["series_count"] = Study.series_count + 1
-            if study.body_part_examined is None and header.body_part_examined:
-                study_update["body_part_examined"] = header.body_part_examined
-            if reopened:
-                study_update.update(
-                    status=StudyStatus.RECEIVING,
-                    status_reason=None,
-                    version=version,
-                    completed_at=None,
-                    queued_at=None,
-                    started_at=None,
-                    finished_at=None,
-                    attempts=0,
-                    lease_owner=None,
-                    lease_until=None,
-                )
-            session.execute(update(Study).where(Study.id == study.id).values(**study_update))
-            session.execute(
-                update(Series)
-                .where(Series.id == series_id)
-                .values(instance_count=Series.instance_count + 1, last_received_at=now)
-            )
-            if before_commit is not None:
-                before_commit()
-        if reopened:
-            log.info("study re-opened study_uid=%s version=%d", header.study_instance_uid, version)
-        return Recorded(study.id, version, is_new=True, reopened=reopened)
+        conn.execute(
+            update(Study).where(Study.id == study_id).values(series_count=Study.series_count + 1)
+        )
+        return int(series_id)
 
     def record_quarantine(
         self,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 
-def insert_for(session: Session | Connection, table: Any) -> Any:
+def insert_for(session: Session | Connection | Engine, table: Any) -> Any:
     """INSERT with ON CONFLICT support for the session's dialect (SQLite and PostgreSQL)."""
     bind = session.get_bind() if isinstance(session, Session) else session
     dialect = bind.dialect.name

@@ -9,13 +9,18 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+#: Execution option for a connection that only reads: on SQLite its transactions begin
+#: DEFERRED (no write lock, so it never waits for the ingest writers); ignored elsewhere.
+READ_ONLY = "triage_read_only"
+
 
 def make_engine(url: str, *, durable: bool = True, echo: bool = False) -> Engine:
     """Create an engine tuned for many short write transactions from the SCP threads.
 
-    SQLite runs in WAL mode so that readers (worklist, CLI) never block the
-    writer; transactions start with ``BEGIN IMMEDIATE`` so concurrent writers
-    queue on the busy timeout instead of failing on a lock upgrade.
+    SQLite runs in WAL mode; transactions start with ``BEGIN IMMEDIATE`` so
+    concurrent writers queue on the busy timeout instead of failing on a lock
+    upgrade. Connections with the :data:`READ_ONLY` execution option begin
+    DEFERRED instead: they read a snapshot and neither wait for nor block a writer.
     ``durable`` makes SQLite fsync the WAL on every commit (``synchronous=FULL``):
     an acknowledged instance survives power loss, not only a killed process.
     """
@@ -41,7 +46,9 @@ def make_engine(url: str, *, durable: bool = True, echo: bool = False) -> Engine
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A reader marked ``read_only`` reads a WAL snapshot without the write lock.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 from pydicom.uid import CTImageStorage
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import Catalog
 from node.db import migrate
-from node.db.engine import make_engine, make_sessionmaker
+from node.db.engine import READ_ONLY, make_engine, make_sessionmaker
 from node.db.models import Instance, Series, Study, StudyStatus
 from node.db.types import utcnow
 from node.ingest.inspect import InstanceHeader
 from node.storage import StoredFile
 from tests.dicomgen import TEST_ROOT
+from tests.nodes import postgres_database
 
 _serial = itertools.count(1)
 
@@ -126,3 +128,118 @@ def test_quarantine_rows(sessions: sessionmaker[Session]) -> None:
         size_bytes=10,
     )
     assert catalog.counts() == {}
+
+
+def test_write_starts_only_for_a_new_instance_and_commits_after_it(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The duplicate check comes first; the durability wait runs before COMMIT."""
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    events: list[str] = []
+
+    def start_write() -> Callable[[], object]:
+        events.append("write started")
+
+        def wait_durable() -> None:
+            # Inside the transaction: no other session sees the row yet.
+            engine = sessions.kw["bind"]
+            with engine.connect().execution_options(**{READ_ONLY: True}) as other:
+                visible = other.scalar(select(func.count()).select_from(Instance))
+            events.append(f"durable, rows visible elsewhere: {visible}")
+
+        return wait_durable
+
+    first = catalog.record_instance(
+        header(study, series, 1), stored(1), "CT1", start_write=start_write
+    )
+    again = catalog.record_instance(
+        header(study, series, 1), stored(1), "CT1", start_write=start_write
+    )
+    assert first.is_new and not again.is_new and not again.purged
+    assert events == ["write started", "durable, rows visible elsewhere: 0"]
+
+
+def test_failed_write_records_nothing(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+
+    def failing_write() -> Callable[[], object]:
+        def wait_durable() -> None:
+            raise OSError("disk gone")
+
+        return wait_durable
+
+    with pytest.raises(OSError):
+        catalog.record_instance(
+            header(study, series, 2), stored(2), "CT1", start_write=failing_write
+        )
+    with sessions() as session:
+        row = session.execute(select(Study)).scalar_one()
+        assert (row.instance_count, row.size_bytes) == (1, 1001)
+        assert session.scalar(select(Series.instance_count)) == 1
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+
+
+def test_new_modality_and_body_part_on_a_receiving_study(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    study, s1, s2 = uid(), uid(), uid()
+    catalog.record_instance(header(study, s1, 1), stored(1), "CT1")
+    late = header(study, s2, 2, modality="PR")
+    catalog.record_instance(replace(late, body_part_examined="CHEST"), stored(2), "CT1")
+    catalog.record_instance(header(study, s2, 3, modality="PR"), stored(3), "CT1")
+    with sessions() as session:
+        row = session.execute(select(Study)).scalar_one()
+        assert (row.modalities, row.body_part_examined, row.series_count) == ("CT\\PR", "CHEST", 2)
+
+
+def test_purged_instance_is_reported_not_counted(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=utcnow()))
+    started: list[bool] = []
+    again = catalog.record_instance(
+        header(study, series, 1),
+        stored(1),
+        "CT1",
+        start_write=lambda: started.append(True) or (lambda: None),
+    )
+    assert again.purged and not again.is_new and started == []
+    with sessions() as session:
+        assert session.scalar(select(Instance.duplicate_count)) == 0
+
+
+@pytest.mark.postgres
+def test_instance_inserted_by_another_node_meanwhile_counts_as_duplicate() -> None:
+    """Two dicom nodes on one PostgreSQL database race on the same SOP Instance.
+
+    (On SQLite, BEGIN IMMEDIATE serialises writers, so this window does not exist.)
+    """
+    with postgres_database() as url:
+        engines = [make_engine(url), make_engine(url)]
+        migrate.upgrade(engines[0])
+        sessions = make_sessionmaker(engines[0])
+        catalog, rival = Catalog(sessions), Catalog(make_sessionmaker(engines[1]))
+        study, series = uid(), uid()
+        catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+
+        def rival_wins() -> Callable[[], object]:
+            rival.record_instance(header(study, series, 2), stored(2), "CT2")
+            return lambda: None
+
+        lost = catalog.record_instance(
+            header(study, series, 2), stored(2), "CT1", start_write=rival_wins
+        )
+        assert not lost.is_new
+        with sessions() as session:
+            row = session.execute(select(Study)).scalar_one()
+            assert row.instance_count == 2
+            duplicates = session.scalar(
+                select(Instance.duplicate_count).where(Instance.sop_instance_uid == f"{study}.2")
+            )
+            assert duplicates == 1
+        for engine in engines:
+            engine.dispose()
