@@ -1,8 +1,10 @@
 """Inference benchmark: our API vs a bare `tf.function` on the same model and images.
 
 Run as `.venv/bin/python bench/bench_inference.py`. The API time includes everything a
-worker pays (validation, percentile normalisation, resize, temperature/resize-back); the
-bare call gets the already-normalised tensor, so the ratio is the API's total overhead.
+worker pays (validation, percentile normalisation, resize, temperature/resize-back, the
+lung mask post-processing); the bare call gets the already-normalised tensor, so the ratio
+is the API's total overhead. Both run the same Keras model: for pneumonia-triage 1.2.0 that
+is the whole ensemble (two members, each on the image and its mirror image).
 Target: ratio >= 0.9.
 """
 

@@ -6,8 +6,9 @@ model cards, with room for the small-sample noise of 40 and 4 images.
 
 Since pneumonia-triage 1.1.0 was fine-tuned on the adapt half of `val/`
 (`models.data.split_validation`), the 40-image slice is no longer unseen: 18 of its images
-are in adapt-fit (trained on), 11 in adapt-select (early stopping, temperature, threshold)
-and only 11 in the report half. These tests check integrity and regressions, not
+are in adapt-fit, 11 in adapt-select and only 11 in the report half. In 1.2.0 (two
+cross-fitted members) every one of those 29 adapt images was trained on by one member and
+used for choices by the other. These tests check integrity and regressions, not
 generalisation; the card's val-report numbers are the honest ones.
 """
 
@@ -44,12 +45,15 @@ def test_classifier_on_fixed_val_slice(val_slice: Path) -> None:
     report = evaluate_classifier_dir(val_slice, n_boot=50)
     assert report["n"] == 40
     # 1.0.0 measured: AUC 0.9925, accuracy 0.80, sensitivity 1.0, specificity 0.60, Brier 0.077.
-    # 1.1.0 measured: AUC 1.0, accuracy 0.975, specificity 0.95, Brier 0.037, but 29 of the
-    # 40 images were in its adapt part (module docstring), so the bounds stay where they were.
-    assert report["auc"] >= 0.90
-    assert report["accuracy"] >= 0.70
+    # 1.1.0 measured: AUC 1.0, accuracy 0.975, specificity 0.95, Brier 0.037; 1.2.0: AUC 1.0,
+    # accuracy 0.975 (1 FP), sensitivity 1.0, Brier 0.018. 29 of the 40 images are adapt
+    # images (module docstring), so these are regression bounds: below what a model that
+    # had seen none of them (1.0.0) reached, except accuracy, where they catch a threshold
+    # or calibration slip of the adapted models.
+    assert report["auc"] >= 0.95
+    assert report["accuracy"] >= 0.85
     assert report["sensitivity"] >= 0.90
-    assert 0.0 <= report["calibration"]["brier"] <= 0.15
+    assert 0.0 <= report["calibration"]["brier"] <= 0.10
 
 
 def test_classifier_outputs_are_probabilities(val_slice: Path) -> None:
