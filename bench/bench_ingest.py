@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_ingest.py [--instances 500] [--repeat 3]
+    .venv/bin/python bench/bench_ingest.py [--instances 500] [--repeat 3] [--single-associations 50]
 
 What is measured: the wall-clock time of one DCMTK ``storescu`` sending a
 generated CT series (512x512, 16 bit, explicit VR little endian) over one
@@ -29,6 +29,12 @@ page cache is flushed (``sync``) between trials so one peer's writeback does not
 land in the next one's time. Trials are interleaved across peers, ``--repeat``
 rounds; the table reports each peer's **best** trial (noise from the shared host
 only slows runs down), the JSON also has every trial and the median.
+
+A second table has the same peers receiving ``--single-associations`` more images
+one association each (one ``storescu`` run per image, so the process start is in
+every peer's time alike), the way many CR/DX modalities and PACS forwarders send:
+there association set-up and release weigh as much as the data. The targets are
+about the first table.
 
 Every peer must have stored every instance (files and catalogue rows for the
 node, files for storescp, ``/statistics`` for Orthanc), or the run fails.
@@ -213,6 +219,16 @@ def send(called_ae: str, port: int, series: Series) -> float:
     return time.perf_counter() - started
 
 
+def send_one_per_association(called_ae: str, port: int, series: Series) -> float:
+    """One ``storescu`` run, so one association, per image: how many CR/DX modalities and
+    PACS forwarders send. Association set-up and release then count as much as the data."""
+    files = sorted(series.directory.glob("*.dcm"))
+    started = time.perf_counter()
+    for path in files:
+        run_checked(storescu_argv(called_ae, port, [path]), env=NODELAY_ENV)
+    return time.perf_counter() - started
+
+
 # -- peers ------------------------------------------------------------------------------
 @dataclass
 class RunningPeer:
@@ -379,19 +395,27 @@ PEERS: dict[str, Callable[[], PeerKind]] = {
 
 
 # -- trials -----------------------------------------------------------------------------
-def run_trial(kind: PeerKind, work: Path, warmup: Series, series: Series) -> Trial:
-    """Fresh peer, untimed warm-up send, timed send, then check that everything was stored."""
+def run_trial(
+    kind: PeerKind, work: Path, warmup: Series, series: Series, singles: Series | None
+) -> tuple[Trial, Trial | None]:
+    """Fresh peer, untimed warm-up send, timed send, then the one-image associations (if
+    any), then check that everything was stored."""
     work.mkdir(parents=True)
     try:
         with kind.launch(work) as peer:
             send(peer.ae_title, peer.port, warmup)
             seconds = send(peer.ae_title, peer.port, series)
             expected = warmup.instances + series.instances
+            single: Trial | None = None
+            if singles is not None:
+                single_seconds = send_one_per_association(peer.ae_title, peer.port, singles)
+                single = Trial(single_seconds, singles.instances, singles.bytes)
+                expected += singles.instances
             wait_until(lambda: peer.stored() >= expected, timeout=10, what=f"{kind.name} count")
             got = peer.stored()
             if got != expected:
                 raise BenchError(f"{kind.name} stored {got} instances, expected {expected}")
-        return Trial(seconds, series.instances, series.bytes)
+        return Trial(seconds, series.instances, series.bytes), single
     finally:
         shutil.rmtree(work, ignore_errors=True)
         os.sync()  # this trial's writeback must not land in the next one's time
@@ -406,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         default="node,node-nofsync,pynetdicom,storescp,orthanc,orthanc-nosync",
         help=f"comma-separated subset of {', '.join(PEERS)}",
     )
+    parser.add_argument(
+        "--single-associations",
+        type=int,
+        default=50,
+        help="images then sent one per association (storescu run per image); 0: skip",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.peers.split(",") if n.strip()]
@@ -418,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kinds = [PEERS[n]() for n in names]
     results = {k.name: PeerResult(k.name, k.settings) for k in kinds}
+    single_results = {k.name: PeerResult(k.name, k.settings) for k in kinds}
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         with interrupt_as_exception():
@@ -428,6 +459,16 @@ def main(argv: list[str] | None = None) -> int:
                 warmup = generate_ct_series(
                     root / "warmup", instances=WARMUP_INSTANCES, seed=SEED, label="warmup"
                 )
+                singles = (
+                    generate_ct_series(
+                        root / "singles",
+                        instances=args.single_associations,
+                        seed=SEED,
+                        label="singles",
+                    )
+                    if args.single_associations
+                    else None
+                )
             console.print(
                 f"{series.instances} CT instances, 512x512 uint16, "
                 f"{series.bytes / 1e6:.1f} MB; sender: {SENDER_SETTINGS}"
@@ -435,12 +476,18 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(1, args.repeat + 1):
                 for kind in kinds:
                     with console.status(f"round {round_}/{args.repeat}: {kind.name}..."):
-                        trial = run_trial(kind, root / f"{kind.name}-{round_}", warmup, series)
+                        trial, single = run_trial(
+                            kind, root / f"{kind.name}-{round_}", warmup, series, singles
+                        )
                     results[kind.name].trials.append(trial)
-                    console.print(
+                    line = (
                         f"  round {round_} {kind.name:<18} {trial.seconds:6.2f} s  "
                         f"{trial.items_per_s:7.1f} images/s"
                     )
+                    if single is not None:
+                        single_results[kind.name].trials.append(single)
+                        line += f"; one per association {single.items_per_s:6.1f} images/s"
+                    console.print(line)
     except BenchError as exc:
         console.print(f"[red]benchmark failed:[/red] {exc}")
         return 2
@@ -450,10 +497,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    return report(args, list(results.values()), series)
+    singles_done = [r for r in single_results.values() if r.trials]
+    return report(args, list(results.values()), series, singles_done)
 
 
-def report(args: argparse.Namespace, results: list[PeerResult], series: Series) -> int:
+def report(
+    args: argparse.Namespace,
+    results: list[PeerResult],
+    series: Series,
+    singles: list[PeerResult],
+) -> int:
     by_name = {r.peer: r for r in results}
     reference = by_name.get("node") or results[0]
     print_table(
@@ -478,6 +531,15 @@ def report(args: argparse.Namespace, results: list[PeerResult], series: Series) 
             f"{nofsync.best().items_per_s:.1f} images/s "
             f"({nofsync.best().items_per_s / node.best().items_per_s:.2f}x the durable rate)."
         )
+    if singles:
+        by_single = {r.peer: r for r in singles}
+        print_table(
+            f"The same peers, {args.single_associations} images sent one per association "
+            f"(a storescu run each, process start included for every peer), best of "
+            f"{args.repeat}",
+            singles,
+            reference=by_single.get("node") or singles[0],
+        )
     write_json(
         args.json,
         {
@@ -495,6 +557,11 @@ def report(args: argparse.Namespace, results: list[PeerResult], series: Series) 
             "repeat": args.repeat,
             "statistic": "best trial per peer (fastest); median_seconds also given",
             "results": [r.as_dict() for r in results],
+            "one_image_per_association": {
+                "instances": args.single_associations,
+                "sender": "one storescu run per image, same options",
+                "results": [r.as_dict() for r in singles],
+            },
             "ratios": [
                 {"ratio": label, "value": ratio, "target": target, "pass": ratio >= target}
                 for label, ratio, target in checks
