@@ -101,7 +101,9 @@ class InstanceStore:
                     written = os.write(fd, view)
                     view = view[written:]
                 if self.fsync:
-                    os.fsync(fd)
+                    # Data and the size needed to read it back; the name is made
+                    # durable by the directory fsync after the rename.
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
