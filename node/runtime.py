@@ -24,7 +24,7 @@ from node.catalog import Catalog
 from node.completion import CompletionHook, CompletionMonitor
 from node.config import Settings
 from node.db import migrate
-from node.db.engine import make_engine, make_sessionmaker
+from node.db.engine import READ_ONLY, make_engine, make_sessionmaker
 from node.errors import NodeError
 from node.export.exporter import Exporter
 from node.ingest.callers import CallerPolicy
@@ -71,6 +71,11 @@ class Node:
             settings.database_url, durable=settings.storage.fsync, echo=settings.database.echo
         )
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
+        #: For handlers that only read (worklist, study pages, WADO-RS): on SQLite they
+        #: read a snapshot and never queue behind the ingest writers for the lock.
+        self.reads: sessionmaker[Session] = make_sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True})
+        )
         self.store = InstanceStore(
             settings.storage.data_dir,
             min_free_bytes=settings.storage.min_free_bytes,

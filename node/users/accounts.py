@@ -47,8 +47,12 @@ class Account:
 class Accounts:
     """Create, list, disable and authenticate users."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], reads: sessionmaker[Session] | None = None
+    ) -> None:
         self._sessions = sessions
+        #: Where lookups run (every authenticated request does one); see ``Node.reads``.
+        self._reads = reads or sessions
 
     def add(self, name: str, password: str, role: Role) -> Account:
         if not _NAME.match(name):
@@ -75,7 +79,7 @@ class Accounts:
             return [Account.of(u) for u in session.scalars(select(User).order_by(User.name))]
 
     def get(self, user_id: int) -> Account | None:
-        with self._sessions() as session:
+        with self._reads() as session:
             user = session.get(User, user_id)
             return Account.of(user) if user is not None else None
 

@@ -27,6 +27,8 @@ STATIC_DIR = Path(__file__).with_name("static")
 class WebContext:
     settings: Settings
     sessions: sessionmaker[Session]
+    #: Sessions for handlers that only read (see ``Node.reads``).
+    reads: sessionmaker[Session]
     store: InstanceStore
     rules: RuleStore
     accounts: Accounts
@@ -39,9 +41,10 @@ class WebContext:
         return cls(
             settings=node.settings,
             sessions=node.sessions,
+            reads=node.reads,
             store=node.store,
             rules=node.rules,
-            accounts=Accounts(node.sessions),
+            accounts=Accounts(node.sessions, node.reads),
             audit=AuditTrail(node.sessions),
             templates=Jinja2Templates(directory=str(TEMPLATES_DIR)),
             node=node,

@@ -132,7 +132,7 @@ def _stored(
         query = query.where(Series.series_instance_uid == series_uid)
     if sop_uid is not None:
         query = query.where(Instance.sop_instance_uid == sop_uid)
-    with node.sessions() as session:
+    with node.reads() as session:
         rows = session.execute(query).all()
     return [(r.path, r.transfer_syntax_uid) for r in rows if node.store.exists(r.path)]
 

@@ -95,7 +95,7 @@ def _query(params: WorklistParams, **extra: Any) -> str:
 
 def _worklist_values(ctx: WebContext, params: WorklistParams, offset: int) -> dict[str, Any]:
     size = ctx.settings.web.page_size
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         rows, more = worklist_page(session, params.to_filter(), limit=size, offset=offset)
         fingerprint = worklist_fingerprint(session)
     threshold = ctx.settings.pipeline.escalate_threshold
@@ -169,7 +169,7 @@ def worklist_rows(
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)
 def study_page(study_uid: str, user: auth.User, ctx: Context, request: Request) -> HTMLResponse:
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         study = study_detail(session, study_uid)
     if study is None:
         raise HTTPException(404, "no such study")

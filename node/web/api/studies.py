@@ -30,7 +30,7 @@ _PNG_CACHE = "private, max-age=600"
 @router.get("/{study_uid}", response_model=StudyOut)
 def study_detail(study_uid: str, user: auth.User, ctx: Context, request: Request) -> StudyOut:
     """Patient and study attributes, series and instances, findings, deliveries."""
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         study = read_study(session, study_uid)
     if study is None:
         raise HTTPException(404, "no such study")
@@ -75,7 +75,7 @@ def instance_image(
     frame: Annotated[int, Query(ge=1)] = 1,
 ) -> Response:
     """One frame of a stored image as PNG (grey levels as the models saw them)."""
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         where = instance_file(session, study_uid, sop_uid)
     if where is None:
         raise HTTPException(404, "no such instance in this study")
@@ -107,7 +107,7 @@ def instance_overlay(
     study_uid: str, sop_uid: str, kind: OverlayKind, user: auth.User, ctx: Context
 ) -> Response:
     """The lung mask or Grad-CAM heatmap of an image as a transparent PNG overlay."""
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         rel = overlay_file(session, study_uid, sop_uid, kind)
     if rel is None:
         raise HTTPException(404, f"no {kind} for this image")

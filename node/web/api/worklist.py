@@ -120,7 +120,7 @@ def worklist(
 ) -> WorklistPage:
     """Studies in reading order: STAT, urgent, routine; then model score; then oldest first."""
     size = limit or ctx.settings.web.page_size
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         rows, more = worklist_page(session, params.to_filter(), limit=size, offset=offset)
         fp = worklist_fingerprint(session)
     ctx.audit.record(
@@ -139,5 +139,5 @@ def worklist(
 @router.get("/fingerprint", response_model=Fingerprint)
 def fingerprint(user: auth.User, ctx: Context) -> Fingerprint:
     """Changes whenever the worklist would; no patient data (polled by open worklists)."""
-    with ctx.sessions() as session:
+    with ctx.reads() as session:
         return Fingerprint(fingerprint=worklist_fingerprint(session))

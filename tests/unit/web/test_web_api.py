@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 
 from node.db.models import AuditEvent, Priority, Role, Study, StudyStatus
 from node.runtime import Node
@@ -349,3 +349,24 @@ def test_admin_disables_a_model_recorded_and_audited(client: TestClient, node: N
     with node.sessions() as session:
         events = session.execute(select(AuditEvent.action, AuditEvent.detail)).all()
     assert ("model.disable", "lung-seg") in events and ("model.enable", "lung-seg") in events
+
+
+def test_worklist_polling_reads_beside_a_writer_holding_the_sqlite_lock(
+    start_node: Callable[..., Node],
+) -> None:
+    """Read-only handlers begin DEFERRED on SQLite: a write transaction in progress (an
+    instance being stored) does not make the worklist's poll wait for the lock."""
+    node = start_node()  # embedded SQLite
+    Accounts(node.sessions).add("rad", PASSWORD, Role.RADIOLOGIST)
+    add_study(node)
+    with TestClient(create_app(node)) as client:
+        login(client, "rad")
+        before = client.get("/api/worklist/fingerprint").json()["fingerprint"]
+        with node.engine.connect() as writer:
+            writer.begin()  # BEGIN IMMEDIATE: holds the write lock until rollback
+            writer.execute(update(Study).values(priority=Priority.STAT))
+            # Waiting for the lock would end in a 500 after the 30 s busy timeout.
+            during = client.get("/api/worklist/fingerprint")
+            assert during.status_code == 200
+            assert during.json()["fingerprint"] == before  # the snapshot before the write
+            writer.rollback()
