@@ -129,16 +129,6 @@ class Catalog:
             ).first()
             return found is not None
 
-    def is_purged(self, sop_instance_uid: str) -> bool:
-        """The instance is catalogued but its file was removed by the retention policy."""
-        with self._engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-            found = conn.execute(
-                select(Instance.id).where(
-                    Instance.sop_instance_uid == sop_instance_uid, Instance.purged_at.is_not(None)
-                )
-            ).first()
-            return found is not None
-
     def restore_purged(self, sop_instance_uid: str, stored: StoredFile) -> None:
         """A purged instance was sent again: its row points at the new file once more.
 
