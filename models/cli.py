@@ -77,9 +77,17 @@ def train(
     adapt_fold: Annotated[
         str,
         typer.Option(
-            help="--adapt: a = fit adapt-fit, select on adapt-select; b = the roles swapped"
+            help="--adapt: a = fit adapt-fit, select on adapt-select; b = the roles swapped; "
+            "with --adapt-folds K: 0..K-1, the fold selected on"
         ),
     ] = "a",
+    adapt_folds: Annotated[
+        int,
+        typer.Option(
+            help="--adapt: 0 = the fixed adapt-fit/adapt-select parts; K >= 2 = K patient-level "
+            "folds over the whole adapt half"
+        ),
+    ] = 0,
     steps_per_epoch: Annotated[
         int, typer.Option(help="--adapt: batches between early-stopping checks")
     ] = 50,
@@ -118,7 +126,7 @@ def train(
             adapt,
             out,
             settings,
-            AdaptSettings(init_weights, adapt_oversample, steps_per_epoch, adapt_fold),
+            AdaptSettings(init_weights, adapt_oversample, steps_per_epoch, adapt_fold, adapt_folds),
         )
     elif task is Task.pneumonia:
         meta = train_classifier(
@@ -140,12 +148,21 @@ def ensemble(
     adapt: Annotated[Path, typer.Option(help="the val/ dir the members were adapted on")],
     out: Annotated[Path, typer.Option(help="output dir for the ensemble's weights + metadata")],
     version: Annotated[str, typer.Option(help="version of the ensemble")],
+    hflip_tta: Annotated[
+        str,
+        typer.Option(
+            help="rule = flip TTA only if it lowers OOF log-loss and errors (1.2.0); on; off"
+        ),
+    ] = "rule",
 ) -> None:
     """Join cross-fitted pneumonia members into one model; threshold on out-of-fold scores."""
     _quiet_tf()
     from models.ensemble import assemble
 
-    meta, oof = assemble(member, adapt, out, version)
+    choices = {"rule": None, "on": True, "off": False}
+    if hflip_tta not in choices:
+        raise typer.BadParameter(f"--hflip-tta: one of {sorted(choices)}")
+    meta, oof = assemble(member, adapt, out, version, hflip_tta=choices[hflip_tta])
     typer.echo(json.dumps(oof, indent=2))
     typer.echo(f"wrote {meta.name} {meta.version} to {out} (sha256 {meta.weights_sha256})")
 

@@ -159,6 +159,43 @@ def split_validation(
     return ValidationSplit(adapt_fit, adapt_select, report)
 
 
+#: Seed of the patient-level K-fold split of the adapt half (`adapt_kfold`).
+ADAPT_KFOLD_SEED = VAL_SPLIT_SEED + 2
+
+
+def adapt_kfold(
+    adapt: Sequence[LabelledImage], n_folds: int, seed: int = ADAPT_KFOLD_SEED
+) -> list[list[LabelledImage]]:
+    """Cut the adapt half of `val/` into `n_folds` patient-level folds, stratified by class.
+
+    Each patient is given one class (pneumonia if any of its images is); the patients of each
+    class are shuffled (seeded) and each goes to the fold that has the fewest images of that
+    class so far (ties: the lower fold), so every patient lands in exactly one fold and each
+    fold gets about 1/n of each class's images. Pass `split_validation(...).adapt` only:
+    the report part must never enter a fold.
+    """
+    if n_folds < 2:
+        raise ValueError("need at least 2 folds")
+    rng = np.random.default_rng(seed)
+    patient_label: dict[str, int] = {}
+    n_images: dict[str, int] = {}
+    for it in adapt:
+        patient_label[it.patient] = max(patient_label.get(it.patient, 0), it.label)
+        n_images[it.patient] = n_images.get(it.patient, 0) + 1
+    fold_of: dict[str, int] = {}
+    for label in range(len(CLASS_NAMES)):
+        patients = sorted(p for p, lab in patient_label.items() if lab == label)
+        filled = [0] * n_folds
+        for i in rng.permutation(len(patients)):
+            k = filled.index(min(filled))
+            fold_of[patients[i]] = k
+            filled[k] += n_images[patients[i]]
+    folds: list[list[LabelledImage]] = [[] for _ in range(n_folds)]
+    for it in adapt:
+        folds[fold_of[it.patient]].append(it)
+    return folds
+
+
 def class_weights(labels: Sequence[int]) -> dict[int, float]:
     """Inverse-frequency weights (mean 1): train is 26% NORMAL, so NORMAL errors count more."""
     counts = np.bincount(np.asarray(labels), minlength=len(CLASS_NAMES))

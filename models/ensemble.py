@@ -1,10 +1,12 @@
-"""Cross-fitted ensemble of stage-2 classifiers (pneumonia-triage 1.2.0).
+"""Cross-fitted ensemble of stage-2 classifiers (pneumonia-triage 1.2.0 and later).
 
 Two stage-2 members start from the same stage-1 weights with the roles of the two adapt
 parts of `val/` swapped (`models.train.ADAPT_FOLDS`): member A fits adapt-fit and selects on
-adapt-select, member B the other way round. Every adapt image is therefore out-of-fold for
-exactly one member, and the ensemble's decision threshold is chosen on those out-of-fold
-(OOF) predictions over all adapt images, never on the report part.
+adapt-select, member B the other way round. Or, with K-fold members
+(`--adapt-folds K`, `models.data.adapt_kfold`), member k fits all adapt folds but fold k and
+selects on fold k. Either way every adapt image is out-of-fold for exactly one member, and
+the ensemble's decision threshold is chosen on those out-of-fold (OOF) predictions over all
+adapt images, never on the report part.
 
 The OOF score of an image is the calibrated P(pneumonia) of the member that did not train
 on it, not the ensemble's score (the ensemble has always trained on it). Using it as a
@@ -66,13 +68,13 @@ def oof_threshold(
 
 
 def member_select_parts(
-    adapt_dir: Path, folds: Sequence[str]
+    adapt_dir: Path, folds: Sequence[str], n_folds: int = 0
 ) -> list[list[data_mod.LabelledImage]]:
     """For each member's fold, the adapt part it selected on (= its out-of-fold images)."""
     from models.train import adapt_roles
 
     val = data_mod.split_validation(data_mod.list_classification(adapt_dir, deduplicate=False))
-    return [adapt_roles(val, fold)[1] for fold in folds]
+    return [adapt_roles(val, fold, n_folds)[1] for fold in folds]
 
 
 def image_name(item: data_mod.LabelledImage) -> str:
@@ -106,9 +108,18 @@ def _member_scores(
 
 
 def assemble(
-    member_dirs: Sequence[Path], adapt_dir: Path, out_dir: Path, version: str
+    member_dirs: Sequence[Path],
+    adapt_dir: Path,
+    out_dir: Path,
+    version: str,
+    *,
+    hflip_tta: bool | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Build the ensemble from trained stage-2 members; threshold on out-of-fold scores.
+
+    `hflip_tta` None: decide flip TTA by the OOF rule (as 1.2.0 did); True/False: fixed
+    (both variants are still reported). The members must cover every adapt image once:
+    folds "a" and "b", or folds 0..K-1 of the same K-fold split.
 
     Returns (metadata written to `out_dir`, the OOF report incl. the flip-TTA comparison).
     """
@@ -120,6 +131,7 @@ def assemble(
         metadata_path,
         write_model,
     )
+    from models.train import ADAPT_FOLDS, fold_names
 
     metas = [ModelMetadata.read(metadata_path(d, CLASSIFIER_NAME)) for d in member_dirs]
     archs = [{k: v for k, v in m.architecture.items() if k != "backbone_weights"} for m in metas]
@@ -128,8 +140,13 @@ def assemble(
     if any(a.get("ensemble") for a in archs):
         raise ValueError("members must be single networks")
     folds = [str(m.training_data.get("adapt", {}).get("fold", "a")) for m in metas]
-    if sorted(folds) != sorted(set(folds)):
-        raise ValueError(f"members must come from different adapt folds, got {folds}")
+    n_folds_seen = {int(m.training_data.get("adapt", {}).get("n_folds", 0)) for m in metas}
+    if len(n_folds_seen) != 1:
+        raise ValueError("members come from different fold schemes")
+    n_folds = n_folds_seen.pop()
+    expected = [str(k) for k in range(n_folds)] if n_folds else sorted(ADAPT_FOLDS)
+    if sorted(folds) != expected:
+        raise ValueError(f"members must cover the adapt folds {expected} once each, got {folds}")
     temperatures = [float(m.temperature) for m in metas]
     size = metas[0].input_size
     member_arch: dict[str, Any] = {
@@ -140,7 +157,7 @@ def assemble(
     for view, meta, folder in zip(member_views(model), metas, member_dirs, strict=True):
         load_weights(view, folder / meta.weights_file, meta.weights_sha256)
 
-    parts = member_select_parts(adapt_dir, folds)
+    parts = member_select_parts(adapt_dir, folds, n_folds)
     labels = [np.array([it.label for it in part], dtype=np.int64) for part in parts]
     variants: dict[str, dict[str, Any]] = {}
     for name, flip in (("plain", False), ("hflip_tta", True)):
@@ -157,8 +174,9 @@ def assemble(
         return int(fp + fn)
 
     tta_helps = tta["metrics"]["nll"] < plain["metrics"]["nll"] and errors(tta) < errors(plain)
-    chosen = tta if tta_helps else plain
-    if tta_helps:
+    use_tta = tta_helps if hflip_tta is None else hflip_tta
+    chosen = tta if use_tta else plain
+    if use_tta:
         model = build_ensemble(size, temperatures, backbone, hflip_tta=True, **member_arch)
         for view, meta_, folder in zip(member_views(model), metas, member_dirs, strict=True):
             load_weights(view, folder / meta_.weights_file, meta_.weights_sha256)
@@ -167,22 +185,26 @@ def assemble(
         "that did not fit it (cross-fitting approximation, see models/ensemble.py)",
         "n": int(sum(len(p) for p in parts)),
         "members_oof_parts": [
-            {"fold": f, "part": "adapt_select" if f == "a" else "adapt_fit", "n": len(p)}
+            {"fold": f, "part": fold_names(f, n_folds)[1], "n": len(p)}
             for f, p in zip(folds, parts, strict=True)
         ],
         "variants": variants,
-        "hflip_tta_rule": "adopt only if OOF log-loss and OOF errors both go down",
+        "hflip_tta_rule": "adopt only if OOF log-loss and OOF errors both go down"
+        if hflip_tta is None
+        else f"fixed in advance: {'on' if hflip_tta else 'off'}",
         "hflip_tta_helps_on_oof": bool(tta_helps),
-        "hflip_tta_adopted": bool(tta_helps),
+        "hflip_tta_adopted": bool(use_tta),
     }
     training_data = dict(metas[0].training_data)
     adapt_info = dict(training_data.get("adapt", {}))
-    for key in ("fold", "fit_on", "selected_on", "oversample"):
+    for key in ("fold", "fit_on", "selected_on", "oversample", "n_folds"):
         adapt_info.pop(key, None)
     adapt_info["members"] = [
         {k: m.training_data.get("adapt", {}).get(k) for k in ("fold", "oversample")} for m in metas
     ]
     adapt_info["members"][0]["fold"] = folds[0]
+    if n_folds:
+        adapt_info["n_folds"] = n_folds
     training_data["adapt"] = adapt_info
     meta = ModelMetadata(
         name=CLASSIFIER_NAME,
@@ -193,7 +215,7 @@ def assemble(
             **archs[0],
             "ensemble": len(metas),
             "member_temperatures": temperatures,
-            "hflip_tta": bool(tta_helps),
+            "hflip_tta": bool(use_tta),
         },
         class_names=metas[0].class_names,
         decision_threshold=chosen["threshold"],
@@ -217,7 +239,7 @@ def assemble(
             ],
             "ensemble": {
                 "combination": COMBINATION
-                + (", over the image and its mirror image" if tta_helps else ""),
+                + (", over the image and its mirror image" if use_tta else ""),
                 "threshold": oof,
             },
         },

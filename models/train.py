@@ -233,7 +233,12 @@ class AdaptSettings:
     steps_per_epoch: int = 50
     #: "a": fit on adapt-fit, select on adapt-select (1.1.0); "b": the roles swapped, for
     #: the second member of a cross-fitted ensemble (each adapt image is out-of-fold once).
+    #: With `n_folds` = K >= 2: "0" ... "K-1", the fold of `data.adapt_kfold` selected on
+    #: (all other adapt folds are fitted on).
     fold: str = "a"
+    #: 0: the two fixed adapt parts (folds "a"/"b"); K >= 2: K patient-level folds over
+    #: the whole adapt half (`data.adapt_kfold`).
+    n_folds: int = 0
 
 
 #: Stage-2 folds: (the adapt part fitted on, the adapt part that early stopping,
@@ -244,10 +249,29 @@ ADAPT_FOLDS: dict[str, tuple[str, str]] = {
 }
 
 
+def fold_names(fold: str, n_folds: int = 0) -> tuple[str, str]:
+    """(name of the adapt data fitted on, name of the part selected on) for a stage-2 fold."""
+    if n_folds:
+        return f"adapt minus fold {fold} of {n_folds}", f"adapt fold {fold} of {n_folds}"
+    return ADAPT_FOLDS[fold]
+
+
 def adapt_roles(
-    val: data_mod.ValidationSplit, fold: str
+    val: data_mod.ValidationSplit, fold: str, n_folds: int = 0
 ) -> tuple[list[data_mod.LabelledImage], list[data_mod.LabelledImage]]:
-    """(fit part, select part) of the adapt half for a stage-2 fold."""
+    """(fit part, select part) of the adapt half for a stage-2 fold.
+
+    `n_folds` 0: the fixed parts (`ADAPT_FOLDS`, fold "a" or "b"); K >= 2: fold "k" of
+    `data.adapt_kfold(val.adapt, K)` is selected on and the other K-1 folds are fitted on.
+    The report part is never in either.
+    """
+    if n_folds:
+        folds = data_mod.adapt_kfold(val.adapt, n_folds)
+        if fold not in {str(k) for k in range(n_folds)}:
+            raise ValueError(f"unknown adapt fold {fold!r} (expected 0..{n_folds - 1})")
+        k = int(fold)
+        fit = [it for j, part in enumerate(folds) if j != k for it in part]
+        return fit, folds[k]
     if fold not in ADAPT_FOLDS:
         raise ValueError(f"unknown adapt fold {fold!r} (expected one of {sorted(ADAPT_FOLDS)})")
     parts = {"adapt_fit": val.adapt_fit, "adapt_select": val.adapt_select}
@@ -294,8 +318,8 @@ def adapt_classifier(
     items = data_mod.list_classification(train_dir)
     fit_items, tune_items = data_mod.split_by_patient(items, tune_fraction, settings.seed)
     val = data_mod.split_validation(data_mod.list_classification(adapt_dir, deduplicate=False))
-    fit_part, select_part = adapt_roles(val, adapt.fold)
-    fit_name, select_name = ADAPT_FOLDS[adapt.fold]
+    fit_part, select_part = adapt_roles(val, adapt.fold, adapt.n_folds)
+    fit_name, select_name = fold_names(adapt.fold, adapt.n_folds)
     mixed = fit_items + fit_part * adapt.oversample
     weights = data_mod.class_weights([it.label for it in mixed])
     console.print(
@@ -348,6 +372,7 @@ def adapt_classifier(
         "seed": data_mod.VAL_SPLIT_SEED,
         "oversample": adapt.oversample,
         "fold": adapt.fold,
+        "n_folds": adapt.n_folds,
         "fit_on": fit_name,
         "selected_on": select_name,
         **{
@@ -363,6 +388,8 @@ def adapt_classifier(
             )
         },
     }
+    if adapt.n_folds:
+        training_data["adapt"]["kfold"] = kfold_summary(val, adapt.n_folds)
     meta = ModelMetadata(
         name=CLASSIFIER_NAME,
         version=settings.version,
@@ -395,12 +422,30 @@ def adapt_classifier(
                 "class_weights": {str(k): v for k, v in weights.items()},
                 "augmentation": _augmentation(),
                 "fold": adapt.fold,
+                "n_folds": adapt.n_folds,
                 "fitted_on": f"train fit + {fit_name} x{adapt.oversample}",
                 "chosen_on": f"{select_name} (early stopping, temperature, threshold)",
             },
         },
     )
     return write_model(model, meta, out_dir)
+
+
+def kfold_summary(val: data_mod.ValidationSplit, n_folds: int) -> dict[str, Any]:
+    """How the adapt half was cut into K folds, with each fold's file list (metadata)."""
+    return {
+        "split": "by patient, stratified by class (models.data.adapt_kfold)",
+        "seed": data_mod.ADAPT_KFOLD_SEED,
+        "n_folds": n_folds,
+        "folds": [
+            {
+                "counts": _counts(part),
+                "patients": len({it.patient for it in part}),
+                "files": [f"{data_mod.CLASS_NAMES[it.label]}/{it.path.name}" for it in part],
+            }
+            for part in data_mod.adapt_kfold(val.adapt, n_folds)
+        ],
+    }
 
 
 def _counts(items: Sequence[data_mod.LabelledImage]) -> dict[str, int]:

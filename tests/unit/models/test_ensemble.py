@@ -150,3 +150,96 @@ def test_flip_tta_ensemble_is_mirror_invariant(tmp_path: Path) -> None:
     # The same members without TTA score only the image as given.
     plain = Classifier(build_ensemble(SIZE, TEMPERATURES, **SMALL), _meta())  # type: ignore[arg-type]
     assert len(plain.model.get_weights()) == len(clf.model.get_weights())
+
+
+TEMPERATURES3 = [1.5, 2.5, 1.2]
+
+
+def _members3() -> list[keras.Model]:
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(6)
+    members = []
+    for _ in TEMPERATURES3:
+        m = build_classifier(SIZE, **SMALL)  # type: ignore[arg-type]
+        m.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in m.get_weights()])
+        members.append(m)
+    return members
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_three_member_ensemble_round_trip_and_gradcam(tta: bool, tmp_path: Path) -> None:
+    members = _members3()
+    model = build_ensemble(SIZE, TEMPERATURES3, hflip_tta=tta, **SMALL)  # type: ignore[arg-type]
+    views = member_views(model)
+    assert len(views) == 3
+    for view, member in zip(views, members, strict=True):
+        view.set_weights(member.get_weights())
+    x = np.random.default_rng(7).uniform(size=(4, SIZE, SIZE, 1)).astype(np.float32)
+    if not tta:
+        z = np.mean(
+            [
+                np.asarray(keras.Model(m.input, m.get_layer("logits").output)(x, training=False))
+                / t
+                for m, t in zip(members, TEMPERATURES3, strict=True)
+            ],
+            axis=0,
+        )
+        expected = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-5)
+    meta = _meta()
+    meta.architecture.update(ensemble=3, member_temperatures=TEMPERATURES3, hflip_tta=tta)
+    meta = write_model(model, meta, tmp_path)
+    loaded = load_classifier(tmp_path)
+    original = Classifier(model, meta)
+    images = _images()
+    np.testing.assert_array_equal(loaded.predict(images), original.predict(images))
+    maps = loaded.explain(images)
+    assert [m.shape for m in maps] == [im.shape for im in images]
+    assert all(m.min() >= 0.0 and m.max() <= 1.0 for m in maps)
+    for a, b in zip(maps, original.explain(images), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _val_items() -> list[data.LabelledImage]:
+    """A synthetic val/ listing: patients with 1-4 images, a few with both classes."""
+    rng = np.random.default_rng(8)
+    items = []
+    for p in range(120):
+        label = int(p % 3 != 0)
+        for j in range(int(rng.integers(1, 5))):
+            lab = 1 - label if p % 17 == 0 and j == 1 else label
+            kind = "bacteria" if lab else "normal"
+            items.append(data.LabelledImage(Path(f"person{p}_{kind}_{j}.jpeg"), lab))
+    return items
+
+
+def test_adapt_kfold_is_a_patient_level_partition_of_adapt_only() -> None:
+    split = data.split_validation(_val_items())
+    folds = data.adapt_kfold(split.adapt, 3)
+    assert len(folds) == 3
+    names = [str(it.path) for part in folds for it in part]
+    assert sorted(names) == sorted(str(it.path) for it in split.adapt)  # each exactly once
+    patients = [{it.patient for it in part} for part in folds]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not patients[i] & patients[j]
+    report = {str(it.path) for it in split.report}
+    assert not report & set(names)
+    for label in (0, 1):
+        sizes = [sum(it.label == label for it in part) for part in folds]
+        assert max(sizes) - min(sizes) <= 4  # stratified, balanced by images
+    assert data.adapt_kfold(split.adapt, 3) == folds  # seeded
+    for k in range(3):
+        fit, select = adapt_roles(split, str(k), 3)
+        assert select == folds[k]
+        assert sorted(str(it.path) for it in fit + select) == sorted(
+            str(it.path) for it in split.adapt
+        )
+        assert not {it.patient for it in fit} & {it.patient for it in select}
+        assert not {str(it.path) for it in fit} & report
+    with pytest.raises(ValueError, match="fold"):
+        adapt_roles(split, "3", 3)
+    with pytest.raises(ValueError, match="fold"):
+        adapt_roles(split, "a", 3)
+    with pytest.raises(ValueError, match="2 folds"):
+        data.adapt_kfold(split.adapt, 1)
