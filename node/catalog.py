@@ -38,6 +38,17 @@ class Recorded:
     purged: bool = False
 
 
+def _known(row: Any) -> Recorded:
+    """An instance catalogued before: a duplicate, or ``purged`` (file removed by retention)."""
+    return Recorded(
+        row.study_id,
+        row.study_version,
+        is_new=False,
+        reopened=False,
+        purged=row.purged_at is not None,
+    )
+
+
 class _AlreadyRecorded(Exception):
     """The SOP Instance was inserted by someone else inside our transaction's window."""
 
@@ -192,10 +203,9 @@ class Catalog:
             with self._engine.begin() as conn:
                 found = conn.execute(sql.find_instance, {"uid": uid}).first()
                 if found is not None:
-                    if found.purged_at is not None:
-                        return Recorded(found.study_id, found.study_version, False, False, True)
-                    conn.execute(sql.count_duplicate, {"uid": uid})
-                    return Recorded(found.study_id, found.study_version, False, False)
+                    if found.purged_at is None:
+                        conn.execute(sql.count_duplicate, {"uid": uid})
+                    return _known(found)
                 wait_durable = start_write() if start_write is not None else None
                 recorded = self._record_new(conn, header, stored, calling_ae_title, now)
                 if wait_durable is not None:
@@ -215,7 +225,7 @@ class Catalog:
     def _existing(self, sop_instance_uid: str) -> Recorded:
         with self._engine.connect() as conn:
             row = conn.execute(self._sql.find_instance, {"uid": sop_instance_uid}).one()
-        return Recorded(row.study_id, row.study_version, False, False, row.purged_at is not None)
+        return _known(row)
 
     def _record_new(
         self,
