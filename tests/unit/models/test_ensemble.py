@@ -40,11 +40,12 @@ def _meta() -> ModelMetadata:
     )
 
 
-def _members() -> list[keras.Model]:
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(1)
+def _members(temperatures: list[float] = TEMPERATURES, seed: int = 0) -> list[keras.Model]:
+    """One small perturbed classifier per temperature, reproducible from ``seed``."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed + 1)
     members = []
-    for _ in TEMPERATURES:
+    for _ in temperatures:
         m = build_classifier(SIZE, **SMALL)  # type: ignore[arg-type]
         m.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in m.get_weights()])
         members.append(m)
@@ -155,20 +156,9 @@ def test_flip_tta_ensemble_is_mirror_invariant(tmp_path: Path) -> None:
 TEMPERATURES3 = [1.5, 2.5, 1.2]
 
 
-def _members3() -> list[keras.Model]:
-    keras.utils.set_random_seed(5)
-    rng = np.random.default_rng(6)
-    members = []
-    for _ in TEMPERATURES3:
-        m = build_classifier(SIZE, **SMALL)  # type: ignore[arg-type]
-        m.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in m.get_weights()])
-        members.append(m)
-    return members
-
-
 @pytest.mark.parametrize("tta", [False, True])
 def test_three_member_ensemble_round_trip_and_gradcam(tta: bool, tmp_path: Path) -> None:
-    members = _members3()
+    members = _members(TEMPERATURES3, seed=5)
     model = build_ensemble(SIZE, TEMPERATURES3, hflip_tta=tta, **SMALL)  # type: ignore[arg-type]
     views = member_views(model)
     assert len(views) == 3
