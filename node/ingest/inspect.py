@@ -235,6 +235,14 @@ def _check_structure(ds: Dataset, header: InstanceHeader, depth: int = 0) -> Non
         )
     for tag, found in list(ds._dict.items()):
         elem: DataElement | RawDataElement = found
+        if tag.group == 0xFFFE:
+            # Item and delimitation tags belong inside sequences and encapsulated
+            # pixel data only (PS3.5 7.5); here they mean a sequence's length lied.
+            raise RejectedInstance(
+                status.CANNOT_PARSE,
+                f"item or delimitation tag {tag} outside a sequence",
+                header.sop_instance_uid,
+            )
         if isinstance(elem, RawDataElement):
             vr = elem.VR
             if vr is not None and vr not in _VRS:

@@ -100,6 +100,17 @@ def test_truncated_stream_is_refused(ct: Dataset) -> None:
     assert "truncated" in info.value.reason
 
 
+def test_item_tag_outside_a_sequence_is_refused(ct: Dataset) -> None:
+    """What a sequence whose length is too short leaves behind: its items at the top level.
+    pydicom reads them as elements whose values cannot be converted later (found by
+    tests/faults/test_fuzz.py)."""
+    item = b"\xfe\xff\x00\xe0" + (10).to_bytes(4, "little") + b"\x08\x00\x50\x11UI\x02\x001\x00"
+    with pytest.raises(RejectedInstance) as info:
+        inspect(encode(ct) + item, ct)
+    assert info.value.status == status.CANNOT_PARSE
+    assert "outside a sequence" in info.value.reason
+
+
 def test_garbage_is_refused() -> None:
     with pytest.raises(RejectedInstance) as info:
         inspect_instance(
