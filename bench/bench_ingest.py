@@ -21,8 +21,10 @@ every image then waits for a delayed ACK, ~40 ms). Every peer runs at its best:
   durability: strace shows one fdatasync per instance (the file), no rename, no
   directory fsync, and its SQLite index (WAL) commits without a sync, where the
   node fsyncs the file, the directory and the catalogue commit before it answers;
-* a bare pynetdicom SCP (``bench/pynetdicom_scp.py``) that only writes the
-  bytes: the ceiling of any node built on pynetdicom, shown for scale.
+* a bare pynetdicom SCP (``bench/pynetdicom_scp.py``) on the node's event-driven
+  association threads (``node/ingest/reactor.py``) that only writes the bytes:
+  the ceiling of this node's DICOM layer, shown for scale; ``pynetdicom-stock``
+  (not run by default) is the same on pynetdicom's own polling threads.
 
 Each trial starts the peer fresh on free ports with an empty store, and the
 page cache is flushed (``sync``) between trials so one peer's writeback does not
@@ -364,22 +366,29 @@ def orthanc_peer(*, sync_storage: bool) -> PeerKind:
     )
 
 
-def pynetdicom_floor_peer() -> PeerKind:
+def pynetdicom_floor_peer(*, stock: bool = False) -> PeerKind:
     @contextlib.contextmanager
     def launch(work: Path) -> Iterator[RunningPeer]:
         port = free_port()
         out = work / "floor"
+        argv = [sys.executable, str(REPO / "bench" / "pynetdicom_scp.py"), str(port), str(out)]
         with PeerProcess(
             name="pynetdicom floor",
-            argv=[sys.executable, str(REPO / "bench" / "pynetdicom_scp.py"), str(port), str(out)],
+            argv=argv + (["--stock"] if stock else []),
             log_path=work / "floor.log",
             ready=lambda: port_open(port),
         ):
             yield RunningPeer("FLOOR", port, lambda: _count_files(out, ".dcm"))
 
+    if stock:
+        return PeerKind(
+            "pynetdicom (stock)",
+            "the floor on pynetdicom's own polling association threads (1 ms sleeps)",
+            launch,
+        )
     return PeerKind(
         "pynetdicom (floor)",
-        "bare pynetdicom SCP, same PDU/TCP_NODELAY as node: write bytes, no parse/DB/fsync",
+        "bare pynetdicom SCP on the node's event-driven threads: write bytes, no parse/DB/fsync",
         launch,
     )
 
@@ -388,6 +397,7 @@ PEERS: dict[str, Callable[[], PeerKind]] = {
     "node": lambda: node_peer(fsync=True),
     "node-nofsync": lambda: node_peer(fsync=False),
     "pynetdicom": pynetdicom_floor_peer,
+    "pynetdicom-stock": lambda: pynetdicom_floor_peer(stock=True),
     "storescp": storescp_peer,
     "orthanc": lambda: orthanc_peer(sync_storage=True),
     "orthanc-nosync": lambda: orthanc_peer(sync_storage=False),

@@ -1,10 +1,14 @@
 """The floor under the node: a bare pynetdicom C-STORE SCP that only writes the bytes.
 
 Run by ``bench_ingest.py`` as the peer "pynetdicom (floor)": same library, same
-accepted contexts, same PDU size and TCP_NODELAY as the node, but no parsing,
-no catalogue and no fsync. Whatever the node cannot beat, this shows.
+event-driven association threads (``node/ingest/reactor.py``), same accepted
+contexts, same PDU size and TCP_NODELAY as the node, but no parsing, no
+catalogue and no fsync. Whatever the node cannot beat, this shows.
 
-    python bench/pynetdicom_scp.py PORT OUTPUT_DIR
+    python bench/pynetdicom_scp.py PORT OUTPUT_DIR [--stock]
+
+``--stock`` uses pynetdicom's own (polling) association threads instead, to show
+what the event-driven ones change.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from node.ingest.reactor import EventDrivenRequestHandler
 
 MAX_PDU = 4_194_304  # the node's default dicom.max_pdu_size
 
@@ -31,6 +38,7 @@ class _NoDelayServer(ThreadedAssociationServer):
 
 def main() -> None:
     port, out = int(sys.argv[1]), Path(sys.argv[2])
+    stock = "--stock" in sys.argv[3:]
     out.mkdir(parents=True, exist_ok=True)
 
     def on_store(event: Any) -> int:
@@ -43,10 +51,12 @@ def main() -> None:
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)  # bench_associations.py
     server = ae.make_server(
         ("127.0.0.1", port),
         evt_handlers=[(evt.EVT_C_STORE, on_store)],
         server_class=_NoDelayServer,
+        request_handler=RequestHandler if stock else EventDrivenRequestHandler,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -50,6 +50,7 @@ from node.ingest.limits import (
     MessageSizeWatch,
     bound_socket,
 )
+from node.ingest.reactor import EventDrivenRequestHandler
 from node.observability import metrics
 from node.storage import InstanceStore, StoredFile, describe
 
@@ -595,6 +596,7 @@ class DicomServer:
                 evt_handlers=self.scp.handlers(),
                 contexts=self._contexts,
                 server_class=server_class,
+                request_handler=EventDrivenRequestHandler,
             ),
         )
         # Registered like AE.start_server() does, so AE.shutdown() closes it too.
