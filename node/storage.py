@@ -13,6 +13,7 @@ the whole file, never a part.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from node.errors import OutOfResources, StorageError
+from node.errors import NodeError, OutOfResources, StorageError
 from node.ingest import status
 
 
@@ -33,9 +34,24 @@ class StoredFile:
     sha256: str
 
 
-def describe(relative_path: str, data: bytes) -> StoredFile:
-    """What :meth:`InstanceStore.write` records for ``data``, known before the write ends."""
-    return StoredFile(relative_path, len(data), hashlib.sha256(data).hexdigest())
+def digest(data: bytes) -> str:
+    """The SHA-256 recorded for stored bytes (hashlib releases the GIL while it runs)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(slots=True)
+class StagedFile:
+    """Received bytes, durable in ``tmp/`` until :meth:`InstanceStore.place` moves them."""
+
+    path: Path
+    size_bytes: int
+    placed: bool = False
+
+
+def _write_error(exc: OSError, what: str) -> NodeError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfResources(status.OUT_OF_RESOURCES_DISK, "disk full while writing")
+    return StorageError(f"cannot write {what}: {exc.strerror}")
 
 
 class InstanceStore:
@@ -88,11 +104,24 @@ class InstanceStore:
     def write(self, relative_path: str, data: bytes, *, sha256: str | None = None) -> StoredFile:
         """Write ``data`` atomically and durably at ``relative_path``; replaces any old file.
 
-        ``sha256`` is the data's digest when the caller has it already (see :func:`describe`).
+        ``sha256`` is the data's :func:`digest` when the caller has it already.
         """
-        final = self.data_dir / relative_path
-        self._makedirs(final.parent)
-        tmp = self.tmp_dir / f"{final.name}.{secrets.token_hex(6)}.part"
+        staged = self.stage(data)
+        try:
+            self.place(staged, relative_path)
+        except NodeError:
+            self.discard(staged)
+            raise
+        return StoredFile(relative_path, len(data), sha256 or digest(data))
+
+    def stage(self, data: bytes) -> StagedFile:
+        """First half of :meth:`write`: ``data`` durable under a temporary name in ``tmp/``.
+
+        The SCP stages the bytes as soon as they arrive, before it knows where they
+        go, so the disk works while the header is checked and catalogued. A crash
+        leaves only ``*.part`` files, removed at start (never acknowledged).
+        """
+        tmp = self.tmp_dir / f"{secrets.token_hex(8)}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -106,17 +135,27 @@ class InstanceStore:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(exc, "a received instance") from exc
+        return StagedFile(tmp, len(data))
+
+    def place(self, staged: StagedFile, relative_path: str) -> None:
+        """Second half of :meth:`write`: move staged bytes to ``relative_path``, durably."""
+        final = self.data_dir / relative_path
+        try:
+            self._makedirs(final.parent)
+            os.replace(staged.path, final)
+            staged.placed = True
             if self.fsync:
                 self._fsync_dir(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise OutOfResources(
-                    status.OUT_OF_RESOURCES_DISK, "disk full while writing"
-                ) from exc
-            raise StorageError(f"cannot write {relative_path}: {exc.strerror}") from exc
-        return StoredFile(relative_path, len(data), sha256 or hashlib.sha256(data).hexdigest())
+            raise _write_error(exc, relative_path) from exc
+
+    def discard(self, staged: StagedFile) -> None:
+        """Remove staged bytes that were not placed (a duplicate, a refused instance)."""
+        if not staged.placed:
+            staged.path.unlink(missing_ok=True)
 
     def read(self, relative_path: str) -> bytes:
         return (self.data_dir / relative_path).read_bytes()

@@ -14,7 +14,7 @@ import ssl
 import threading
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -52,7 +52,7 @@ from node.ingest.limits import (
 )
 from node.ingest.reactor import EventDrivenRequestHandler
 from node.observability import metrics
-from node.storage import InstanceStore, StoredFile, describe
+from node.storage import InstanceStore, StagedFile, StoredFile, digest
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,25 @@ class StoreSCP:
         except RejectedInstance as exc:
             log.warning("refused sop_instance_uid=%s reason=%s", sop_instance, exc.reason)
             return exc.status
+        # The disk starts on the bytes now; the checksum, the header check and the
+        # catalogue statements run meanwhile (_write_and_record). The checksum comes
+        # first: hashlib lets go of the GIL, so the writer thread gets going at once.
+        staging = self._writer.submit(self.store.stage, data)
+        received = _Received(len(data), staging, digest(data))
+        try:
+            return self._file(data, received, calling, sop_class, sop_instance)
+        finally:
+            # Never answer while the write still runs; bytes not placed are removed.
+            self._settle(staging)
+
+    def _file(
+        self,
+        data: bytes,
+        received: _Received,
+        calling: str,
+        sop_class: str,
+        sop_instance: str,
+    ) -> int:
         try:
             header = inspect_instance(
                 data, requested_sop_class_uid=sop_class, requested_sop_instance_uid=sop_instance
@@ -309,9 +328,9 @@ class StoreSCP:
                     header.series_instance_uid,
                     header.sop_instance_uid,
                 )
-                recorded = self._write_and_record(rel, data, header, calling)
+                recorded = self._write_and_record(rel, received, header, calling)
                 if recorded.purged:
-                    self._restore(rel, data, header.sop_instance_uid)
+                    self._restore(rel, received, header.sop_instance_uid)
                     log.info(
                         "purged sop_instance_uid=%s received again; file restored",
                         header.sop_instance_uid,
@@ -345,36 +364,37 @@ class StoreSCP:
         )
         return status.SUCCESS
 
+    def _settle(self, staging: Future[StagedFile]) -> None:
+        try:
+            staged = staging.result()
+        except NodeError:
+            return  # the failed write cleaned up after itself; its error was answered
+        self.store.discard(staged)
+
     def _write_and_record(
-        self, rel: str, data: bytes, header: InstanceHeader, calling: str
+        self, rel: str, received: _Received, header: InstanceHeader, calling: str
     ) -> Recorded:
-        """Catalogue the instance and write its file side by side; COMMIT last.
+        """Catalogue the instance while its bytes are being staged; COMMIT last.
 
         One transaction looks the instance up first: a duplicate or a purged
-        instance writes nothing here. A new one starts its write (fsync, rename,
-        directory fsync) on a writer thread while this thread runs the INSERT and
-        UPDATEs; COMMIT waits for the write to be durable. So a committed row
-        always has its file, Success goes out only after both, and the disk wait
-        and the SQL work overlap instead of adding up (bench/bench_ingest.py).
+        instance places nothing here. For a new one the INSERT and UPDATEs run
+        while the writer thread makes the staged bytes durable; then the file is
+        renamed into place and its directory fsynced, and only then COMMIT. So a
+        committed row always has its file, Success goes out only after both, and
+        the disk wait overlaps the header check and the SQL instead of adding up
+        (bench/bench_ingest.py).
         """
-        stored = describe(rel, data)
-        written: list[Future[StoredFile]] = []
+        stored = received.stored_as(rel)
 
         def start_write() -> Callable[[], object]:
-            written.append(self._writer.submit(self.store.write, rel, data, sha256=stored.sha256))
-            return written[0].result
+            return lambda: self.store.place(received.staging.result(), rel)
 
-        try:
-            return self.catalog.record_instance(header, stored, calling, start_write=start_write)
-        finally:
-            # After a database error the file may stay without a row; the sender's
-            # retry replaces it. Never answer while the write is still running.
-            wait(written)
+        return self.catalog.record_instance(header, stored, calling, start_write=start_write)
 
-    def _restore(self, rel: str, data: bytes, sop_instance_uid: str) -> None:
-        """Write a purged instance's file again, then point its row at it (file durable first)."""
-        stored = self.store.write(rel, data)
-        self.catalog.restore_purged(sop_instance_uid, stored)
+    def _restore(self, rel: str, received: _Received, sop_instance_uid: str) -> None:
+        """Put a purged instance's file back, then point its row at it (file durable first)."""
+        self.store.place(received.staging.result(), rel)
+        self.catalog.restore_purged(sop_instance_uid, received.stored_as(rel))
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -460,6 +480,19 @@ class StoreSCP:
             # The JSON sidecar next to the bytes still records the reason.
             log.error("cannot record quarantine in database error=%s", type(dbexc).__name__)
         return exc.status
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """One C-STORE's bytes while the writer pool stages them."""
+
+    size_bytes: int
+    staging: Future[StagedFile]
+    sha256: str
+
+    def stored_as(self, relative_path: str) -> StoredFile:
+        """What the catalogue records (known without waiting for the disk)."""
+        return StoredFile(relative_path, self.size_bytes, self.sha256)
 
 
 #: Internal marker: stored before, answered as Success.

@@ -80,6 +80,7 @@ def test_shared_corpus_with_dcmsend(
     assert sorted(q.status for q in quarantined) == sorted(REFUSED_BY_NODE.values())
     for q in quarantined:
         assert node.store.exists(q.path) and q.reason
+    assert list(node.store.tmp_dir.iterdir()) == []  # nothing staged is left behind
 
 
 def test_duplicate_sends_are_stored_once(start_node: Callable[..., Node], tmp_path: Path) -> None:
@@ -94,6 +95,7 @@ def test_duplicate_sends_are_stored_once(start_node: Callable[..., Node], tmp_pa
         assert session.scalars(select(Instance.duplicate_count)).all() == [1, 1, 1]
         assert session.scalar(select(Study.instance_count)) == 3
     assert len(list((node.store.data_dir / "instances").rglob("*.dcm"))) == 3
+    assert list(node.store.tmp_dir.iterdir()) == []  # the duplicates' staged bytes are gone
 
 
 def test_full_disk_answers_out_of_resources_and_writes_nothing(

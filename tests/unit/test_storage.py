@@ -23,6 +23,26 @@ def test_write_is_atomic_and_complete(tmp_path: Path) -> None:
     assert store.read(rel) == b"new"
 
 
+def test_staged_bytes_are_placed_or_discarded(tmp_path: Path) -> None:
+    """The SCP stages bytes before it knows their place; unplaced ones leave nothing."""
+    store = InstanceStore(tmp_path)
+    staged = store.stage(b"DICM" * 10)
+    assert staged.path.parent == store.tmp_dir and staged.path.read_bytes() == b"DICM" * 10
+    rel = store.instance_relpath("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    store.place(staged, rel)
+    assert store.read(rel) == b"DICM" * 10 and staged.placed
+    store.discard(staged)  # placed: nothing to remove, the file stays
+    assert store.exists(rel)
+
+    duplicate = store.stage(b"other bytes")
+    store.discard(duplicate)
+    assert store.read(rel) == b"DICM" * 10
+    assert list(store.tmp_dir.iterdir()) == []
+    # A crash between stage and place leaves a .part file: removed at the next start.
+    store.stage(b"interrupted")
+    assert InstanceStore(tmp_path).discard_partial_writes() == 1
+
+
 def test_refuses_below_free_space_floor_before_writing(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path, min_free_bytes=1 << 62)
     with pytest.raises(OutOfResources) as info:
