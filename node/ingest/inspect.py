@@ -30,6 +30,12 @@ _DEFER = 64 * 1024
 #: PS3.5 sets no limit; real objects nest a handful deep (SR content trees the most).
 _MAX_DEPTH = 64
 _VRS = frozenset(vr.value for vr in VR)
+#: Binary VRs of fixed value size (PS3.5 6.2): a value length that is not a multiple
+#: cannot be decoded, by us later or by the PACS.
+_VALUE_SIZE = {
+    "AT": 4, "FL": 4, "FD": 8, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2,
+    "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8, "US or SS": 2,
+}  # fmt: skip
 
 
 def is_valid_uid(value: str) -> bool:
@@ -220,7 +226,8 @@ def _check_truncation(ds: Dataset, header: InstanceHeader, stream_length: int) -
 
 
 def _check_structure(ds: Dataset, header: InstanceHeader, depth: int = 0) -> None:
-    """Refuse unknown VRs and sequences whose items do not parse, at any depth.
+    """Refuse unknown VRs, binary values of impossible length, and sequences whose
+    items do not parse, at any depth.
 
     The top level is walked by ``dcmread`` already; sequence contents are not until
     someone reads them, so a broken item would be acknowledged and only fail later,
@@ -244,19 +251,7 @@ def _check_structure(ds: Dataset, header: InstanceHeader, depth: int = 0) -> Non
                 header.sop_instance_uid,
             )
         if isinstance(elem, RawDataElement):
-            vr = elem.VR
-            if vr is not None and vr not in _VRS:
-                raise RejectedInstance(
-                    status.CANNOT_PARSE,
-                    f"element {elem.tag} has an unknown VR",
-                    header.sop_instance_uid,
-                )
-            if vr is None and not tag.is_private:
-                try:
-                    vr = dictionary_VR(tag)
-                except KeyError:
-                    continue
-            if vr != "SQ":
+            if _checked_vr(elem, header) != "SQ":
                 continue
             try:
                 elem = ds[tag]
@@ -271,6 +266,29 @@ def _check_structure(ds: Dataset, header: InstanceHeader, depth: int = 0) -> Non
             for item in elem.value or ():
                 if isinstance(item, Dataset):
                     _check_structure(item, header, depth + 1)
+
+
+def _checked_vr(elem: RawDataElement, header: InstanceHeader) -> str | None:
+    """A raw element's VR (the dictionary's under implicit VR; None if unknown there),
+    refused if it is no VR at all or its value length cannot hold whole values."""
+    vr = elem.VR
+    if vr is not None and vr not in _VRS:
+        raise RejectedInstance(
+            status.CANNOT_PARSE, f"element {elem.tag} has an unknown VR", header.sop_instance_uid
+        )
+    if vr is None and not elem.tag.is_private:
+        try:
+            vr = dictionary_VR(elem.tag)
+        except KeyError:
+            return None
+    size = _VALUE_SIZE.get(vr or "")
+    if size and elem.length != 0xFFFFFFFF and elem.length % size:
+        raise RejectedInstance(
+            status.CANNOT_PARSE,
+            f"element {elem.tag} ({vr}) has {elem.length} bytes, not a multiple of {size}",
+            header.sop_instance_uid,
+        )
+    return vr
 
 
 def _check_pixel_data(ds: Dataset, header: InstanceHeader) -> None:

@@ -111,6 +111,17 @@ def test_item_tag_outside_a_sequence_is_refused(ct: Dataset) -> None:
     assert "outside a sequence" in info.value.reason
 
 
+def test_binary_value_of_impossible_length_is_refused(ct: Dataset) -> None:
+    """BitsStored sent as UL with 2 bytes: nothing can decode it (found by the fuzz test)."""
+    data = encode(ct)
+    element = b"\x28\x00\x01\x01US\x02\x00"  # (0028,0101) US, 2 bytes
+    assert data.count(element) == 1
+    with pytest.raises(RejectedInstance) as info:
+        inspect(data.replace(element, b"\x28\x00\x01\x01UL\x02\x00"), ct)
+    assert info.value.status == status.CANNOT_PARSE
+    assert "not a multiple of 4" in info.value.reason
+
+
 def test_garbage_is_refused() -> None:
     with pytest.raises(RejectedInstance) as info:
         inspect_instance(
