@@ -144,6 +144,9 @@ def test_maximum_associations_rejects_and_leaks_no_caller_slot(
     # The refused association was counted for STORESCU before pynetdicom refused it;
     # it must not hold a slot now.
     _eventually(lambda: _held(node, "STORESCU") == 0, "no slot held after the refusal")
+    # pynetdicom counts an association against maximum_associations until its thread
+    # ends, a few ms after the requestor saw the A-RELEASE-RP.
+    _eventually(lambda: not node.dicom.ae.active_associations, "released threads ended")
     again = [_associate(node, "STORESCU"), _associate(node, "STORESCU")]
     assert all(a.is_established for a in again)
     for a in again:
