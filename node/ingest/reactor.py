@@ -215,9 +215,19 @@ class EventDrivenDUL(DULServiceProvider):
                 self.state_machine.do_action(event)
                 sleep = False
         finally:
-            # The association thread checks dul.is_alive(); tell it now, not at its next poll.
-            self._wake_association()
-            self._bell.close()
+            self._finish()
+
+    def _finish(self) -> None:
+        """The loop has ended: tell the association thread now, not at its next poll."""
+        if not self.assoc.is_established:
+            # The connection ended before an association (a port check, a peer that
+            # gave up): the acceptor thread waits for an A-ASSOCIATE-RQ that cannot
+            # come now. An empty hand ends its wait as its ACSE timeout would, so the
+            # association slot is free at once instead of after acse_timeout.
+            # (receive_pdu() returns None for "nothing came"; the queue's type omits it.)
+            cast("queue.Queue[None]", self.to_user_queue).put(None)
+        self._wake_association()
+        self._bell.close()
 
 
 class EventDrivenAssociation(Association):
