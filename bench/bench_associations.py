@@ -89,7 +89,8 @@ def cpu_percent(process: psutil.Process, seconds: float) -> float:
 
 
 def echo_ms(ae_title: str, port: int) -> float:
-    argv = ["echoscu", "-aet", SENDER_AE, "-aec", ae_title, "--repeat", str(ECHOES), LOOPBACK, str(port)]
+    argv = ["echoscu", "-aet", SENDER_AE, "-aec", ae_title, "--repeat", str(ECHOES)]
+    argv += [LOOPBACK, str(port)]
     start = time.perf_counter()
     env = {**os.environ, **NODELAY_ENV}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
