@@ -12,7 +12,7 @@ association cost ~4% of a core in polling (0.4% here; bench/bench_associations.p
 
 Here the same loops block instead of sleeping:
 
-- the DUL thread waits in ``select`` on its socket and a doorbell, rung whenever
+- the DUL thread waits in ``poll`` on its socket and a doorbell, rung whenever
   the association hands it a primitive or asks it to stop;
 - the association thread waits on an event, set whenever the DUL hands it a
   DIMSE message or an A-RELEASE/A-ABORT primitive, or when it is killed.
@@ -36,6 +36,7 @@ import select
 import ssl
 import threading
 import weakref
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -66,7 +67,7 @@ def _close_pipe(read: int, write: int) -> None:
 
 
 class Doorbell:
-    """A self-pipe: ``ring()`` from any thread wakes a ``select`` on :meth:`fileno`.
+    """A self-pipe: ``ring()`` from any thread wakes a ``poll``/``select`` on :meth:`fileno`.
 
     Ringing and closing hold a lock, so a late ring can never write into a
     descriptor number the process has meanwhile reused for something else.
@@ -110,7 +111,7 @@ class Doorbell:
 class _NotifyingQueue(queue.Queue[Any]):
     """A queue that calls ``notify`` after every put, so its consumer need not poll."""
 
-    def __init__(self, notify: Any) -> None:
+    def __init__(self, notify: Callable[[], object]) -> None:
         super().__init__()
         self._notify = notify
 
@@ -122,7 +123,7 @@ class _NotifyingQueue(queue.Queue[Any]):
 class EventDrivenDUL(DULServiceProvider):
     """pynetdicom's DUL provider, waiting on its socket and a doorbell instead of sleeping."""
 
-    def __init__(self, assoc: Association, wake_association: Any) -> None:
+    def __init__(self, assoc: Association, wake_association: Callable[[], object]) -> None:
         # The bell exists before the base class assigns ``_kill_thread``.
         self._bell = Doorbell()
         self._stopping = False
@@ -145,18 +146,23 @@ class EventDrivenDUL(DULServiceProvider):
             self._bell.ring()
 
     def _wait(self) -> None:
-        """Block until the socket is readable, the bell rings, or POLL_SECONDS pass."""
-        waitables: list[Any] = [self._bell]
+        """Block until the socket is readable, the bell rings, or POLL_SECONDS pass.
+
+        ``poll`` rather than ``select``: a busy process may hold descriptors above
+        select's limit of 1024.
+        """
+        poller = select.poll()
+        poller.register(self._bell.fileno(), select.POLLIN)
         transport = self.socket
         raw = transport.socket if transport is not None else None
         if raw is not None:
             if isinstance(raw, ssl.SSLSocket) and raw.pending():
-                return  # decrypted bytes already buffered: select cannot see them
+                return  # decrypted bytes already buffered: poll cannot see them
             if raw.fileno() >= 0:
-                waitables.append(raw)
+                poller.register(raw.fileno(), select.POLLIN)
         # A socket closed under us raises here; the loop's own checks then raise Evt17.
         with contextlib.suppress(OSError, ValueError):
-            select.select(waitables, [], [], POLL_SECONDS)
+            poller.poll(POLL_SECONDS * 1000)
         self._bell.drain()
 
     def run_reactor(self) -> None:
