@@ -34,10 +34,10 @@ from node.ingest.reactor import Doorbell, EventDrivenAssociation, EventDrivenReq
 #: A pynetdicom upgrade that changes any of it fails here: compare the new code with
 #: node/ingest/reactor.py, carry the change over, then update the digest.
 REVIEWED = {
-    DULServiceProvider.run_reactor: "e3a10eb3a0931e48",
-    DULServiceProvider.__init__: "c82dafa9438ddf70",
-    Association._run_reactor: "f28838c5559e462a",
-    RequestHandler._create_association: "05c8d12b79863cdb",
+    DULServiceProvider.run_reactor: "e3a10eb3a0931e48",  # pragma: allowlist secret
+    DULServiceProvider.__init__: "c82dafa9438ddf70",  # pragma: allowlist secret
+    Association._run_reactor: "f28838c5559e462a",  # pragma: allowlist secret
+    RequestHandler._create_association: "05c8d12b79863cdb",  # pragma: allowlist secret
 }
 
 
