@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node import dicom_socket
+
 
 @dataclass(frozen=True, slots=True)
 class EchoResult:
@@ -31,7 +33,7 @@ def c_echo(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae_title)
+    assoc = ae.associate(host, port, ae_title=called_ae_title, evt_handlers=dicom_socket.HANDLERS)
     try:
         if assoc.is_rejected:
             return EchoResult(False, "association rejected")

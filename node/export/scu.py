@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from node import tls
+from node import dicom_socket, tls
 from node.config import Destination
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,11 @@ def send(
     tls_args = None if context is None else (context, destination.host)
     try:
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=tls_args,
+            evt_handlers=dicom_socket.HANDLERS,
         )
     except Exception as exc:  # DNS errors and the like
         ae.shutdown()

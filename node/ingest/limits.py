@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pynetdicom.transport import AssociationSocket
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DicomSettings
 from node.db.models import Study, StudyStatus
+from node.dicom_socket import PollingAssociationSocket
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -153,7 +153,7 @@ class MessageSizeWatch:
             self._received.pop(id(assoc), None)
 
 
-class BoundedAssociationSocket(AssociationSocket):
+class BoundedAssociationSocket(PollingAssociationSocket):
     """An association socket that will not read a PDU longer than ``max_pdu_bytes``.
 
     pynetdicom reads a PDU's whole declared length into memory before decoding

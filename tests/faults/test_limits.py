@@ -7,25 +7,32 @@ node (nothing stored, a record kept, the listener still serving).
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined,unused-ignore]
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
+from node.config import Destination
 from node.db.models import Instance, QuarantinedInstance, StudyStatus
 from node.db.models import Study as StudyRow
+from node.export import scu
+from node.export.scu import Item
 from node.ingest import status
 from node.runtime import Node
-from tests.dicomgen import TEST_ROOT, ct_instance
-from tests.peers import raw_store, split_part10
+from node.verification import c_echo
+from tests.dicomgen import TEST_ROOT, ct_instance, write_series
+from tests.peers import echoscu, raw_store, split_part10, storescu, storescu_responses
 from tests.unit.pipeline.studies import queued_study
 
 #: Generous bound for "eventually": a loaded 2-core machine, never a timing assertion.
@@ -293,3 +300,45 @@ def test_idle_association_is_aborted(quick_node: Node) -> None:
     _eventually(lambda: not assoc.is_established, "idle association ends")
     assert assoc.is_aborted
     _eventually(lambda: _held(quick_node, "STORESCU") == 0, "its slot is freed")
+
+
+def test_connections_on_descriptors_above_1024_are_served(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """A busy node may hold more than 1024 descriptors; ``select()`` cannot watch those.
+
+    Open files held in this (the node's) process push every new socket above
+    1100: the listener's accepted ones (DCMTK, in its own process, is the
+    modality) and the node's own outgoing ones (a C-ECHO check, an export).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1200
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {wanted}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    node = start_node(dicom={"allowed_callers": ["ECHOSCU", "STORESCU", "TRIAGE"]})
+    _, files = write_series(tmp_path / "series", 4)
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        assert echoscu(node.dicom.port).returncode == 0
+        sent = storescu(node.dicom.port, files[:3])
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert [s for _, s in storescu_responses(sent.stdout + sent.stderr)] == ["Success"] * 3
+
+        port = node.dicom.port
+        check = c_echo("127.0.0.1", port, called_ae_title="TRIAGE", calling_ae_title="TRIAGE")
+        assert check.ok, check.detail
+        last = dcmread(files[3], stop_before_pixels=True)
+        destination = Destination(name="self", ae_title="TRIAGE", host="127.0.0.1", port=port)
+        item = Item(files[3], str(last.SOPClassUID), str(last.SOPInstanceUID))
+        deliveries = scu.send(destination, [item], calling_ae_title="TRIAGE", timeout=30)
+        assert [d.outcome for d in deliveries] == [scu.Outcome.DELIVERED]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with node.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 4
