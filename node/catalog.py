@@ -140,16 +140,26 @@ class Catalog:
             ).first()
             return found is not None
 
-    def restore_purged(self, sop_instance_uid: str, stored: StoredFile) -> None:
-        """A purged instance was sent again: its row points at the new file once more.
+    def restore_purged(
+        self, sop_instance_uid: str, stored: StoredFile, place: Callable[[], object]
+    ) -> bool:
+        """A purged instance was sent again: point its row at the new file once more.
 
-        The study keeps its state and results (the same bytes give the same findings);
-        its ``purged_at`` clears when none of its instances is purged any longer.
+        One transaction: the row is claimed only while it is still purged, then
+        ``place`` puts the file at ``stored``'s path, durably, and COMMIT comes
+        last, as for a new instance. If another association or node restored it
+        first, nothing is placed, the copy counts as a duplicate and False is
+        returned. The study keeps its state and results (the same bytes give the
+        same findings); its ``purged_at`` clears when none of its instances is
+        purged any longer.
         """
         with self._engine.begin() as conn:
             study_id = conn.execute(
                 update(Instance)
-                .where(Instance.sop_instance_uid == sop_instance_uid)
+                .where(
+                    Instance.sop_instance_uid == sop_instance_uid,
+                    Instance.purged_at.is_not(None),
+                )
                 .values(
                     path=stored.relative_path,
                     size_bytes=stored.size_bytes,
@@ -158,7 +168,11 @@ class Catalog:
                     duplicate_count=Instance.duplicate_count + 1,
                 )
                 .returning(Instance.study_id)
-            ).scalar_one()
+            ).scalar()
+            if study_id is None:
+                conn.execute(self._sql.count_duplicate, {"uid": sop_instance_uid})
+                return False
+            place()
             still_purged = conn.execute(
                 select(Instance.id).where(
                     Instance.study_id == study_id, Instance.purged_at.is_not(None)
@@ -166,6 +180,7 @@ class Catalog:
             ).first()
             if still_purged is None:
                 conn.execute(update(Study).where(Study.id == study_id).values(purged_at=None))
+        return True
 
     def record_duplicate(self, sop_instance_uid: str) -> None:
         with self._engine.begin() as conn:

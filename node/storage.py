@@ -95,6 +95,16 @@ class InstanceStore:
         """Where an instance lives. UIDs are validated (digits and dots) before this is called."""
         return f"instances/{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
 
+    @staticmethod
+    def restored_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        """Where a purged instance received again lives: a name of its own.
+
+        Retention deletes a study's files after committing them purged, so an
+        instance re-sent meanwhile must not land on a path it is about to unlink.
+        """
+        name = f"{sop_instance_uid}.{secrets.token_hex(4)}.dcm"
+        return f"instances/{study_uid}/{series_uid}/{name}"
+
     def path(self, relative_path: str) -> Path:
         return self.data_dir / relative_path
 

@@ -330,12 +330,7 @@ class StoreSCP:
                 )
                 recorded = self._write_and_record(rel, received, header, calling)
                 if recorded.purged:
-                    self._restore(rel, received, header.sop_instance_uid)
-                    log.info(
-                        "purged sop_instance_uid=%s received again; file restored",
-                        header.sop_instance_uid,
-                    )
-                    return status.SUCCESS
+                    return self._restore(received, header)
                 if not recorded.is_new:
                     log.info("duplicate sop_instance_uid=%s kept once", header.sop_instance_uid)
                     return _DUPLICATE
@@ -391,10 +386,22 @@ class StoreSCP:
 
         return self.catalog.record_instance(header, stored, calling, start_write=start_write)
 
-    def _restore(self, rel: str, received: _Received, sop_instance_uid: str) -> None:
-        """Put a purged instance's file back, then point its row at it (file durable first)."""
-        self.store.place(received.staging.result(), rel)
-        self.catalog.restore_purged(sop_instance_uid, received.stored_as(rel))
+    def _restore(self, received: _Received, header: InstanceHeader) -> int:
+        """Put a purged instance's file back under a new name; its row points at it."""
+        uid = header.sop_instance_uid
+        rel = self.store.restored_relpath(
+            header.study_instance_uid, header.series_instance_uid, uid
+        )
+        restored = self.catalog.restore_purged(
+            uid,
+            received.stored_as(rel),
+            place=lambda: self.store.place(received.staging.result(), rel),
+        )
+        if not restored:
+            log.info("duplicate sop_instance_uid=%s restored meanwhile; kept once", uid)
+            return _DUPLICATE
+        log.info("purged sop_instance_uid=%s received again; file restored", uid)
+        return status.SUCCESS
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

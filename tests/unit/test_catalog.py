@@ -212,6 +212,51 @@ def test_purged_instance_is_reported_not_counted(sessions: sessionmaker[Session]
         assert session.scalar(select(Instance.duplicate_count)) == 0
 
 
+def test_purged_instance_is_restored_once(sessions: sessionmaker[Session]) -> None:
+    """Two copies of a purged instance arriving together (two associations or two
+    nodes): the first claims the row and places its file; the second places nothing."""
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=utcnow()))
+        session.execute(update(Study).values(purged_at=utcnow()))
+    placed: list[str] = []
+    first = StoredFile("instances/first.dcm", 10, "a" * 64)
+    second = StoredFile("instances/second.dcm", 10, "b" * 64)
+    sop = header(study, series, 1).sop_instance_uid
+    assert catalog.restore_purged(sop, first, place=lambda: placed.append("first"))
+    assert not catalog.restore_purged(sop, second, place=lambda: placed.append("second"))
+    assert placed == ["first"]
+    with sessions() as session:
+        row = session.execute(select(Instance)).scalar_one()
+        assert (row.path, row.sha256, row.purged_at, row.duplicate_count) == (
+            first.relative_path,
+            first.sha256,
+            None,
+            2,
+        )
+        assert session.execute(select(Study.purged_at)).scalar_one() is None
+
+
+def test_failed_placement_leaves_the_instance_purged(sessions: sessionmaker[Session]) -> None:
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    catalog.record_instance(header(study, series, 1), stored(1), "CT1")
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=utcnow()))
+
+    def disk_full() -> None:
+        raise OSError("no space")
+
+    sop = header(study, series, 1).sop_instance_uid
+    with pytest.raises(OSError):
+        catalog.restore_purged(sop, StoredFile("instances/x.dcm", 1, "c" * 64), place=disk_full)
+    with sessions() as session:
+        row = session.execute(select(Instance)).scalar_one()
+        assert row.purged_at is not None and row.path == stored(1).relative_path
+
+
 @pytest.mark.postgres
 def test_instance_inserted_by_another_node_meanwhile_counts_as_duplicate() -> None:
     """Two dicom nodes on one PostgreSQL database race on the same SOP Instance.

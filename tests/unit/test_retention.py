@@ -152,6 +152,31 @@ def test_purged_instances_sent_again_are_stored_again(node: Node, tmp_path: Path
     assert all(f.is_file() for f in _files(node, uid))
 
 
+def test_file_restored_while_retention_deletes_is_not_deleted(node: Node, tmp_path: Path) -> None:
+    """Retention commits the rows purged, then unlinks the files it listed. An
+    instance re-sent in between gets a new file name, so the late unlink cannot
+    take the copy that was just acknowledged."""
+    uid, files = write_series(tmp_path / "r", 1, patient=PATIENT)
+    assert storescu(node.dicom.port, files).returncode == 0
+    _set_status(node, uid, StudyStatus.DONE)
+    (listed,) = _files(node, uid)
+    kept = listed.read_bytes()
+    Retention(node.settings.retention, node.sessions, node.store).run(now=utcnow() + LATER)
+    listed.parent.mkdir(parents=True, exist_ok=True)
+    listed.write_bytes(kept)  # as if retention had not reached this file yet
+
+    assert storescu(node.dicom.port, files).returncode == 0
+    listed.unlink()  # retention's unlink, late
+    (restored,) = _files(node, uid)
+    assert restored != listed and restored.is_file()
+    with node.sessions() as session:
+        row = session.scalars(
+            select(Instance).join(Study).where(Study.study_instance_uid == uid)
+        ).one()
+        assert row.purged_at is None
+    assert hashlib.sha256(restored.read_bytes()).hexdigest() == row.sha256
+
+
 @pytest.mark.parametrize(
     "status",
     [StudyStatus.RECEIVING, StudyStatus.COMPLETE, StudyStatus.QUEUED, StudyStatus.PROCESSING],
