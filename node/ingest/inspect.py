@@ -152,12 +152,24 @@ def _text(ds: Dataset, keyword: str, limit: int = 324) -> str | None:
     return value[:limit] or None
 
 
+#: The range of an IS value (PS3.5 6.2), and of the catalogue's integer columns.
+_IS_RANGE = range(-(2**31), 2**31)
+
+
 def _int(ds: Dataset, keyword: str, *, required_valid: bool = False) -> int | None:
+    """An integer attribute, or None; out of the IS range counts as invalid.
+
+    With ``required_valid`` an invalid value refuses the instance (0xC000);
+    otherwise the attribute is informative only and left out.
+    """
     raw: Any = ds.get(keyword)
     if raw is None or raw == "":
         return None
     try:
-        return int(raw)
+        value = int(raw)
+        if value not in _IS_RANGE:
+            raise ValueError(f"{keyword} out of range")
+        return value
     except (TypeError, ValueError) as exc:
         if required_valid:
             raise RejectedInstance(

@@ -142,6 +142,27 @@ def test_invalid_integer_string_in_image_module_is_refused(ct: Dataset) -> None:
         inspect(data, ct)
 
 
+def test_integer_strings_beyond_32_bits(ct: Dataset) -> None:
+    """IS holds -2**31..2**31-1 (PS3.5 6.2), as do the catalogue's columns: a larger
+    InstanceNumber is left out; a larger NumberOfFrames refuses the instance."""
+    ct.InstanceNumber = 1
+    ct.NumberOfFrames = 1
+    number, frames = b"\x20\x00\x13\x00IS", b"\x28\x00\x08\x00IS"
+    data = encode(ct).replace(number + b"\x02\x001 ", number + b"\x0c\x0099999999999 ")
+    assert number + b"\x0c\x0099999999999 " in data
+
+    header = inspect_instance(
+        data, requested_sop_class_uid=CTImageStorage, requested_sop_instance_uid=ct.SOPInstanceUID
+    )
+    assert header.instance_number is None and header.number_of_frames == 1
+
+    huge = data.replace(frames + b"\x02\x001 ", frames + b"\x0c\x0099999999999 ")
+    assert frames + b"\x0c\x0099999999999 " in huge
+    with pytest.raises(RejectedInstance) as info:
+        inspect(huge, ct)
+    assert info.value.status == status.CANNOT_UNDERSTAND
+
+
 @pytest.mark.parametrize(
     ("uid", "valid"),
     [
