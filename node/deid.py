@@ -184,15 +184,23 @@ class Deidentifier:
         ds.DeidentificationMethodCodeSequence = codes
 
     def deidentify_file(self, source: Path, target: Path) -> str:
-        """Write a de-identified copy of the Part 10 file ``source``; returns its SOPInstanceUID."""
+        """Write a de-identified copy of the Part 10 file ``source``; returns its SOPInstanceUID.
+
+        OSError other than a missing source (a full disk, an I/O error) propagates:
+        it is not a property of the object, and the caller may try again later.
+        """
         try:
             ds = dcmread(source)
+        except FileNotFoundError as exc:
+            raise DeidentificationError(f"cannot read: {type(exc).__name__}") from None
+        except OSError:
+            raise
         except Exception as exc:
             raise DeidentificationError(f"cannot read: {type(exc).__name__}") from None
         try:
             self._deidentify(ds)
             ds.save_as(target, enforce_file_format=True)
-        except DeidentificationError:
+        except (DeidentificationError, OSError):
             raise
         except Exception as exc:  # a value dicognito or pydicom cannot handle
             raise DeidentificationError(f"failed: {type(exc).__name__}") from None

@@ -101,6 +101,23 @@ def due(session: Session, now: datetime, limit: int = 100) -> list[Export]:
     )
 
 
+def still_as_sent(current: Export, sent: Export) -> bool:
+    """Whether the row still describes the object an attempt sent.
+
+    The exporter sends from a detached copy of the row. Meanwhile the pipeline
+    may re-arm it with a re-processed object (:func:`enqueue`: new path and
+    version) or an admin may re-arm it (:func:`retry`); both restart
+    ``retry_started_at``. Such an attempt's outcome belongs to the old object
+    and must not be recorded over the new one, which is still to be sent.
+    """
+    return (
+        current.state == ExportState.PENDING
+        and current.path == sent.path
+        and current.study_version == sent.study_version
+        and current.retry_started_at == sent.retry_started_at
+    )
+
+
 def record(
     session: Session,
     export: Export,

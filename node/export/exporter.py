@@ -16,7 +16,7 @@ from node.db.models import Export
 from node.db.types import utcnow
 from node.deid import DeidentificationError, Deidentifier
 from node.export import deliveries
-from node.export.scu import Delivery, Item, Outcome, send
+from node.export.scu import Delivery, Item, Outcome, send, unreadable
 from node.observability import metrics
 from node.storage import InstanceStore
 
@@ -64,11 +64,20 @@ class Exporter:
                 retry_for = timedelta(seconds=destination.retry_for_seconds)
             with self.sessions.begin() as session:
                 for export, result in zip(exports, results, strict=True):
-                    merged = session.merge(export)
                     metrics.EXPORTS.labels(name, result.outcome.value).inc()
+                    current = session.get(Export, export.id, with_for_update=True)
+                    if current is None or not deliveries.still_as_sent(current, export):
+                        log.info(
+                            "export re-armed during its attempt sop_instance_uid=%s "
+                            "destination=%s kind=%s: the new object goes next",
+                            export.sop_instance_uid,
+                            name,
+                            export.kind,
+                        )
+                        continue
                     deliveries.record(
                         session,
-                        merged,
+                        current,
                         result,
                         retry_for=retry_for,
                         initial_backoff=cfg.initial_backoff_seconds,
@@ -77,10 +86,10 @@ class Exporter:
                     log.log(
                         logging.INFO if result.outcome is Outcome.DELIVERED else logging.WARNING,
                         "export %s sop_instance_uid=%s destination=%s kind=%s: %s",
-                        merged.state,
-                        merged.sop_instance_uid,
+                        current.state,
+                        current.sop_instance_uid,
                         name,
-                        merged.kind,
+                        current.kind,
                         result.detail,
                     )
         return len(batch)
@@ -109,6 +118,9 @@ class Exporter:
                     uid = deidentifier.deidentify_file(item.path, target)
                 except DeidentificationError as exc:
                     results[index] = Delivery(Outcome.PERMANENT, None, f"cannot de-identify: {exc}")
+                    continue
+                except OSError as exc:
+                    results[index] = unreadable(exc, "cannot de-identify")
                     continue
                 copies.append((index, Item(target, item.sop_class_uid, uid)))
             if copies:

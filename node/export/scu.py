@@ -44,12 +44,28 @@ class Delivery:
     detail: str
 
 
+#: PS3.7 C.4.2 "Resource limitation": like 0xA7xx, worth trying again later.
+_RESOURCE_LIMITATION = 0x0213
+
+
 def classify(status: int) -> Outcome:
     if status == 0x0000 or status in _WARNINGS:
         return Outcome.DELIVERED
-    if 0xA700 <= status <= 0xA7FF:
+    if 0xA700 <= status <= 0xA7FF or status == _RESOURCE_LIMITATION:
         return Outcome.TEMPORARY
     return Outcome.PERMANENT
+
+
+def unreadable(exc: Exception, what: str) -> Delivery:
+    """An object that could not be read or written here: temporary unless it is gone.
+
+    A missing file will not come back; a full disk, an I/O error or too many open
+    files may clear, so those are retried within the destination's retry window.
+    """
+    detail = f"{what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        return Delivery(Outcome.TEMPORARY, None, detail)
+    return Delivery(Outcome.PERMANENT, None, detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +166,7 @@ def _store(assoc: Any, item: Item) -> Delivery:
             # source the pixels are already what they are, and decoding changes nothing.
             ds.decompress(generate_instance_uid=False)
     except Exception as exc:
-        return Delivery(
-            Outcome.PERMANENT, None, f"cannot prepare object: {type(exc).__name__}: {exc}"
-        )
+        return unreadable(exc, "cannot prepare object")
     try:
         rsp = assoc.send_c_store(ds)
     except Exception as exc:
