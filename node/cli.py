@@ -348,6 +348,8 @@ def reprocess(
     config: ConfigOption = None,
 ) -> None:
     """Route and analyse a study again; its results replace the earlier ones (same UIDs)."""
+    from node.db.models import StudyStatus
+    from node.errors import StudyPurged
     from node.pipeline import Pipeline
     from node.routing.store import RuleStore
     from node.storage import InstanceStore
@@ -358,10 +360,22 @@ def reprocess(
         rules = RuleStore(sessions, known_destinations=[d.name for d in settings.destinations])
         store = InstanceStore(settings.storage.data_dir)
         pipeline = Pipeline(settings, sessions, store, rules, make_celery(settings))
-        found = pipeline.reprocess(study_uid)
-    if not found:
+        try:
+            status = pipeline.reprocess(study_uid)
+        except StudyPurged as exc:
+            err_console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    if status is None:
         err_console.print("[red]error:[/red] no done, failed or not-routed study with that UID")
         raise typer.Exit(1)
+    if status == StudyStatus.COMPLETE:
+        err_console.print(
+            "[yellow]Routing failed; the node retries it (see the study's status reason).[/yellow]"
+        )
+        raise typer.Exit(1)
+    if status == StudyStatus.NOT_ROUTED:
+        console.print("No rule matches the study now: it is not routed.")
+        return
     console.print("Study queued for processing again.")
 
 

@@ -61,3 +61,11 @@ class RuleError(NodeError):
 
 class RuleSetNotFound(RuleError):
     """A rules version that does not exist was asked for (an HTTP 404, not a 422)."""
+
+
+class StudyPurged(NodeError):
+    """A study asked to be analysed again whose images retention has purged."""
+
+    def __init__(self, study_instance_uid: str, reason: str) -> None:
+        super().__init__(f"study {study_instance_uid}: {reason}")
+        self.study_instance_uid = study_instance_uid

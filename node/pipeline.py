@@ -16,6 +16,7 @@ so a message sent twice costs a no-op, never a second result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -23,12 +24,14 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import CompletedStudy
 from node.config import Settings
 from node.db.models import Instance, Priority, Study, StudyStatus
 from node.db.types import utcnow
+from node.errors import NodeError, StudyPurged
 from node.export import deliveries
 from node.routing.attributes import study_series_attributes
 from node.routing.match import route
@@ -55,6 +58,8 @@ class Pipeline:
         self.rules = rules
         self.celery = celery
         self._lock = threading.Lock()
+        #: study id -> the last routing failure logged for it (log each reason once).
+        self._routing_failures: dict[int, str] = {}
 
     # -- routing -----------------------------------------------------------------------
     def route_study(self, study_id: int, version: int) -> StudyStatus | None:
@@ -136,20 +141,56 @@ class Pipeline:
                         path=inst.path,
                     )
 
+    def route_or_note(self, study_id: int, version: int, study_uid: str) -> StudyStatus | None:
+        """:meth:`route_study`, never raising: a failure is kept on the study and retried.
+
+        The study stays ``complete`` with the reason in ``status_reason`` (shown to
+        admins) and the supervisor tries again on its next tick. Each new reason is
+        logged once, not every tick. One study that cannot be routed (its rules
+        version no longer validates, its files cannot be read) must not stop the
+        others, nor recovery and dispatch.
+        """
+        try:
+            status = self.route_study(study_id, version)
+        except Exception as exc:
+            # A NodeError's message is written for operators; any other message may
+            # quote data (SQL parameters, element values), so only its type is shown.
+            reason = str(exc) if isinstance(exc, NodeError) else type(exc).__name__
+            if self._routing_failures.get(study_id) != reason:
+                self._routing_failures[study_id] = reason
+                log.error("routing failed study_uid=%s: %s; retrying", study_uid, reason)
+                log.debug("routing failure study_uid=%s", study_uid, exc_info=True)
+                self._note_routing_failure(study_id, version, reason)
+            return None
+        self._routing_failures.pop(study_id, None)
+        return status
+
+    def _note_routing_failure(self, study_id: int, version: int, reason: str) -> None:
+        with contextlib.suppress(SQLAlchemyError), self.sessions.begin() as session:
+            session.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.version == version,
+                    Study.status == StudyStatus.COMPLETE,
+                )
+                .values(status_reason=f"routing failed, retrying: {reason}"[:2000])
+            )
+
     def on_complete(self, done: Sequence[CompletedStudy]) -> None:
         """Completion hook: route at once instead of waiting for the next tick."""
         for study in done:
-            try:
-                self.route_study(study.study_id, study.version)
-            except Exception:
-                log.exception("routing failed study_uid=%s; will retry", study.study_instance_uid)
+            self.route_or_note(study.study_id, study.version, study.study_instance_uid)
         self.dispatch_due()
 
-    def reprocess(self, study_instance_uid: str) -> bool:
+    def reprocess(self, study_instance_uid: str) -> StudyStatus | None:
         """Run a finished study through routing and the models again (same version).
 
         Result objects get the same UIDs as before, so destinations receive
-        replacements, not duplicates. False if the study is unknown or still busy.
+        replacements, not duplicates. Returns the status routing gave it (``complete``
+        if routing failed and will be retried, see :meth:`route_or_note`); None if the
+        study is unknown or still busy. A study whose images retention purged raises
+        :class:`StudyPurged`: there is nothing left to analyse.
         """
         with self.sessions.begin() as session:
             row = session.execute(
@@ -159,15 +200,25 @@ class Pipeline:
                     Study.status.in_(
                         [StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_ROUTED]
                     ),
+                    Study.purged_at.is_(None),
                 )
                 .values(status=StudyStatus.COMPLETE, status_reason="reprocessing requested")
                 .returning(Study.id, Study.version)
             ).first()
-        if row is None:
-            return False
-        self.route_study(row.id, row.version)
+            if row is None:
+                purged = session.scalar(
+                    select(Study.purged_at).where(Study.study_instance_uid == study_instance_uid)
+                )
+                if purged is not None:
+                    raise StudyPurged(
+                        study_instance_uid,
+                        f"its images were purged by retention at {purged.isoformat()}; "
+                        "send the study again to analyse it",
+                    )
+                return None
+        status = self.route_or_note(row.id, row.version, study_instance_uid)
         self.dispatch_due()
-        return True
+        return status or StudyStatus.COMPLETE
 
     # -- sending -----------------------------------------------------------------------
     def dispatch_due(self) -> int:
@@ -269,14 +320,25 @@ class Pipeline:
             )
 
     def tick(self) -> None:
-        with self.sessions() as session:
-            complete = session.execute(
-                select(Study.id, Study.version).where(Study.status == StudyStatus.COMPLETE)
-            ).all()
-        for row in complete:
-            self.route_study(row.id, row.version)
-        self.recover()
-        self.dispatch_due()
+        """One supervisor round; each step runs even if an earlier one failed."""
+        try:
+            with self.sessions() as session:
+                complete = session.execute(
+                    select(Study.id, Study.version, Study.study_instance_uid).where(
+                        Study.status == StudyStatus.COMPLETE
+                    )
+                ).all()
+            for row in complete:
+                self.route_or_note(row.id, row.version, row.study_instance_uid)
+            waiting = {row.id for row in complete}
+            for study_id in list(self._routing_failures):
+                if study_id not in waiting:
+                    del self._routing_failures[study_id]  # routed, re-opened or reprocessed
+        finally:
+            try:
+                self.recover()
+            finally:
+                self.dispatch_due()
 
 
 class PipelineSupervisor:

@@ -59,7 +59,10 @@ def study_series_attributes(
 
     Each comes from the first stored instance of the series that can be read (the
     next ones are tried if a file is unreadable); ``CallingAETitle`` is the AE that
-    sent the study. Raises :class:`StorageError` when no instance of a series reads.
+    sent the study. A series whose files retention purged is left out (a late
+    instance can re-open a purged study; it is routed on what is still here).
+    Raises :class:`StorageError` when no instance of a kept series reads, or when
+    nothing is left.
     """
     study = session.get(Study, study_id)
     if study is None:
@@ -72,8 +75,12 @@ def study_series_attributes(
     ).all()
     for series_id, series_uid in series_rows:
         paths = session.scalars(
-            select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)
-        )
+            select(Instance.path)
+            .where(Instance.series_id == series_id, Instance.purged_at.is_(None))
+            .order_by(Instance.id)
+        ).all()
+        if not paths:
+            continue
         ds: Dataset | None = None
         last_error = "no instances"
         for rel in paths:
@@ -85,6 +92,8 @@ def study_series_attributes(
         if ds is None:
             raise StorageError(f"cannot read a header of series {series_uid}: {last_error}")
         out.append(SeriesAttributes(series_uid, dataset_values(ds, study.calling_ae_title)))
+    if not out:
+        raise StorageError("no instance of the study is stored (none received, or all purged)")
     return out
 
 

@@ -178,6 +178,7 @@ class RuleStore:
         """
         current = self.active_version()
         if current is not None:
+            self._check_active(current)
             return current
         text, source = seed_text(rules_file)
         self.parse(text, source)
@@ -187,6 +188,23 @@ class RuleStore:
         if current is None:
             raise RuleSetNotFound("rule_sets", ["versions exist but none is active"])
         return current
+
+    def _check_active(self, version: int) -> None:
+        """Say at start, not first at routing time, that the stored rules no longer fit.
+
+        A version saved earlier can stop validating when this node's configuration
+        changed (a destination or model it names was removed). The node still starts:
+        ingest must go on. Complete studies wait, with the reason shown on each, until
+        an admin saves rules that validate.
+        """
+        try:
+            self.active()
+        except RuleError as exc:
+            log.error(
+                "active rules version %d no longer validates; routing waits for valid rules: %s",
+                version,
+                exc,
+            )
 
     def _insert(self, text: str, created_by: str, comment: str | None, version: int | None) -> int:
         # Order matters under READ COMMITTED: read the number, then deactivate, then

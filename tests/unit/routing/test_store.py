@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -125,6 +126,22 @@ def test_seeding_a_broken_file_writes_nothing(
     with pytest.raises(RuleError, match="cannot read file"):
         store.ensure_seeded(tmp_path / "missing.toml")
     assert _rows(sessions) == 0
+
+
+def test_start_with_stored_rules_that_no_longer_validate_says_so(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A destination the active rules name was removed from the configuration: the node
+    still starts (ingest goes on) and says at once why routing waits."""
+    with_pacs = V1.replace("[rule.match]", 'destinations = ["PACS"]\n[rule.match]')
+    RuleStore(sessions, known_destinations={"PACS"}).save(with_pacs, "alice")
+    store = RuleStore(sessions, known_destinations=set())
+    with caplog.at_level(logging.ERROR, logger="node.routing.store"):
+        assert store.ensure_seeded(None) == 1
+    (record,) = caplog.records
+    assert "no longer validates" in record.getMessage() and "PACS" in record.getMessage()
+    with pytest.raises(RuleError):
+        store.active()
 
 
 def test_concurrent_saves_keep_one_active_version(sessions: sessionmaker[Session]) -> None:
