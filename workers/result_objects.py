@@ -1,7 +1,8 @@
 """Turning a study's analysis into the DICOM objects that go back to PACS.
 
-One SR per study version (TID 1500), SEGs as the source geometry allows, and a
-heatmap image per analysed frame. They are written to the node's store under
+One SR per study version (TID 1500), covering every analysed series of the study,
+SEGs per source series as the source geometry allows, and a heatmap image per
+analysed frame. They are written to the node's store under
 ``results/`` (directly, or uploaded when the worker has no shared disk) with
 their deterministic SOP Instance UIDs, so a re-run overwrites the same files and
 the export rows are re-armed rather than duplicated.

@@ -66,9 +66,21 @@ class SourceFrame:
 
 def series_uid(root: str, kind: str, source: SourceFrame, *models: str) -> str:
     """Series Instance UID of output `kind` for the source series, per model set."""
-    return derive_uid(
-        root, "series", kind, source.study_instance_uid, source.series_instance_uid, *models
-    )
+    return study_series_uid(root, kind, [source], *models)
+
+
+def study_series_uid(root: str, kind: str, frames: Sequence[SourceFrame], *models: str) -> str:
+    """Series Instance UID of output `kind` covering every source series of `frames`.
+
+    For an object about a whole study (the SR): it depends on the study and the set of
+    its analysed series, per model set. With a single source series it is exactly
+    `series_uid`, so such studies keep the UIDs earlier versions gave them.
+    """
+    studies = {f.study_instance_uid for f in frames}
+    if len(studies) != 1:
+        raise ValueError("a study-level series is derived from frames of one study")
+    series = sorted({f.series_instance_uid for f in frames})
+    return derive_uid(root, "series", kind, *studies, *series, *models)
 
 
 def instance_uid(root: str, kind: str, frames: Sequence[SourceFrame], *models: str) -> str:

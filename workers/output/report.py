@@ -1,7 +1,19 @@
 """TID 1500 Measurement Report of the triage, as a Comprehensive 3D SR (PS3.3 A.35.13).
 
 Built by highdicom's `MeasurementReport` inside `Comprehensive3DSR`; no content item is
-assembled by hand (STYLE.md rule 5). One measurement group per analysed image:
+assembled by hand (STYLE.md rule 5).
+
+One report per study version, whatever number of source series its analysed images
+span (many CR readers put each plate in its own series): the triage answers for the
+study, and a reader or a PACS rule looking for "the AI report" of a study finds one,
+complete, not one partial report per series. TID 1500 allows this: every measurement
+group references its own source image (and SEG), and the Current Requested Procedure
+Evidence Sequence lists the source images and SEGs grouped by series (PS3.3 C.17.2).
+The SR's Series Instance UID derives from the study and the set of analysed series
+(`study_series_uid`; for one series the same UID as before), its SOP Instance UID from
+the analysed frames, each per model set.
+
+One measurement group per analysed image:
 
 * with the image's lung segment in a SEG: TID 1411 ROI group whose ROI is that
   segment (Referenced Segment: SEG instance, segment number, and the source image
@@ -31,7 +43,7 @@ from pydicom.dataset import Dataset
 
 from workers.output import codes
 from workers.output.errors import OutputError
-from workers.output.identity import SERIES, derive_uid, instance_uid, series_uid
+from workers.output.identity import SERIES, derive_uid, instance_uid, study_series_uid
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
 from workers.output.segmentation import SEGMENT_NUMBER, segment_frame_number
 from workers.output.source import header
@@ -44,15 +56,15 @@ def build_report(
     ctx: OutputContext,
     segmentation: Dataset | Sequence[Dataset] | None,
 ) -> Dataset:
-    """The SR for the results of one source series, referencing its SEG(s) if given.
+    """The SR for the results of one study (any number of its series) and their SEG(s).
 
-    `segmentation` may be one SEG or the list from `build_segmentations`; an image
-    whose lung segment is in none of them gets an image-level group.
+    `segmentation` may be one SEG or the list from `build_segmentations` (of several
+    series); an image whose lung segment is in none of them gets an image-level group.
     """
     if not results:
         raise OutputError("no results to report")
-    if len({r.frame.series_instance_uid for r in results}) != 1:
-        raise OutputError("a report covers the results of one source series")
+    if len({r.frame.study_instance_uid for r in results}) != 1:
+        raise OutputError("a report covers the results of one study")
     segs = _as_list(segmentation)
     ordered = sorted(results, key=lambda r: (r.frame.sop_instance_uid, r.frame_number))
     models = [classifier.name, classifier.version]
@@ -102,7 +114,7 @@ def build_report(
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=series_uid(ctx.uid_root, "sr", frames[0], *models),
+        series_instance_uid=study_series_uid(ctx.uid_root, "sr", frames, *models),
         series_number=number,
         series_description=description,
         sop_instance_uid=sop_instance_uid,

@@ -18,6 +18,7 @@ from workers.output import (
     SERIES,
     AlgorithmInfo,
     ImageResult,
+    OutputError,
     UnsupportedGeometry,
     build_heatmap_image,
     build_report,
@@ -26,6 +27,8 @@ from workers.output import (
     codes,
     derive_uid,
 )
+from workers.output.identity import series_uid
+from workers.result_objects import build_objects
 
 CASE_IDS = [case for case, _, _ in CASES]
 STUDY_KEYWORDS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyID", "PatientSex")
@@ -251,3 +254,71 @@ def test_no_phi_in_logs(sources: dict[str, Dataset], caplog: pytest.LogCaptureFi
     assert not seg.AccessionNumber
     for value in [*PATIENT.values(), "X" * 40]:
         assert value not in caplog.text
+
+
+def _two_series(source: Dataset) -> list[ImageResult]:
+    """Two frontal radiographs of one study in separate series (a CR reader's plates)."""
+    other = copy.deepcopy(source)
+    other.SeriesInstanceUID = generate_uid(entropy_srcs=["second-plate-series"])
+    other.SOPInstanceUID = generate_uid(entropy_srcs=["second-plate"])
+    other.SeriesNumber, other.InstanceNumber = 2, 1
+    return [make_result(source, 1, 0.2), make_result(other, 1, 0.9)]
+
+
+def test_study_with_several_series_gets_all_objects_and_one_report(
+    sources: dict[str, Dataset], read_back: Callable
+) -> None:
+    results = _two_series(sources["cr-no-spacing"])
+    objects = build_objects(results, classifier=CLASSIFIER, segmenter=SEGMENTER, ctx=CTX)
+    kinds = sorted(kind for kind, _ in objects)
+    assert kinds == ["sc", "sc", "seg", "seg", "sr"]
+    by_kind: dict[str, list[Dataset]] = {}
+    for kind, ds in objects:
+        by_kind.setdefault(kind, []).append(ds)
+    sr = read_back(by_kind["sr"][0], "two-series-sr")
+    for index, ds in enumerate(by_kind["seg"] + by_kind["sc"]):
+        read_back(ds, f"two-series-{index}")
+
+    # The study's one report: a group per image, evidence of both source series and SEGs.
+    source_series = {str(r.source.SeriesInstanceUID) for r in results}
+    evidence = {
+        (str(series.SeriesInstanceUID), str(item.ReferencedSOPInstanceUID))
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert {(s, u) for s, u in evidence if s in source_series} == {
+        (str(r.source.SeriesInstanceUID), str(r.source.SOPInstanceUID)) for r in results
+    }
+    assert {u for _, u in evidence} >= {str(s.SOPInstanceUID) for s in by_kind["seg"]}
+    items = list(walk(sr.ContentSequence))
+    assert len([i for i in items if name_of(i) == "Measurement Group"]) == 2
+    assert sr.SeriesInstanceUID not in source_series
+    assert sr.StudyInstanceUID == results[0].source.StudyInstanceUID
+
+    # Deterministic per study version, and distinct from the report of either series alone.
+    again = build_objects(results, classifier=CLASSIFIER, segmenter=SEGMENTER, ctx=CTX)
+    assert [ds.SOPInstanceUID for _, ds in again] == [ds.SOPInstanceUID for _, ds in objects]
+    assert by_kind["sr"][0].SeriesInstanceUID == next(
+        ds.SeriesInstanceUID for kind, ds in again if kind == "sr"
+    )
+    alone = build_report(results[:1], CLASSIFIER, SEGMENTER, CTX, by_kind["seg"])
+    assert alone.SOPInstanceUID != sr.SOPInstanceUID
+    assert alone.SeriesInstanceUID != sr.SeriesInstanceUID
+    uids = [str(ds.SOPInstanceUID) for _, ds in objects]
+    assert len(set(uids)) == len(uids)
+
+
+def test_report_series_uid_of_one_source_series_is_unchanged(results: Callable) -> None:
+    """Reprocessing after the multi-series change replaces, not duplicates, in PACS."""
+    result = results("cr-no-spacing")
+    sr = build_report([result], CLASSIFIER, SEGMENTER, CTX, None)
+    models = [CLASSIFIER.name, CLASSIFIER.version, SEGMENTER.name, SEGMENTER.version]
+    assert sr.SeriesInstanceUID == series_uid(CTX.uid_root, "sr", result.frame, *models)
+
+
+def test_report_refuses_results_of_several_studies(sources: dict[str, Dataset]) -> None:
+    results = _two_series(sources["cr-no-spacing"])
+    results[1].source.StudyInstanceUID = generate_uid(entropy_srcs=["another-study"])
+    with pytest.raises(OutputError, match="one study"):
+        build_report(results, CLASSIFIER, None, CTX, None)
