@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings, load_settings
+from node.db import migrate
+from node.db.engine import make_engine, make_sessionmaker
 from node.runtime import Node
 from tests.nodes import SHARED_DATA, free_port, postgres_database
 from tests.peers import Orthanc
@@ -33,6 +36,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     else:
         with postgres_database() as url:
             yield url
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a migrated, empty database (each backend, like ``database_url``)."""
+    engine = make_engine(database_url)
+    migrate.upgrade(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 def node_config(tmp_path: Path, database_url: str | None = None, **sections: Any) -> dict[str, Any]:

@@ -10,7 +10,9 @@ version) therefore never yields two results.
 Failures: pixels that cannot be read fail the study at once (retrying cannot
 help); anything else is retried with exponential backoff up to
 ``pipeline.max_attempts`` by putting the study back to ``queued`` with a
-not-before time that the node's supervisor honours.
+not-before time that the node's supervisor honours. Result objects (SEG, SR,
+heatmaps) that cannot be built leave the study done with its findings and a note;
+a storage fault while building or storing them is retried like any other.
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ from workers.result_objects import (
     store_objects,
 )
 from workers.selection import selector_for
-from workers.storage import InstanceRef, StorageChooser, WorkerStorage, storage_from_settings
+from workers.storage import (
+    InstanceRef,
+    StorageChooser,
+    StorageUnavailable,
+    WorkerStorage,
+    storage_from_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +212,16 @@ class StudyProcessor:
             self._extend(study_id, owner)
         try:
             encoded = encode_objects(results_dir, self._result_objects(models, per_frame))
+        except (StorageUnavailable, OSError):
+            # Re-reading the sources failed: the node (or its disk) is unreachable now, not
+            # the objects unbuildable. Like any storage fault: retry later (run()).
+            raise
         except Exception as exc:
             # Findings stand on their own; say on the study why PACS gets no objects.
             log.exception("study_uid=%s version=%d: result objects failed", study_uid, version)
-            analysis.note = f"result objects could not be built: {type(exc).__name__}: {exc}"[:2000]
+            analysis.add_note(
+                f"result objects could not be built: {type(exc).__name__}: {exc}"[:2000]
+            )
         else:
             # Not caught: a node that cannot take the files now means "retry later".
             analysis.objects = store_objects(self._storage(), encoded)
@@ -310,6 +324,7 @@ class StudyProcessor:
     def _result_objects(
         self, models: list[str], per_frame: list[_FrameResult]
     ) -> list[tuple[str, Dataset]]:
+        """The study's SEG, SR and heatmap objects; reads each source again through storage."""
         sources: dict[str, Dataset] = {}
         results = []
         storage = self._storage()
