@@ -63,9 +63,11 @@ def _refuse(exc: RuleError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _load(path: Path) -> RuleSet:
+def _load(path: Path, known_destinations: list[str] | None = None) -> RuleSet:
     try:
-        return parse_rules(path.read_text(encoding="utf-8"), str(path))
+        return parse_rules(
+            path.read_text(encoding="utf-8"), str(path), known_destinations=known_destinations
+        )
     except UnicodeDecodeError:
         raise _refuse(RuleError(str(path), ["not a UTF-8 text file"])) from None
     except RuleError as exc:
@@ -117,9 +119,13 @@ def _rules_table(rule_set: RuleSet) -> Table:
 
 
 @app.command("check")
-def check(path: RulesFile) -> None:
-    """Validate a rules file; print every problem with its line (exit 2 if any)."""
-    rule_set = _load(path)
+def check(path: RulesFile, config: ConfigOption = None) -> None:
+    """Validate a rules file; print every problem with its line (exit 2 if any).
+
+    With ``--config``, destinations are checked against that node's, as ``import`` does.
+    """
+    known = None if config is None else [d.name for d in settings_or_exit(config).destinations]
+    rule_set = _load(path, known)
     console.print(f"{escape(str(path))}: OK, {len(rule_set.rules)} rule(s)")
     if rule_set.rules:
         console.print(_rules_table(rule_set))

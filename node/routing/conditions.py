@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 _REGEX = re.compile(r"^/(?P<pattern>.*)/(?P<flags>[A-Za-z]*)$", re.DOTALL)
@@ -80,6 +88,26 @@ def as_number(value: str, *, age: bool = False) -> float | None:
 
 
 @lru_cache(maxsize=256)
+def check_regex(pattern: str, flags: str) -> None:
+    """Refuse what :func:`compile_regex` could not compile, with the admin's reason."""
+    bad = sorted(set(flags) - set(_REGEX_FLAGS))
+    if bad:
+        raise _problem(f"unknown regular expression flag {bad[0]!r} (allowed: i)")
+    if not pattern:
+        raise _problem("empty regular expression")
+    try:
+        compile_regex(pattern, flags)
+    except re.error as exc:
+        raise _problem(f"invalid regular expression /{pattern}/: {exc}") from None
+
+
+def check_bounds(low: float | None, high: float | None) -> None:
+    if low is None and high is None:
+        raise _problem("a range needs min, max or both")
+    if low is not None and high is not None and low > high:
+        raise _problem(f"min {low:g} is greater than max {high:g}")
+
+
 def compile_regex(pattern: str, flags: str) -> re.Pattern[str]:
     bits = 0
     for f in flags:
@@ -113,6 +141,13 @@ class Equals(ConditionBase):
     kind: Literal["equals"] = "equals"
     value: str
 
+    @field_validator("value")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if value == "":
+            raise _problem("empty string; use {present = false} for an absent or empty attribute")
+        return value
+
     def evaluate(
         self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
     ) -> Outcome:
@@ -129,6 +164,13 @@ class Equals(ConditionBase):
 class Wildcard(ConditionBase):
     kind: Literal["wildcard"] = "wildcard"
     pattern: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _not_empty(cls, pattern: str) -> str:
+        if pattern == "":
+            raise _problem("empty wildcard pattern")
+        return pattern
 
     def evaluate(
         self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
@@ -151,6 +193,11 @@ class Regex(ConditionBase):
     kind: Literal["regex"] = "regex"
     pattern: str
     flags: str = ""
+
+    @model_validator(mode="after")
+    def _compiles(self) -> Regex:
+        check_regex(self.pattern, self.flags)
+        return self
 
     def evaluate(
         self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
@@ -175,6 +222,11 @@ class Range(ConditionBase):
     kind: Literal["range"] = "range"
     min: float | None = None
     max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Range:
+        check_bounds(self.min, self.max)
+        return self
 
     def evaluate(
         self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
@@ -219,6 +271,13 @@ Scalar = Annotated[Equals | Wildcard | Regex | Range, Field(discriminator="kind"
 class AnyOf(ConditionBase):
     kind: Literal["any_of"] = "any_of"
     options: tuple[Scalar, ...]
+
+    @field_validator("options")
+    @classmethod
+    def _not_empty(cls, options: tuple[Scalar, ...]) -> tuple[Scalar, ...]:
+        if not options:
+            raise _problem("empty list matches nothing; list at least one value")
+        return options
 
     def evaluate(
         self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
@@ -313,15 +372,7 @@ def _scalar(value: Any) -> Equals | Wildcard | Regex | Range:
         if m is None:
             raise _problem(f"regular expression {value!r} must be written /pattern/flags")
         pattern, flags = m.group("pattern"), m.group("flags")
-        bad = sorted(set(flags) - set(_REGEX_FLAGS))
-        if bad:
-            raise _problem(f"unknown regular expression flag {bad[0]!r} (allowed: i)")
-        if not pattern:
-            raise _problem("empty regular expression")
-        try:
-            compile_regex(pattern, flags)
-        except re.error as exc:
-            raise _problem(f"invalid regular expression /{pattern}/: {exc}") from None
+        check_regex(pattern, flags)
         return Regex(pattern=pattern, flags=flags)
     if "*" in value or "?" in value:
         return Wildcard(pattern=value)
@@ -351,8 +402,7 @@ def parse_condition(value: Any) -> ConditionBase | dict[str, Any]:
         if keys and keys <= {"min", "max"}:
             low = _number(value["min"], "min") if "min" in value else None
             high = _number(value["max"], "max") if "max" in value else None
-            if low is not None and high is not None and low > high:
-                raise _problem(f"min {low:g} is greater than max {high:g}")
+            check_bounds(low, high)
             return Range(min=low, max=high)
         raise _problem(f"unknown condition table with keys {sorted(keys)}; write one of: {FORMS}")
     return _scalar(value)
@@ -365,3 +415,6 @@ Condition = Annotated[
 ]
 
 Not.model_rebuild()
+
+#: Validates a condition in any form, e.g. a JSON one (``{kind = ...}``) for the VR checks.
+CONDITION: TypeAdapter[ConditionBase] = TypeAdapter(Condition)

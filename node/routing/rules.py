@@ -28,7 +28,7 @@ from node import tomldoc
 from node.db.models import Priority
 from node.errors import RuleError
 from node.routing import keywords
-from node.routing.conditions import Condition, ConditionBase, parse_condition
+from node.routing.conditions import CONDITION, Condition, ConditionBase, parse_condition
 
 #: Models a rule may ask for. The worker issue extends this when it adds a model;
 #: ``models.registry`` holds the same names (a test keeps them in step).
@@ -189,11 +189,14 @@ def _unsuitable_conditions(text: str, rules: list[Any]) -> list[tuple[int, str]]
             if not keywords.is_known(key):
                 continue
             try:
-                condition = parse_condition(value)
-            except PydanticCustomError:
+                parsed = parse_condition(value)
+                condition = (
+                    parsed
+                    if isinstance(parsed, ConditionBase)
+                    else CONDITION.validate_python(parsed)
+                )
+            except (PydanticCustomError, ValidationError):
                 continue  # reported by validation
-            if not isinstance(condition, ConditionBase):
-                continue  # a JSON condition; validation checks it
             vr = keywords.vr_of(key)
             loc = ["rule", i, "match", key]
             if keywords.is_opaque(key) and not condition.only_presence():

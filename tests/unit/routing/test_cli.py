@@ -47,6 +47,20 @@ def test_check_refuses_a_bad_file_with_every_problem(runner: CliRunner, tmp_path
     assert f"line {soon}: rule[1].priority:" in result.stderr
 
 
+def test_check_with_a_config_checks_destinations_like_import(
+    runner: CliRunner, tmp_path: Path, config: Path
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = ["lung-seg"]\n'
+        'destinations = ["PACS"]\n'
+    )
+    assert runner.invoke(app, ["rules", "check", str(rules)]).exit_code == 0
+    result = runner.invoke(app, ["rules", "check", str(rules), "--config", str(config)])
+    assert result.exit_code == 2
+    assert "line 6: rule[0].destinations" in result.stderr and "PACS" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("name", "exit_code", "expected"),
     [

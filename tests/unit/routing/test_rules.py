@@ -181,6 +181,43 @@ def test_single_mistakes(text: str, expected: str) -> None:
     assert caught.value.problems[0].startswith(expected), caught.value.problems
 
 
+_RULE = 'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = ["lung-seg"]\n'
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ('{kind = "regex", pattern = "(CR"}', "invalid regular expression /(CR/"),
+        ('{kind = "regex", pattern = "CR", flags = "x"}', "unknown regular expression flag 'x'"),
+        ('{kind = "regex", pattern = ""}', "empty regular expression"),
+        ('{kind = "any_of", options = []}', "empty list matches nothing"),
+        ('{kind = "equals", value = ""}', "empty string"),
+        ('{kind = "wildcard", pattern = ""}', "empty wildcard pattern"),
+        ('{kind = "range", min = 5, max = 1}', "min 5 is greater than max 1"),
+        ('{kind = "range"}', "a range needs min, max or both"),
+        ('{not = {kind = "regex", pattern = "["}}', "invalid regular expression"),
+    ],
+)
+def test_conditions_written_as_json_are_checked_like_the_short_forms(
+    condition: str, expected: str
+) -> None:
+    """The ``{kind = ...}`` form (what the admin API round-trips) gets the same checks:
+    a mistake there was saved as the active rules and then failed every routing."""
+    with pytest.raises(RuleError) as caught:
+        parse_rules(_RULE + f"match = {{Modality = {condition}}}\n")
+    (problem,) = caught.value.problems
+    assert problem.startswith("line 6: rule[0].match.Modality") and expected in problem, problem
+
+
+def test_range_in_json_form_on_a_text_attribute_is_refused() -> None:
+    with pytest.raises(RuleError) as caught:
+        parse_rules(_RULE + 'match = {PatientName = {kind = "range", min = 1}}\n')
+    assert caught.value.problems == [
+        "line 6: rule[0].match.PatientName: a number or range needs a numeric attribute; "
+        "PatientName has VR PN"
+    ]
+
+
 def test_known_models_and_destinations_are_parameters() -> None:
     text = 'format = 1\n[[rule]]\nname = "a"\npriority = "stat"\nmodels = ["new-model"]\n'
     with pytest.raises(RuleError):
