@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
@@ -28,14 +28,6 @@ _serial = itertools.count(1)
 def uid() -> str:
     """Short UIDs, so that an instance number can be appended within 64 characters."""
     return f"{TEST_ROOT}{next(_serial)}"
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database_url)
-    migrate.upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def header(study: str, series: str, n: int, modality: str = "CT") -> InstanceHeader:

@@ -19,8 +19,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.db import migrate
-from node.db.engine import make_engine, make_sessionmaker
 from node.db.models import Export, ExportState, Study, StudyStatus
 from node.db.types import utcnow
 from node.deid import Deidentifier
@@ -57,14 +55,6 @@ def destination() -> Iterator[Destination]:
     )
     yield peer
     server.shutdown()
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database_url)
-    migrate.upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _exporter(

@@ -6,17 +6,13 @@ the choice of models at the start of processing, against a real database.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.db import migrate
-from node.db.engine import make_engine, make_sessionmaker
 from node.db.models import Finding, Study, StudyStatus
 from node.model_switches import disabled_models, set_enabled, switches
 from tests.conftest import node_config
@@ -32,14 +28,6 @@ class UnusableRunner:
         raise AssertionError("a model was run")
 
     segmenter = classifier
-
-
-@pytest.fixture
-def sessions(tmp_path: Path, database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database_url)
-    migrate.upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _processor(tmp_path: Path, sessions: sessionmaker[Session]) -> StudyProcessor:
