@@ -20,9 +20,33 @@ What is done, and by what:
   key gets the same pseudonyms in every study. The dicognito seed is itself an HMAC of
   the original PatientID, so the date offset is consistent per patient (intervals
   between a patient's studies are kept) and different between patients.
-* **Added here, because dicognito keeps them**: private attributes are removed, as
-  are the profile's "X" attributes dicognito leaves (age, size, weight, comments,
-  descriptions, ...); PatientBirthDate and PatientSex are emptied ("Z").
+* **The profile's table, applied here at every depth.** dicognito keeps many attributes
+  the profile removes (free-text comments, descriptions, reasons for the request, age,
+  size, ...) and does not look inside most sequences. So after it has run, every data
+  set, nested ones included, goes through ``node.deid_profile.BASIC_PROFILE`` (PS3.15
+  Table E.1-1, Basic Profile column) by these rules:
+
+  - ``X``: removed. Curve (50xx) and overlay (60xx) groups are removed whole (their
+    data and comments are ``X``; an overlay without its data is not valid).
+  - UIDs (``U``, ``D``), the keyed identifiers above and, for the Modified Dates option,
+    dates and times (DA, DT, TM; ``C`` in that option's column) keep the replacement
+    they were given; PatientBirthDate, outside that option, is emptied (``Z``).
+  - Any other value whose code has ``Z`` in it (``Z``, ``X/Z``, ``Z/D``, ``X/Z/D``):
+    zero length. An empty value carries nothing and is valid whether the IOD makes the
+    attribute Type 2 or 3, which this code does not look up.
+  - ``X/D``: removed (``D`` is only for IODs that make it Type 1).
+  - Sequences: ``Z`` empties; ``X/Z``, ``X/D`` and ``X/Z/D`` remove (a Type 3 sequence
+    with no items is not valid), except the two in ``_SEQUENCES`` that are Type 2 where
+    they matter; ``D`` and ``X/Z/U*`` (ContentSequence, Source and Referenced Image
+    Sequences, ...) are kept, their items cleaned by the same rules, so the references
+    receivers need stay, with pseudonymous UIDs.
+  - ``D`` on other values: a person name keeps dicognito's dummy; text gets a keyed
+    pseudonym (the same value, the same dummy); anything else (an encapsulated document,
+    a binary identifier) cannot be given a meaningful dummy, and the object is refused.
+
+  Private attributes are removed at every depth, and so is
+  IssuerOfPatientIDQualifiersSequence (not in the table; it qualifies the original
+  PatientID's issuer).
 
 The result says so: PatientIdentityRemoved YES, LongitudinalTemporalInformationModified
 MODIFIED, DeidentificationMethod and DeidentificationMethodCodeSequence (CID 7050:
@@ -39,14 +63,18 @@ import hashlib
 import hmac
 import io
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from dicognito.anonymizer import Anonymizer
 from dicognito.element_anonymizer import ElementAnonymizer
 from pydicom import DataElement, dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from node.deid_profile import BASIC_PROFILE
 from node.errors import NodeError
 
 #: DeidentificationMethod (LO, at most 64 characters).
@@ -58,50 +86,25 @@ METHOD_CODES = (
 )
 _STANDARD_UID_PREFIX = "1.2.840.10008."
 
-#: Basic Profile "X" (remove) attributes that dicognito does not remove or replace.
-REMOVE = (
-    "AdditionalPatientHistory",
-    "AdmissionID",
-    "AdmittingDiagnosesDescription",
-    "Allergies",
-    "CountryOfResidence",
-    "CurrentPatientLocation",
-    "DerivationDescription",
-    "EthnicGroup",
-    "ImageComments",
-    "IssuerOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence",
-    "MedicalAlerts",
-    "NameOfPhysiciansReadingStudy",
-    "OperatorsName",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientAge",
-    "PatientAddress",
-    "PatientBirthName",
-    "PatientBirthTime",
-    "PatientComments",
-    "PatientMotherBirthName",
-    "PatientSize",
-    "PatientState",
-    "PatientWeight",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "PregnancyStatus",
-    "ProtocolName",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "RegionOfResidence",
-    "RequestAttributesSequence",
-    "SeriesDescription",
-    "SmokingStatus",
-    "SpecialNeeds",
-    "StudyComments",
-    "StudyDescription",
-)
-#: Basic Profile "Z" attributes kept present but emptied (Type 2 in their modules).
-EMPTY = ("PatientBirthDate", "PatientSex")
+#: Identifiers receivers link on, given keyed pseudonyms whatever the profile's code.
+KEYED = ("PatientID", "PatientName", "AccessionNumber", "StudyID", "DeviceSerialNumber")
+#: Removed although not in the profile's table (see the module's docstring).
+ALSO_REMOVE = frozenset({tag_for_keyword("IssuerOfPatientIDQualifiersSequence")})
+_DATES = ("DA", "DT", "TM")
+#: VRs a keyed dummy (16 characters, A-Z and 0-9) is valid for.
+_DUMMY_TEXT = ("AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT")
+_PATIENT_BIRTH_DATE = tag_for_keyword("PatientBirthDate")
+#: Curve and overlay repeating groups, all of which are removed.
+_REPEATING_GROUPS = (0x5000, 0x6000)
+#: Sequences whose code leaves a choice, and the one made. Other sequences: X/Z, X/D and
+#: X/Z/D remove (an empty Type 3 sequence is not valid), Z empties, D and X/Z/U* keep.
+_SEQUENCES = {
+    # Type 2 in the Acquisition Context module, the only module that has it.
+    tag_for_keyword("AcquisitionContextSequence"): "Z",
+    # Type 2 in the SR and Key Object Document Series modules; its items are
+    # references, whose UIDs get pseudonyms: the D choice.
+    tag_for_keyword("ReferencedPerformedProcedureStepSequence"): "D",
+}
 
 
 class DeidentificationError(NodeError):
@@ -160,17 +163,12 @@ class Deidentifier:
             )
         seed = self.digest("seed", str(ds.get("PatientID", ""))).hex()
         ds.remove_private_tags()
-        for keyword in REMOVE:
-            if keyword in ds:
-                delattr(ds, keyword)
         if "file_meta" in ds.__dict__ and "SourceApplicationEntityTitle" in ds.file_meta:
             del ds.file_meta.SourceApplicationEntityTitle
         anonymizer = Anonymizer(seed=seed)
         anonymizer.add_element_handler(_KeyedIdentifiers(self))
         anonymizer.anonymize(ds)
-        for keyword in EMPTY:
-            if keyword in ds:
-                ds.data_element(keyword).value = ""  # type: ignore[union-attr]
+        self._apply_profile(ds)
         ds.PatientIdentityRemoved = "YES"
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
         ds.DeidentificationMethod = METHOD
@@ -182,6 +180,26 @@ class Deidentifier:
             code.CodeMeaning = meaning
             codes.append(code)
         ds.DeidentificationMethodCodeSequence = codes
+
+    def _apply_profile(self, ds: Dataset) -> None:
+        """Apply the Basic Profile's table to ``ds`` and every data set nested in it."""
+        for element in list(ds):
+            action = _action(element)
+            if action == "X":
+                del ds[element.tag]
+            elif action == "Z":
+                element.value = empty_value_for_VR(element.VR)
+            elif action == "D" and element.VR in _DUMMY_TEXT:
+                kind = element.keyword or f"{element.tag:08X}"
+                element.value = _map(element.value, partial(self.short_id, kind))
+            elif action == "D":
+                raise DeidentificationError(
+                    f"{element.name} {element.tag}: the Basic Profile requires a dummy value, "
+                    f"and none can be made for VR {element.VR}"
+                )
+            elif element.VR == "SQ":
+                for item in element.value:
+                    self._apply_profile(item)
 
     def deidentify_file(self, source: Path, target: Path) -> str:
         """Write a de-identified copy of the Part 10 file ``source``; returns its SOPInstanceUID.
@@ -229,7 +247,7 @@ class _KeyedIdentifiers(ElementAnonymizer):
         if keyword == "PatientName":
             data_element.value = _map(data_element.value, self._d.patient_name)
             return True
-        if keyword in ("AccessionNumber", "StudyID", "DeviceSerialNumber"):
+        if keyword in KEYED:
             data_element.value = _map(data_element.value, lambda v: self._d.short_id(keyword, v))
             return True
         return False
@@ -243,6 +261,32 @@ class _KeyedIdentifiers(ElementAnonymizer):
             "Replace PatientID, PatientName, AccessionNumber, StudyID, DeviceSerialNumber "
             "with HMAC pseudonyms"
         )
+
+
+def _action(element: DataElement) -> str:
+    """What is done to ``element``: X remove, Z empty, D keyed dummy, K keep (and clean inside)."""
+    tag = int(element.tag)
+    if tag in ALSO_REMOVE or (tag >> 16) & 0xFF00 in _REPEATING_GROUPS:
+        return "X"
+    code = BASIC_PROFILE.get(tag)
+    if code is None:
+        return "K"
+    if code == "X":
+        return "X"
+    if element.VR == "SQ":
+        code = _SEQUENCES.get(tag, code)
+        return "K" if code == "D" or "U*" in code else "Z" if code == "Z" else "X"
+    if (
+        element.VR == "UI"
+        or element.keyword in KEYED
+        or (element.VR in _DATES and tag != _PATIENT_BIRTH_DATE)
+    ):
+        return "K"  # already replaced: a keyed pseudonym or a shifted date
+    if "Z" in code:
+        return "Z"
+    if code.startswith("X"):
+        return "X"
+    return "K" if element.VR == "PN" else "D"  # a person name keeps dicognito's dummy
 
 
 def _map(value: object, new: Callable[[str], str]) -> object:

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.deid import DeidentificationError, Deidentifier
+from node.deid_profile import BASIC_PROFILE
 from tests.unit.output.conftest import CLASSIFIER, CTX, SEGMENTER, make_result, synthetic_cr
 from workers.output import build_report, build_segmentation
 
@@ -81,8 +82,9 @@ def test_no_basic_profile_identifier_survives(tmp_path: Path) -> None:
     for keyword, value in {**IDENTIFYING, **originals}.items():
         assert value not in text, f"{keyword} survived"
         assert str(ds.get(keyword, "")) != value
-    for keyword in ("PatientAge", "OtherPatientIDs", "StudyDescription", "OperatorsName"):
+    for keyword in ("PatientAge", "OtherPatientIDs", "StudyDescription"):
         assert keyword not in ds
+    assert not ds.get("OperatorsName")  # X/Z/D: emptied, valid where the IOD makes it Type 2
     assert ds.PatientBirthDate == "" and ds.PatientSex == ""
     for keyword, value in DATES.items():
         assert ds.get(keyword) and ds.get(keyword) != value, keyword
@@ -161,3 +163,93 @@ def test_refusals() -> None:
     ds.BurnedInAnnotation = "YES"
     with pytest.raises(DeidentificationError, match="BurnedInAnnotation"):
         ds = Deidentifier(KEY).deidentify(ds)
+
+
+#: Free text the Basic Profile removes (X, or X/Z: emptied) and dicognito kept.
+FREE_TEXT = (
+    "AcquisitionComments",
+    "AcquisitionDeviceProcessingDescription",
+    "DischargeDiagnosisDescription",
+    "FrameComments",
+    "ImagingServiceRequestComments",
+    "InterpretationText",
+    "PatientInstitutionResidence",
+    "PerformedProcedureStepDescription",
+    "ReasonForStudy",
+    "ReasonForTheRequestedProcedure",
+    "RequestedProcedureComments",
+    "RequestedProcedureDescription",
+    "ResultsComments",
+    "ScheduledProcedureStepDescription",
+    "ServiceEpisodeDescription",
+    "TextComments",
+    "VisitComments",
+    "ContrastBolusAgent",
+    "InstitutionName",
+    "StationName",
+)
+
+
+def test_free_text_is_removed_at_every_depth(tmp_path: Path) -> None:
+    ds = source()
+    before = dciodvfy_errors(ds, tmp_path / "cr-original.dcm")
+    for keyword in FREE_TEXT:
+        setattr(ds, keyword, f"Zebulon {len(keyword)}")
+    referenced = Dataset()  # a reference receivers need (X/Z/U*): kept, its text cleaned
+    referenced.ReferencedSOPClassUID = ds.SOPClassUID
+    referenced.ReferencedSOPInstanceUID = original_ref = generate_uid()
+    referenced.StudyDescription = "Prior chest for Zebulon Quixotic"
+    referenced.PatientAge = "071Y"
+    referenced.AcquisitionComments = "Zebulon moved"
+    ds.ReferencedImageSequence = [referenced]
+    patient = Dataset()  # X: removed whole
+    patient.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.1.1"
+    patient.ReferencedSOPInstanceUID = generate_uid()
+    patient.StudyDescription = "Chest for Zebulon Quixotic"
+    ds.ReferencedPatientSequence = [patient]
+    study = Dataset()  # X/Z, Type 3 here: removed (an empty Type 3 sequence is invalid)
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    study.ReferencedSOPInstanceUID = generate_uid()
+    ds.ReferencedStudySequence = [study]
+    context = Dataset()  # X/Z, Type 2 in its module: emptied
+    context.ValueType = "TEXT"
+    context.TextValue = "Zebulon held his breath"
+    ds.AcquisitionContextSequence = [context]
+    ds.add_new(0x60000010, "US", 512)  # an overlay (its data and comments are X): gone whole
+    ds.add_new(0x60004000, "LT", "Zebulon's overlay")
+    d = Deidentifier(KEY)
+
+    ds = d.deidentify(ds)
+    text = all_values(ds)
+    assert "Zebulon" not in text and "071Y" not in text
+    for keyword in FREE_TEXT:
+        assert not ds.get(keyword), keyword
+    kept = ds.ReferencedImageSequence[0]
+    assert kept.ReferencedSOPInstanceUID == d.uid(original_ref)
+    assert "StudyDescription" not in kept and "PatientAge" not in kept
+    assert "ReferencedPatientSequence" not in ds
+    assert "ReferencedStudySequence" not in ds
+    assert len(ds.AcquisitionContextSequence) == 0
+    assert not [e for e in ds if e.tag.group == 0x6000]
+    assert dciodvfy_errors(ds, tmp_path / "cr.dcm") <= before
+
+
+def test_dummy_values_are_keyed_or_refused() -> None:
+    ds = source()
+    ds.ClinicalTrialSubjectID = "TRIAL-ZEBULON"  # D: a keyed dummy, the same for the same value
+    d = Deidentifier(KEY)
+    first, second = d.deidentify(ds), d.deidentify(ds)
+    assert first.ClinicalTrialSubjectID == second.ClinicalTrialSubjectID
+    assert first.ClinicalTrialSubjectID and "ZEBULON" not in first.ClinicalTrialSubjectID
+
+    ds.add_new(0x00420011, "OB", b"%PDF Zebulon Quixotic")  # EncapsulatedDocument: D, binary
+    with pytest.raises(DeidentificationError, match="Encapsulated Document"):
+        d.deidentify(ds)
+
+
+def test_profile_table_codes() -> None:
+    codes = set(BASIC_PROFILE.values())
+    assert codes <= {"X", "Z", "D", "U", "X/Z", "X/D", "Z/D", "X/Z/D", "X/Z/U*"}
+    assert BASIC_PROFILE[0x00184000] == "X"  # Acquisition Comments
+    assert BASIC_PROFILE[0x00080018] == "U"  # SOP Instance UID
+    assert BASIC_PROFILE[0x00082112] == "X/Z/U*"  # Source Image Sequence
