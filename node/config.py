@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -352,6 +353,11 @@ class PipelineSettings(_Section):
 
 OutputKind = Literal["seg", "sr", "sc"]
 OUTPUT_KINDS: tuple[OutputKind, ...] = ("seg", "sr", "sc")
+#: Kinds a de-identifying destination cannot receive: the heatmap Secondary Capture has
+#: the source image's pixels (and any text burned into them), is marked BurnedInAnnotation
+#: YES, and node.deid refuses such objects because it does not clean pixels.
+NOT_DEIDENTIFIABLE_KINDS: tuple[OutputKind, ...] = ("sc",)
+_BOOL = TypeAdapter(bool)
 
 
 class DestinationTls(TlsFiles):
@@ -369,6 +375,7 @@ class Destination(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     #: Which result objects it receives: DICOM SEG, the SR report, the heatmap image.
+    #: Default: all; with deidentify = true, all but the heatmap ("sc"), which it cannot get.
     kinds: list[OutputKind] = Field(default_factory=lambda: list(OUTPUT_KINDS))
     #: Also forward the original study (a node that sits in front of PACS).
     send_original: bool = False
@@ -386,6 +393,32 @@ class Destination(_Section):
     @classmethod
     def _ae(cls, v: str | None) -> str | None:
         return None if v is None else validate_ae_title(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deidentified_default_kinds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kinds" not in data:
+            try:
+                deidentify = _BOOL.validate_python(data.get("deidentify", False))
+            except ValidationError:
+                return data  # reported by the field's own validation
+            if deidentify:
+                kinds = [k for k in OUTPUT_KINDS if k not in NOT_DEIDENTIFIABLE_KINDS]
+                return {**data, "kinds": kinds}
+        return data
+
+    @model_validator(mode="after")
+    def _deidentified_kinds(self) -> Destination:
+        refused = [k for k in self.kinds if k in NOT_DEIDENTIFIABLE_KINDS]
+        if self.deidentify and refused:
+            raise ValueError(
+                f"kinds: {', '.join(refused)} (the heatmap image) cannot be sent with "
+                "deidentify = true: its pixels come from the source image, burned-in text "
+                "included (BurnedInAnnotation YES), and de-identification does not clean "
+                "pixels, so every one would fail; leave it out of kinds (the default for a "
+                "de-identifying destination)"
+            )
+        return self
 
 
 class ResultsSettings(_Section):

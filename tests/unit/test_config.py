@@ -161,3 +161,23 @@ def test_deidentifying_destination_needs_pseudonym_key(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="pseudonym_key"):
         load_settings(path)
+
+
+def test_deidentifying_destination_gets_no_heatmap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The heatmap SC carries the source's pixels (BurnedInAnnotation YES), which
+    # de-identification refuses: asked for explicitly, it is a configuration error...
+    monkeypatch.setenv("TRIAGE_NODE_PRIVACY__PSEUDONYM_KEY", "k" * 32)
+    destination = '[[destinations]]\nname = "R"\nae_title = "R"\nhost = "10.0.0.1"\nport = 104\n'
+    path = tmp_path / "c.toml"
+    path.write_text(destination + 'deidentify = true\nkinds = ["seg", "sr", "sc"]\n')
+    with pytest.raises(ConfigError, match=r"destinations\.0: .*kinds: sc \(the heatmap"):
+        load_settings(path)
+    # ... and by default such a destination gets every other kind.
+    path.write_text(destination + "deidentify = true\n")
+    assert load_settings(path).destinations[0].kinds == ["seg", "sr"]
+    path.write_text(destination + 'deidentify = true\nkinds = ["sr"]\n')
+    assert load_settings(path).destinations[0].kinds == ["sr"]
+    path.write_text(destination)
+    assert load_settings(path).destinations[0].kinds == ["seg", "sr", "sc"]
