@@ -351,8 +351,10 @@ def reprocess(
     from node.db.models import StudyStatus
     from node.errors import StudyPurged
     from node.pipeline import Pipeline
+    from node.routing.cli import cli_user
     from node.routing.store import RuleStore
     from node.storage import InstanceStore
+    from node.web.audit import AuditTrail
     from workers.celery_app import make_celery
 
     settings = _settings(config)
@@ -365,6 +367,8 @@ def reprocess(
         except StudyPurged as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
+        if status is not None:
+            AuditTrail(sessions).record(cli_user(), "study.reprocess", study_instance_uid=study_uid)
     if status is None:
         err_console.print("[red]error:[/red] no done, failed or not-routed study with that UID")
         raise typer.Exit(1)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.cli_options import ConfigOption, settings_or_exit
 from node.config import Settings
+from node.web.audit import AuditTrail
 
 if TYPE_CHECKING:
     from node.routing.store import RuleStore
@@ -48,6 +49,11 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "cli"
+
+
+def cli_user(by: str = "") -> str:
+    """Who made a change from the command line, as the audit trail shows it."""
+    return f"cli:{by or _user()}"[:64]
 
 
 ByOption = Annotated[str, typer.Option("--by", help="Who makes the change (recorded).")]
@@ -333,6 +339,9 @@ def import_rules(
             )
         except RuleError as exc:
             raise _refuse(exc) from None
+        AuditTrail(sessions).record(
+            cli_user(by), "rules.save", detail=f"version {version} from the command line"
+        )
     console.print(
         f"Saved {escape(str(path))} as version {version} ({len(rule_set.rules)} rule(s)); "
         "it is now active."
@@ -355,6 +364,10 @@ def activate(
             new = store.activate(version, by or _user())
         except RuleError as exc:
             raise _refuse(exc) from None
+        if new != before:
+            AuditTrail(sessions).record(
+                cli_user(by), "rules.activate", detail=f"version {version} -> {new}"
+            )
     if new == before:
         console.print(f"Version {version} is already active.")
     else:

@@ -16,7 +16,9 @@ from node.cli_options import ConfigOption
 from node.config import load_settings
 from node.db.models import Role
 from node.errors import ConfigError
+from node.routing.cli import cli_user
 from node.users.accounts import AccountError, Accounts
+from node.web.audit import AuditTrail
 
 app = typer.Typer(help="Web users and their roles (radiologist, admin).", no_args_is_help=True)
 console = Console()
@@ -24,7 +26,7 @@ err_console = Console(stderr=True)
 
 
 @contextmanager
-def _accounts(config: Path | None) -> Iterator[Accounts]:
+def _accounts(config: Path | None) -> Iterator[tuple[Accounts, AuditTrail]]:
     from node.db import migrate
     from node.db.engine import make_engine, make_sessionmaker
 
@@ -40,7 +42,8 @@ def _accounts(config: Path | None) -> Iterator[Accounts]:
         elif not migrate.is_up_to_date(engine):
             err_console.print("[red]error:[/red] schema out of date; run 'triage-node db upgrade'")
             raise typer.Exit(1)
-        yield Accounts(make_sessionmaker(engine))
+        sessions = make_sessionmaker(engine)
+        yield Accounts(sessions), AuditTrail(sessions)
     finally:
         engine.dispose()
 
@@ -59,19 +62,20 @@ def add(
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    with _accounts(config) as accounts:
+    with _accounts(config) as (accounts, audit):
         try:
             account = accounts.add(name, password, role)
         except AccountError as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
+        audit.record(cli_user(), "user.add", detail=f"{account.name} as {account.role}")
     console.print(f"user [bold]{account.name}[/bold] added as {account.role}")
 
 
 @app.command("list")
 def list_users(config: ConfigOption = None) -> None:
     """Users with their role and whether they may log in."""
-    with _accounts(config) as accounts:
+    with _accounts(config) as (accounts, _):
         rows = accounts.list()
     table = Table("Name", "Role", "Active", "Created (UTC)")
     for a in rows:
@@ -82,8 +86,10 @@ def list_users(config: ConfigOption = None) -> None:
 @app.command("disable")
 def disable(name: str, config: ConfigOption = None) -> None:
     """Stop a user from logging in (their sessions end at the next request)."""
-    with _accounts(config) as accounts:
+    with _accounts(config) as (accounts, audit):
         found = accounts.set_active(name, False)
+        if found:
+            audit.record(cli_user(), "user.disable", detail=name)
     if not found:
         err_console.print(f"[red]error:[/red] no user {name!r}")
         raise typer.Exit(1)
@@ -93,8 +99,10 @@ def disable(name: str, config: ConfigOption = None) -> None:
 @app.command("enable")
 def enable(name: str, config: ConfigOption = None) -> None:
     """Allow a disabled user to log in again."""
-    with _accounts(config) as accounts:
+    with _accounts(config) as (accounts, audit):
         found = accounts.set_active(name, True)
+        if found:
+            audit.record(cli_user(), "user.enable", detail=name)
     if not found:
         err_console.print(f"[red]error:[/red] no user {name!r}")
         raise typer.Exit(1)

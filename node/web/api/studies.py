@@ -104,7 +104,13 @@ def instance_image(
     responses={200: {"content": {"image/png": {}}}},
 )
 def instance_overlay(
-    study_uid: str, sop_uid: str, kind: OverlayKind, user: auth.User, ctx: Context
+    study_uid: str,
+    *,
+    sop_uid: str,
+    kind: OverlayKind,
+    user: auth.User,
+    ctx: Context,
+    request: Request,
 ) -> Response:
     """The lung mask or Grad-CAM heatmap of an image as a transparent PNG overlay."""
     with ctx.reads() as session:
@@ -118,4 +124,11 @@ def instance_overlay(
         raise HTTPException(404, f"the {kind} file is not available") from None
     except ImageUnavailable as exc:
         raise HTTPException(422, str(exc)) from None
+    ctx.audit.record(
+        user.name,
+        f"{kind}.view",
+        study_instance_uid=study_uid,
+        detail=sop_uid,
+        client_address=client_address(request),
+    )
     return Response(body, media_type="image/png", headers={"Cache-Control": _PNG_CACHE})

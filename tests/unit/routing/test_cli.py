@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli import app
+from node.db.engine import make_engine, make_sessionmaker
+from node.db.models import AuditEvent
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "rules.example.toml"
@@ -129,6 +132,20 @@ def test_import_list_activate_and_test_the_active_version(
     assert "rollback to version 1" in result.stdout
     result = runner.invoke(app, ["rules", "show", "-c", str(config)])
     assert result.stdout == EXAMPLE.read_text()
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'triage-node.db'}")
+    with make_sessionmaker(engine)() as session:
+        events = session.execute(
+            select(AuditEvent.user_name, AuditEvent.action, AuditEvent.detail).order_by(
+                AuditEvent.id
+            )
+        ).all()
+    engine.dispose()
+    assert [tuple(e) for e in events] == [
+        ("cli:alice", "rules.save", "version 1 from the command line"),
+        ("cli:alice", "rules.save", "version 2 from the command line"),
+        ("cli:bob", "rules.activate", "version 1 -> 3"),
+    ]
 
 
 def test_test_with_a_stored_study(

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select, update
 
-from node.db.models import AuditEvent, Priority, Role, Study, StudyStatus
+from node.db.models import AuditEvent, Finding, Priority, Role, Study, StudyStatus
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import create_app
@@ -229,6 +230,41 @@ def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) ->
     assert ("rad", "study.api", uid) in events
     assert ("rad", "study.view", uid) in events
     assert ("rad", "worklist.api", None) in events
+
+
+def test_overlay_views_are_audited(client: TestClient, node: Node) -> None:
+    """A lung mask or heatmap of a patient's image is patient data like the image."""
+    uid = add_study(node, version=1)
+    sop = f"{uid}.1"
+    rel = "results/test/mask.npy"
+    node.store.path(rel).parent.mkdir(parents=True, exist_ok=True)
+    np.save(node.store.path(rel), np.eye(8, dtype=np.uint8))
+    with node.sessions.begin() as session:
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        session.add(
+            Finding(
+                study_id=study_id,
+                study_version=1,
+                sop_instance_uid=sop,
+                frame_number=1,
+                model_name="lung-seg",
+                model_version="1.2.0",
+                kind="segmentation",
+                mask_path=rel,
+                created_at=datetime.now(UTC),
+            )
+        )
+    login(client, "rad")
+    r = client.get(f"/api/studies/{uid}/instances/{sop}/mask.png")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert client.get(f"/api/studies/{uid}/instances/{sop}/heatmap.png").status_code == 404
+    with node.sessions() as session:
+        events = session.execute(
+            select(AuditEvent.user_name, AuditEvent.action, AuditEvent.detail).where(
+                AuditEvent.study_instance_uid == uid
+            )
+        ).all()
+    assert [tuple(e) for e in events] == [("rad", "mask.view", sop)]
 
 
 def test_audit_browse_and_csv(client: TestClient, node: Node) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from node.cli import app
 from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
-from node.db.models import Role, User
+from node.db.models import AuditEvent, Role, User
 from node.users.accounts import AccountError, Accounts
 
 
@@ -75,3 +75,20 @@ def test_users_cli(tmp_path: Path) -> None:
         input="a-long-password\n",
     )
     assert duplicate.exit_code == 1
+    assert runner.invoke(app, ["users", "enable", "rad", "-c", str(config)]).exit_code == 0
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'triage-node.db'}")
+    with make_sessionmaker(engine)() as session:
+        events = session.execute(
+            select(AuditEvent.action, AuditEvent.detail, AuditEvent.user_name).order_by(
+                AuditEvent.id
+            )
+        ).all()
+    engine.dispose()
+    assert [(a, d) for a, d, _ in events] == [
+        ("user.add", "root as admin"),
+        ("user.add", "rad as radiologist"),
+        ("user.disable", "rad"),
+        ("user.enable", "rad"),
+    ]
+    assert all(who.startswith("cli:") for _, _, who in events)
