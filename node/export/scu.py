@@ -112,6 +112,11 @@ def send(
     try:
         if assoc.is_rejected:
             return [Delivery(Outcome.TEMPORARY, None, "association rejected")] * len(items)
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The destination answered the negotiation and took none of the SOP classes
+            # (in any transfer syntax we offered): the same answer as for one class of
+            # several, so the same outcome; only its configuration can change it.
+            return [_not_accepted(item) for item in items]
         if not assoc.is_established:
             # A TLS failure (untrusted certificate, our client certificate refused)
             # is temporary too: certificates get fixed; the reason tells the admin what.
@@ -123,13 +128,7 @@ def send(
         results: list[Delivery] = []
         for item in items:
             if item.sop_class_uid not in accepted:
-                results.append(
-                    Delivery(
-                        Outcome.PERMANENT,
-                        None,
-                        f"destination does not accept SOP class {item.sop_class_uid}",
-                    )
-                )
+                results.append(_not_accepted(item))
                 continue
             results.append(_store(assoc, item))
         return results
@@ -137,6 +136,12 @@ def send(
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def _not_accepted(item: Item) -> Delivery:
+    return Delivery(
+        Outcome.PERMANENT, None, f"destination does not accept SOP class {item.sop_class_uid}"
+    )
 
 
 def _requested_syntaxes(items: Sequence[Item]) -> dict[str, list[str]]:

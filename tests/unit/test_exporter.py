@@ -7,14 +7,25 @@ it over TCP as it would to a PACS. Both database backends.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.presentation import PresentationContext
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,33 +48,65 @@ class Destination:
 
     port: int = field(default_factory=free_port)
     received: list[str] = field(default_factory=list)
+    #: (transfer syntax the object came in, its pixels) per C-STORE.
+    pixels: list[tuple[str, Any]] = field(default_factory=list)
     during_store: Callable[[], object] = lambda: None
 
     def on_store(self, event: evt.Event) -> int:
         self.during_store()
         self.received.append(str(event.request.AffectedSOPInstanceUID))
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.pixels.append((str(event.context.transfer_syntax), ds.pixel_array))
         return 0x0000
 
 
 @pytest.fixture
-def destination() -> Iterator[Destination]:
-    peer = Destination()
-    ae = AE(ae_title="PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    server = ae.start_server(
-        ("127.0.0.1", peer.port), block=False, evt_handlers=[(evt.EVT_C_STORE, peer.on_store)]
-    )
-    yield peer
-    server.shutdown()
+def start_destination() -> Iterator[Callable[..., Destination]]:
+    """``start_destination(contexts=..., require_called_aet=False)``: a running SCP."""
+    servers: list[Any] = []
+
+    def _start(
+        contexts: Sequence[PresentationContext] = AllStoragePresentationContexts,
+        *,
+        require_called_aet: bool = False,
+    ) -> Destination:
+        peer = Destination()
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = list(contexts)
+        ae.require_called_aet = require_called_aet
+        servers.append(
+            ae.start_server(
+                ("127.0.0.1", peer.port),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, peer.on_store)],
+            )
+        )
+        return peer
+
+    yield _start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def destination(start_destination: Callable[..., Destination]) -> Destination:
+    return start_destination()
 
 
 def _exporter(
-    tmp_path: Path, sessions: sessionmaker[Session], port: int, *, deidentify: bool = False
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    port: int,
+    *,
+    deidentify: bool = False,
+    **destination: Any,
 ) -> Exporter:
     cfg = node_config(tmp_path)
     cfg["destinations"] = [
         {"name": "PACS", "ae_title": "PACS", "host": "127.0.0.1", "port": port}
         | ({"deidentify": True} if deidentify else {})
+        | destination
     ]
     cfg["privacy"] = {"pseudonym_key": "k" * 32}
     settings = Settings.model_validate(cfg)
@@ -81,7 +124,15 @@ def _result(store: InstanceStore, name: str, sop_instance_uid: str) -> str:
     return rel
 
 
-def _queue(sessions: sessionmaker[Session], version: int, path: str, uid: str) -> None:
+def _queue(
+    sessions: sessionmaker[Session],
+    version: int,
+    path: str,
+    uid: str,
+    *,
+    sop_class: str = CTImageStorage,
+    destination: str = "PACS",
+) -> None:
     with sessions.begin() as session:
         study_id = session.scalar(select(Study.id))
         if study_id is None:
@@ -106,10 +157,10 @@ def _queue(sessions: sessionmaker[Session], version: int, path: str, uid: str) -
             session,
             study_id=study_id,
             study_version=version,
-            destination="PACS",
+            destination=destination,
             kind="sr",
             sop_instance_uid=uid,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            sop_class_uid=sop_class,
             path=path,
         )
 
@@ -221,3 +272,87 @@ def test_missing_result_file_fails_for_good(
 )
 def test_status_classes(code: int, outcome: Outcome) -> None:
     assert classify(code) is outcome
+
+
+def test_destination_down_past_its_retry_window_gives_up(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Nothing listens; past ``retry_for_seconds`` the delivery fails, and stays failed."""
+    exporter = _exporter(tmp_path, sessions, free_port(), retry_for_seconds=0.001)
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)
+    assert exporter.run_once() == 1
+    row = _row(sessions)
+    assert row.state == ExportState.FAILED and row.next_attempt_at is None
+    assert (row.last_error or "").startswith("gave up after 1 attempts: no association")
+    assert exporter.run_once() == 0
+
+
+def test_association_rejected_is_retried(
+    tmp_path: Path, sessions: sessionmaker[Session], start_destination: Callable[..., Destination]
+) -> None:
+    """The PACS refuses our called AE title (a configuration slip on either side): the
+    delivery waits for the fix instead of failing."""
+    peer = start_destination(require_called_aet=True)
+    exporter = _exporter(tmp_path, sessions, peer.port, ae_title="NOTPACS")
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)
+    exporter.run_once()
+    row = _row(sessions)
+    assert (row.state, row.attempts, row.last_error) == (
+        ExportState.PENDING,
+        1,
+        "association rejected",
+    )
+    assert row.next_attempt_at is not None and peer.received == []
+
+
+def test_sop_class_the_destination_does_not_take_fails_for_good(
+    tmp_path: Path, sessions: sessionmaker[Session], start_destination: Callable[..., Destination]
+) -> None:
+    mr_only = [build_context(MRImageStorage)]
+    peer = start_destination(mr_only)
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)  # a CT
+    exporter.run_once()
+    row = _row(sessions)
+    assert row.state == ExportState.FAILED and peer.received == []
+    assert f"does not accept SOP class {CTImageStorage}" in (row.last_error or "")
+
+
+def test_compressed_object_goes_uncompressed_to_a_destination_that_takes_only_that(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    start_destination: Callable[..., Destination],
+    shared_data: Path,
+) -> None:
+    """An RLE original (send_original) to a PACS that accepts MR only in explicit or
+    implicit little endian: decompressed on the way, same instance, same pixels."""
+    source = shared_data / "dicom/transfer-syntaxes/rle-lossless__MR_small_RLE.dcm"
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    peer = start_destination([build_context(MRImageStorage, uncompressed)])
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    original = dcmread(source)
+    rel = "instances/original.dcm"
+    shutil.copyfile(source, exporter.store.path(rel))
+    uid = str(original.SOPInstanceUID)
+    _queue(sessions, 1, rel, uid, sop_class=MRImageStorage)
+    exporter.run_once()
+    assert _row(sessions).state == ExportState.DELIVERED
+    assert peer.received == [uid]
+    ((syntax, pixels),) = peer.pixels
+    assert syntax in uncompressed
+    assert np.array_equal(pixels, original.pixel_array)
+
+
+def test_destination_removed_from_the_configuration_fails_its_deliveries(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid, destination="GONE")
+    exporter.run_once()
+    row = _row(sessions)
+    assert row.state == ExportState.FAILED
+    assert row.last_error == "destination 'GONE' is not configured"

@@ -129,9 +129,11 @@ def _ct() -> Dataset:
 
 
 def _ended(assoc: Association, within: float = 5.0) -> bool:
+    """The association's threads ran and stopped (EVT_CONN_OPEN comes before start())."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if not assoc.is_alive() and not assoc.dul.is_alive():
+        started = assoc.ident is not None
+        if started and not assoc.is_alive() and not assoc.dul.is_alive():
             return True
         time.sleep(0.01)
     return False
@@ -186,7 +188,8 @@ def test_shutdown_beside_a_connection_that_never_asks_to_associate(
         while not acceptor.associations and time.monotonic() < deadline:
             time.sleep(0.01)
         (accepted,) = acceptor.associations
-        time.sleep(0.1)  # the DUL is up and waiting in Sta2
+        while accepted.dul.state_machine.current_state != "Sta2" and time.monotonic() < deadline:
+            time.sleep(0.01)  # the DUL comes up and waits in Sta2
         assert accepted.dul.state_machine.current_state == "Sta2"
         acceptor.ae.shutdown()
         assert _ended(accepted)
