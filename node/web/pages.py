@@ -286,7 +286,11 @@ def rules_submit(
             admin,
             text=text,
             comment=comment,
-            message=f"Valid: {len(checked.rules)} rules ({', '.join(checked.rules)}); not saved.",
+            message=(
+                f"Valid: {len(checked.rules)} rules ({', '.join(checked.rules)}); not saved."
+                if checked.rules
+                else "Valid, but no rules: every study would be not routed. Not saved."
+            ),
         )
     try:
         version = ctx.rules.save(text, admin.name, comment or None)

@@ -267,6 +267,17 @@ def test_overlay_views_are_audited(client: TestClient, node: Node) -> None:
     assert [tuple(e) for e in events] == [("rad", "mask.view", sop)]
 
 
+def test_rules_page_warns_that_an_empty_document_routes_nothing(
+    client: TestClient, node: Node
+) -> None:
+    token = login(client, "admin")
+    page = client.post(
+        "/admin/rules", data={"text": "format = 1\n", "action": "validate", "csrf_token": token}
+    )
+    assert page.status_code == 200
+    assert "no rules: every study would be not routed" in page.text
+
+
 def test_audit_browse_and_csv(client: TestClient, node: Node) -> None:
     uid = add_study(node)
     login(client, "admin")
