@@ -16,7 +16,13 @@ Chest radiograph rules, and why:
   absent or empty, which many CR readers leave it, a chest word in StudyDescription,
   SeriesDescription or ProtocolName is accepted instead; with neither, the image is
   not assumed to be a chest.
-* Lateral and oblique ViewPosition values are excluded: the models saw frontal views.
+* Lateral and oblique views are excluded: the models saw frontal views. View Position
+  is Type 2 in CR and often empty, so two other header statements count as well: a
+  View Code Sequence code for a lateral or oblique view (CID 4010 DX View, SNOMED CT or
+  its legacy SRT code), and Patient Orientation whose row direction (first value,
+  PS3.3 C.7.6.1.1.1) has an anterior or posterior component (A\\F, P\\F; LP for an
+  oblique): a frontal view's rows run left-right. An image none of these three calls
+  lateral or oblique is taken as frontal, an empty View Position included.
 
 Reasons name the attribute and its coded value, never free text from the header, so
 they can be logged (free-text descriptions may carry patient details).
@@ -65,6 +71,10 @@ class ImageSelector:
     description_words: frozenset[str]
     photometric_interpretations: frozenset[str] = frozenset({"MONOCHROME1", "MONOCHROME2"})
     exclude_view_positions: frozenset[str] = frozenset()
+    #: (coding scheme designator, code value) of View Code Sequence codes excluded.
+    exclude_view_codes: frozenset[tuple[str, str]] = frozenset()
+    #: Letters that exclude an image when in Patient Orientation's row direction.
+    exclude_row_directions: frozenset[str] = frozenset()
     max_frames: int = 1
 
     def applies_to(self, ds: Dataset) -> bool:
@@ -92,6 +102,15 @@ class ImageSelector:
         view = _text(ds, "ViewPosition")
         if view in self.exclude_view_positions:
             return f"ViewPosition {view} is excluded"
+        code = _view_code(ds)
+        if code in self.exclude_view_codes:
+            return f"ViewCodeSequence ({code[0]}, {code[1]}) is excluded (lateral or oblique)"
+        rows = _text(ds, "PatientOrientation")
+        if self.exclude_row_directions.intersection(rows):
+            return (
+                f"PatientOrientation row direction {rows} is excluded "
+                "(anterior/posterior: lateral or oblique)"
+            )
         body_part = _text(ds, "BodyPartExamined")
         if body_part:
             if body_part not in self.body_parts:
@@ -111,6 +130,29 @@ class ImageSelector:
         return False
 
 
+#: CID 4010 DX View codes of lateral and oblique views: SNOMED CT to its legacy SNOMED
+#: RT (SRT) code, as in pydicom's `pydicom.sr` tables (a test checks them there).
+_LATERAL_OR_OBLIQUE_VIEWS: Mapping[str, str] = {
+    "399067008": "R-102CD",  # lateral
+    "399173006": "R-10236",  # left lateral
+    "399198007": "R-10232",  # right lateral
+    "399260004": "R-10224",  # medial-lateral
+    "399352003": "R-10228",  # lateral-medial
+    "260427002": "R-40783",  # lateral oblique
+    "260426006": "R-40782",  # medial oblique
+    "399182000": "R-102C1",  # oblique
+    "399184004": "R-10238",  # left oblique
+    "399236003": "R-10234",  # right oblique
+    "399135007": "R-10220",  # left anterior oblique
+    "399356000": "R-40985",  # right anterior oblique
+    "399006002": "R-10212",  # left posterior oblique
+    "399038007": "R-10210",  # right posterior oblique
+    "399059000": "R-10216",  # postero-anterior oblique
+    "399312000": "R-10208",  # antero-posterior oblique
+    "399368009": "R-10226",  # medio-lateral oblique
+    "399099002": "R-10230",  # latero-medial oblique
+}
+
 #: Frontal chest radiographs: the input of both chest models.
 CHEST_RADIOGRAPH = ImageSelector(
     name="chest radiograph",
@@ -122,6 +164,12 @@ CHEST_RADIOGRAPH = ImageSelector(
     ),
     # PS3.3 C.8.11.5 defined terms: lateral (LL, RL) and oblique (LLO, RLO) views.
     exclude_view_positions=frozenset({"LL", "RL", "LLO", "RLO", "LATERAL", "LAT"}),
+    exclude_view_codes=frozenset(
+        (scheme, code)
+        for sct, srt in _LATERAL_OR_OBLIQUE_VIEWS.items()
+        for scheme, code in (("SCT", sct), ("SRT", srt), ("SNM3", srt))
+    ),
+    exclude_row_directions=frozenset({"A", "P"}),
 )
 
 #: Model name (as in `models.registry`) to the images it applies to.
@@ -149,6 +197,14 @@ def _text(ds: Dataset, keyword: str) -> str:
     if isinstance(value, MultiValue | list):  # multi-valued: the first value decides
         value = value[0] if value else ""
     return str(value).strip().upper()
+
+
+def _view_code(ds: Dataset) -> tuple[str, str]:
+    """(coding scheme designator, code value) of View Code Sequence's item; ('', '') if none."""
+    items = ds.get("ViewCodeSequence")
+    if not items:
+        return "", ""
+    return _text(items[0], "CodingSchemeDesignator"), _text(items[0], "CodeValue")
 
 
 def _frames(ds: Dataset) -> int | None:

@@ -134,3 +134,64 @@ def test_every_corpus_header_gets_an_answer(dicom_corpus: list[Path]) -> None:
         if CHEST_RADIOGRAPH.why_not(ds) is None:
             selected.append(path.name)
     assert sorted(selected) == ["966_fixed.dcm", "RG1_J2KI.dcm", "RG1_UNCR.dcm"]
+
+
+def _view_code(scheme: str, value: str) -> list[Dataset]:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, "view"
+    return [item]
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"ViewPosition": "", "PatientOrientation": ["A", "F"]},
+        {"ViewPosition": None, "PatientOrientation": ["P", "F"]},
+        {"ViewPosition": "", "PatientOrientation": ["LP", "F"]},  # oblique
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SCT", "399173006")},  # left lateral
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SCT", "399198007")},  # right lateral
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SCT", "399067008")},  # lateral
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SRT", "R-10236")},  # left lateral
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SRT", "R-10232")},  # right lateral
+    ],
+)
+def test_lateral_views_without_view_position_are_excluded(attributes: dict[str, object]) -> None:
+    """View Position is Type 2 in CR: orientation or view code still tell a lateral."""
+    why = CHEST_RADIOGRAPH.why_not(_chest(**attributes))
+    assert why is not None and "lateral" in why
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"ViewPosition": "", "PatientOrientation": ["L", "F"]},
+        {"ViewPosition": "", "PatientOrientation": ["R", "F"]},
+        {"ViewPosition": None},
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SCT", "399348003")},  # AP
+        {"ViewPosition": "", "ViewCodeSequence": _view_code("SRT", "R-40888")},  # PA
+        {"ViewPosition": "", "ViewCodeSequence": []},
+    ],
+)
+def test_frontal_views_with_empty_view_position_are_selected(
+    attributes: dict[str, object],
+) -> None:
+    assert CHEST_RADIOGRAPH.why_not(_chest(**attributes)) is None
+
+
+def test_excluded_view_codes_are_lateral_or_oblique_in_pydicoms_tables() -> None:
+    """Every excluded code is a CID 4010 DX View named lateral or oblique, and each SRT
+    code is the SNOMED CT code's legacy equivalent, as pydicom's tables have them."""
+    from pydicom.sr import _cid_dict, _concepts_dict, _snomed_dict
+
+    dx_views = {
+        code: meaning
+        for keyword in _cid_dict.cid_concepts[4010]["SCT"]
+        for code, (meaning, _) in _concepts_dict.concepts["SCT"][keyword].items()
+    }
+    codes = CHEST_RADIOGRAPH.exclude_view_codes
+    sct = {value for scheme, value in codes if scheme == "SCT"}
+    assert {"399067008", "399173006", "399198007"} <= sct  # lateral, left, right lateral
+    for value in sct:
+        assert "lateral" in dx_views[value] or "oblique" in dx_views[value], value
+        assert ("SRT", _snomed_dict.mapping["SCT"][value]) in codes
+    assert not {"272479007", "399348003", "399033003"} & sct  # PA, AP, frontal
