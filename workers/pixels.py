@@ -7,20 +7,35 @@ of MONOCHROME1 (C.7.6.3.1.2), one array per frame, values in [0, 1].
 
 Decoding is pydicom's, with whatever pixel data plugins are installed (pylibjpeg with
 openjpeg, libjpeg and rle; pyjpegls; GDCM if present), so every transfer syntax pydicom
-reads is covered, deflate and big endian included. The LUT steps are pydicom's
-`pydicom.pixels` functions; this module only chooses which to apply and scales their
-output range to [0, 1].
+reads is covered, deflate and big endian included. Rescale and window are pydicom's
+`pydicom.pixels` functions. The Modality and VOI LUT *lookups* are ours (`_lut_table`,
+`_lookup`): pydicom 3.0 indexes an 8-bit VOI LUT through a uint8 array, so every
+input above 255 wraps (a 4096-entry CR/DX LUT turns a ramp into a sawtooth), and it
+refuses a Modality LUT of 9 to 15 bits per entry, which PS3.3 C.11.1.1.1 allows. This
+module chooses which step to apply and scales its output range to [0, 1].
 
 Decisions:
 
 * **Colour is refused.** The CR and DX IODs allow only MONOCHROME1/2 (PS3.3 C.8.1.2,
   C.8.11.3.1.1); a colour chest image is a screenshot or secondary capture that the
   models were never checked on, so RGB, YBR_* and PALETTE COLOR raise `UnreadablePixels`.
+* **LUTs** (PS3.3 C.11.1.1.1, C.11.2.1.1): 0 entries means 65536; the first value
+  mapped is signed exactly when the LUT's input can be negative (Pixel Representation
+  for a Modality LUT; for a VOI LUT the range that rescaling can give), whatever VR
+  the descriptor was read with; inputs below it take the first entry and inputs
+  beyond the table the last; 8 to 16 bits per entry, 8-bit OW data packed two per
+  word or one per word.
 * **VOI:** a VOI LUT Sequence wins over a window (pydicom's ``prefer_lut``); the first
   of several windows or LUTs is used (the modality's default view, PS3.3 C.11.2.1.2);
-  without either, or with an unusable one, the frame's own minimum and maximum map
-  linearly to [0, 1]: an affine map clips nothing, so the model (whose normalisation
-  is affine-invariant) sees exactly what it would see on the stored values.
+  a LUT that cannot be applied gives way to the window. Without either, or with an
+  unusable one, the frame's own minimum and maximum map linearly to [0, 1]: an affine
+  map clips nothing, so the model (whose normalisation is affine-invariant) sees
+  exactly what it would see on the stored values.
+* **Spacing** is in the patient plane where the header says how: Pixel Spacing when
+  calibrated (it differs from Imager Pixel Spacing, or a calibration type is given),
+  else Imager Pixel Spacing divided by the Estimated Radiographic Magnification
+  Factor (PS3.3 10.7.1.1, C.8.11.7). With neither, Imager Pixel Spacing (or Pixel
+  Spacing equal to it) is detector-plane spacing and ``spacing_source`` says so.
 * **Inversion** follows Photometric Interpretation only. DX requires Presentation LUT
   Shape INVERSE exactly when the image is MONOCHROME1 (PS3.3 C.8.11.6.1.2): both say
   the same thing, so inverting for each would invert twice.
@@ -45,7 +60,8 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.multival import MultiValue
+from pydicom.pixels.processing import apply_modality_lut, apply_windowing
 from pydicom.pixels.utils import iter_pixels
 
 from node.errors import NodeError
@@ -78,7 +94,17 @@ _PIPELINE_KEYWORDS = (
     "VOILUTSequence",
     "PixelSpacing",
     "ImagerPixelSpacing",
+    "EstimatedRadiographicMagnificationFactor",
+    "PixelSpacingCalibrationType",
 )
+
+#: `ImageFrame.spacing_source` values.
+PATIENT_PLANE_SOURCES = frozenset(
+    {"PixelSpacing", "PixelMeasuresSequence", "EstimatedRadiographicMagnificationFactor"}
+)
+#: Imager Pixel Spacing, or a Pixel Spacing equal to it, with no magnification factor:
+#: distances at the detector, larger than in the patient by the magnification.
+DETECTOR_PLANE = "ImagerPixelSpacing"
 
 #: Enhanced multi-frame functional groups (PS3.3 C.7.6.16) that override the above.
 _FUNCTIONAL_GROUPS = (
@@ -102,9 +128,12 @@ class ImageFrame:
     """One frame as model input: float32 (rows, columns), display sense, values in [0, 1].
 
     ``pixel_spacing_mm`` is (row spacing, column spacing) in mm from ``spacing_source``:
-    "PixelSpacing" (calibrated to the patient), "ImagerPixelSpacing" (at the detector,
-    PS3.3 C.8.11.7, used only without PixelSpacing), "PixelMeasuresSequence" (enhanced
-    multi-frame) or None when absent or zero. ``voi_source`` records which VOI step
+    "PixelSpacing" (in the patient: calibrated, or from an IOD without Imager Pixel
+    Spacing), "PixelMeasuresSequence" (enhanced multi-frame),
+    "EstimatedRadiographicMagnificationFactor" (Imager Pixel Spacing divided by it, in
+    the patient plane), "ImagerPixelSpacing" (`DETECTOR_PLANE`: at the detector, not
+    corrected for magnification, PS3.3 10.7.1.1) or None when absent or zero.
+    ``voi_source`` records which VOI step
     produced the grey levels: "VOILUTSequence", "window", "full range" (integer data
     without a usable VOI) or "robust range" (float data).
     """
@@ -118,6 +147,11 @@ class ImageFrame:
     columns: int
     photometric_interpretation: str
     voi_source: str
+
+    @property
+    def spacing_at_detector(self) -> bool:
+        """Whether ``pixel_spacing_mm`` is detector-plane (magnified) spacing."""
+        return self.spacing_source == DETECTOR_PLANE
 
 
 def read_frames(
@@ -281,16 +315,59 @@ def _lift(view: Dataset, element: DataElement) -> bool:
     return True
 
 
+def frame_spacing(
+    ds: Dataset, frame_number: int = 1
+) -> tuple[tuple[float, float] | None, str | None]:
+    """(row, column) spacing in mm of frame `frame_number` (1-based) and its source.
+
+    The same answer as `read_frames` gives in ``pixel_spacing_mm`` and
+    ``spacing_source``, from the header alone.
+    """
+    _, spacing, source = _frame_view(ds, frame_number - 1)
+    return spacing, source
+
+
 def _spacing(view: Dataset) -> tuple[tuple[float, float] | None, str | None]:
-    """(row, column) spacing in mm: PixelSpacing, else ImagerPixelSpacing (PS3.3 10.7.1.3)."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            value = [float(v) for v in view.get(keyword) or ()]
-        except (TypeError, ValueError):
-            continue
-        if len(value) == 2 and all(np.isfinite(v) and v > 0 for v in value):
-            return (value[0], value[1]), keyword
+    """(row, column) spacing in mm and its source (PS3.3 10.7.1.1, C.8.11.7).
+
+    Pixel Spacing is in the patient unless it merely repeats Imager Pixel Spacing
+    without a calibration type (10.7.1.1: then the image was not corrected). Imager
+    Pixel Spacing is at the detector; divided by the Estimated Radiographic
+    Magnification Factor it is in the patient plane.
+    """
+    pixel = _pair(view, "PixelSpacing")
+    imager = _pair(view, "ImagerPixelSpacing")
+    uncorrected = imager is not None and (
+        pixel is None
+        or (not view.get("PixelSpacingCalibrationType") and np.allclose(pixel, imager))
+    )
+    if imager is not None and uncorrected:
+        factor = _positive(view.get("EstimatedRadiographicMagnificationFactor"))
+        if factor is None:
+            return imager, DETECTOR_PLANE
+        return (imager[0] / factor, imager[1] / factor), "EstimatedRadiographicMagnificationFactor"
+    if pixel is not None:
+        return pixel, "PixelSpacing"
     return None, None
+
+
+def _pair(view: Dataset, keyword: str) -> tuple[float, float] | None:
+    """A two-valued spacing attribute with both values finite and positive, else None."""
+    value = view.get(keyword)
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else []
+    numbers = [_positive(v) for v in values]
+    if len(numbers) != 2 or numbers[0] is None or numbers[1] is None:
+        return None
+    return numbers[0], numbers[1]
+
+
+def _positive(value: object) -> float | None:
+    """`value` as a finite positive float, else None."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
 
 
 def _display(
@@ -309,7 +386,11 @@ def _display(
             values = np.nan_to_num(values, nan=low, neginf=low, posinf=high)
         unit, source = robust_unit(values), "robust range"
     else:
-        values = apply_modality_lut(raw, view)
+        if _has_lut(view, "ModalityLUTSequence"):
+            pixel_signed = int(view.get("PixelRepresentation", 0) or 0) == 1
+            values = _lookup(raw, *_lut_table(view.ModalityLUTSequence[0], view, pixel_signed))
+        else:
+            values = apply_modality_lut(raw, view)  # rescale slope and intercept
         unit, source = _voi_unit(values, view, uid)
     if str(view.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         unit = 1.0 - unit
@@ -319,33 +400,115 @@ def _display(
 def _voi_unit(values: NDArray[Any], view: Dataset, uid: str) -> tuple[NDArray[Any], str]:
     """Apply the first VOI LUT or window and scale its output range to [0, 1].
 
-    The output range is taken from pydicom's own function rather than re-derived: a
-    window is probed with -inf and +inf (giving its y_min and y_max, PS3.3 C.11.2.1.2),
-    a LUT with every input it maps.
+    A LUT's output range is its entries' range; a window's is pydicom's own answer
+    for -inf and +inf (its y_min and y_max, PS3.3 C.11.2.1.2). A LUT that cannot be
+    applied gives way to the window, and that to the full range.
     """
-    try:
-        if _has_voi_lut(view):
-            item = view.VOILUTSequence[0]
-            entries, first_map = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
-            outputs = apply_voi(np.arange(first_map, first_map + entries), view)
-            indices = np.rint(values).astype(np.int64)
-            return _scale(apply_voi(indices, view), outputs.min(), outputs.max()), "VOILUTSequence"
-        if view.get("WindowCenter") is not None and view.get("WindowWidth") is not None:
+    if _has_lut(view, "VOILUTSequence"):
+        try:
+            first, table = _lut_table(view.VOILUTSequence[0], view, _voi_input_signed(view))
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
+            _unusable_voi(uid, "VOI LUT", exc)
+        else:
+            unit = _scale(_lookup(values, first, table), table.min(), table.max())
+            return unit, "VOILUTSequence"
+    if view.get("WindowCenter") is not None and view.get("WindowWidth") is not None:
+        try:
             low, high = apply_windowing(np.array([-np.inf, np.inf]), view)
-            if np.isfinite(low) and np.isfinite(high) and low != high:
-                return _scale(apply_windowing(values, view), low, high), "window"
-    except (ValueError, NotImplementedError, TypeError, IndexError, AttributeError) as exc:
-        log.warning(
-            "unusable VOI, using full range sop_instance_uid=%s reason=%s",
-            uid,
-            _one_line(exc),
-        )
+            if not (np.isfinite(low) and np.isfinite(high) and low != high):
+                raise ValueError(f"window gives no output range: {low} to {high}")
+            return _scale(apply_windowing(values, view), low, high), "window"
+        except (ValueError, NotImplementedError, TypeError, IndexError, AttributeError) as exc:
+            _unusable_voi(uid, "window", exc)
     return _scale(values, float(values.min()), float(values.max())), "full range"
 
 
-def _has_voi_lut(view: Dataset) -> bool:
-    sequence = view.get("VOILUTSequence")
+def _unusable_voi(uid: str, what: str, exc: BaseException) -> None:
+    log.warning(
+        "unusable %s, trying the next VOI step sop_instance_uid=%s reason=%s",
+        what,
+        uid,
+        _one_line(exc),
+    )
+
+
+def _has_lut(view: Dataset, keyword: str) -> bool:
+    sequence = view.get(keyword)
     return bool(sequence) and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]
+
+
+def _voi_input_signed(view: Dataset) -> bool:
+    """Whether the VOI LUT's input, the Modality LUT's output, can be negative.
+
+    PS3.3 C.11.2.1.1: the first value mapped is SS when that output may be signed. A
+    Modality LUT's entries are unsigned; rescaling maps the stored range (Bits Stored,
+    Pixel Representation) through slope and intercept, as pydicom applies them.
+    """
+    if _has_lut(view, "ModalityLUTSequence"):
+        return False
+    bits = int(view.get("BitsStored", 16) or 16)
+    signed = int(view.get("PixelRepresentation", 0) or 0) == 1
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if "RescaleSlope" in view and "RescaleIntercept" in view:
+        slope, intercept = float(view.RescaleSlope), float(view.RescaleIntercept)
+        return min(low * slope + intercept, high * slope + intercept) < 0
+    return low < 0
+
+
+def _lut_table(item: Dataset, view: Dataset, signed: bool) -> tuple[int, NDArray[np.int64]]:
+    """The first input value mapped and the entries of a Modality or VOI LUT item.
+
+    LUT Descriptor (PS3.3 C.11.1.1.1, C.11.2.1.1): number of entries (0 is 65536),
+    first value mapped (taken as a 16-bit pattern, signed when `signed`, whichever of
+    US and SS the descriptor was read as), bits per entry (8 to 16). LUT Data is US
+    values or OW words in the dataset's byte order; 8-bit entries in OW may also be
+    packed two per word, low byte first. ValueError for anything else.
+    """
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    if len(descriptor) != 3:
+        raise ValueError(f"LUT Descriptor has {len(descriptor)} values, not 3")
+    entries = (descriptor[0] & 0xFFFF) or 0x10000
+    first = descriptor[1] & 0xFFFF
+    if signed and first >= 0x8000:
+        first -= 0x10000
+    bits = descriptor[2]
+    if not 8 <= bits <= 16:
+        raise ValueError(f"{bits} bits per LUT entry, not 8 to 16")
+    value = item.LUTData
+    if isinstance(value, bytes):  # OW (or not yet converted from an implicit VR file)
+        words = np.frombuffer(value[: len(value) // 2 * 2], dtype=f"{_byte_order(view)}u2")
+        if bits == 8 and len(words) < entries <= 2 * len(words):
+            words = np.stack([words & 0xFF, words >> 8], axis=1).ravel()
+        table = words.astype(np.int64)
+    else:
+        table = np.asarray(value if isinstance(value, MultiValue | list) else [value], np.int64)
+    if len(table) < entries:
+        raise ValueError(f"LUT Data holds {len(table)} entries, LUT Descriptor says {entries}")
+    return first, table[:entries]
+
+
+def _byte_order(view: Dataset) -> str:
+    """'<' or '>': the byte order of OW values as read (the dataset's encoding)."""
+    little = view.original_encoding[1]
+    if little is None:  # built in memory: the transfer syntax it is meant for
+        syntax = getattr(getattr(view, "file_meta", None), "TransferSyntaxUID", None)
+        little = syntax is None or syntax.is_little_endian
+    return "<" if little else ">"
+
+
+def _lookup(values: NDArray[Any], first: int, table: NDArray[np.int64]) -> NDArray[np.int64]:
+    """`table` applied to `values` with an int64 index (value - first) clipped to it.
+
+    Inputs below the first value mapped take the first entry, inputs past the end the
+    last one (PS3.3 C.11.2.1.1). Non-integer (rescaled) inputs are rounded.
+    """
+    if values.dtype.kind in "iub":
+        index = values.astype(np.int64)
+    else:
+        index = np.rint(values).astype(np.int64)
+    index -= first
+    np.clip(index, 0, len(table) - 1, out=index)
+    return table[index]
 
 
 def _scale(values: NDArray[Any], low: float, high: float) -> NDArray[Any]:

@@ -7,12 +7,13 @@ in one transaction that replaces any findings of the same version. A duplicate
 message, a redelivery after a crash, or a study re-opened meanwhile (new
 version) therefore never yields two results.
 
-Failures: pixels that cannot be read fail the study at once (retrying cannot
-help); anything else is retried with exponential backoff up to
-``pipeline.max_attempts`` by putting the study back to ``queued`` with a
-not-before time that the node's supervisor honours. Result objects (SEG, SR,
-heatmaps) that cannot be built leave the study done with its findings and a note;
-a storage fault while building or storing them is retried like any other.
+Failures: an image whose pixels cannot be read is left out with a note on the study,
+and the study's other images are analysed; when no image the models apply to can be
+read, the study fails at once (retrying cannot help). Anything else is retried with
+exponential backoff up to ``pipeline.max_attempts`` by putting the study back to
+``queued`` with a not-before time that the node's supervisor honours. Result objects
+(SEG, SR, heatmaps) that cannot be built leave the study done with its findings and a
+note; a storage fault while building or storing them is retried like any other.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class StudyProcessor:
         #: Where instances are read and results written: worker.storage (shared disk or DICOMweb).
         self.storage_chooser = storage or storage_from_settings(settings)
         self.storage: WorkerStorage | None = None  # the current study's
+        #: The current study's instances that could not be read (`_select_frames`).
+        self.unreadable: list[UnreadablePixels] = []
         self.lease = timedelta(seconds=settings.pipeline.lease_seconds)
 
     # -- the whole run -----------------------------------------------------------------
@@ -194,9 +197,11 @@ class StudyProcessor:
             log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
             if not models:
                 return analysis
+        self.unreadable = []
         per_frame, skipped = self._select_frames(sources, models)
         if skipped:
             analysis.add_note(f"{len(skipped)} image(s) not analysed: " + "; ".join(skipped[:3]))
+        self._leave_out_unreadable(analysis, bool(per_frame), study_uid, version)
         if not per_frame:
             analysis.add_note("no image the requested models apply to")
             log.info("study_uid=%s version=%d: %s", study_uid, version, analysis.note)
@@ -227,6 +232,19 @@ class StudyProcessor:
             analysis.objects = store_objects(self._storage(), encoded)
         return analysis
 
+    def _leave_out_unreadable(
+        self, analysis: _Analysis, others_readable: bool, study_uid: str, version: int
+    ) -> None:
+        """Note the images that could not be read; with nothing else to analyse, fail."""
+        if not self.unreadable:
+            return
+        if not others_readable:
+            raise self.unreadable[0]  # the study fails with the first reason, as it always did
+        reasons = "; ".join(f"{exc.sop_instance_uid}: {exc.reason}" for exc in self.unreadable[:3])
+        note = f"{len(self.unreadable)} unreadable image(s) not analysed: {reasons}"
+        analysis.add_note(note)
+        log.warning("study_uid=%s version=%d: %s", study_uid, version, note)
+
     def _storage(self) -> WorkerStorage:
         assert self.storage is not None, "storage is chosen when a study's analysis starts"
         return self.storage
@@ -234,23 +252,34 @@ class StudyProcessor:
     def _select_frames(
         self, sources: list[InstanceRef], models: list[str]
     ) -> tuple[list[_FrameResult], list[str]]:
-        """Frames of the instances at least one requested model applies to, and why others not."""
+        """Frames of the instances at least one requested model applies to, and why others not.
+
+        Instances that cannot be read (their header, or a selected one's pixels) are left
+        out and added to ``self.unreadable``, each with its SOP Instance UID.
+        """
         per_frame: list[_FrameResult] = []
         skipped: list[str] = []
+        unreadable = self.unreadable
         storage = self._storage()
         for ref in sources:
             with storage.instance(ref) as path:
                 try:
                     header = dcmread(path, stop_before_pixels=True, force=True)
                 except Exception as exc:
-                    raise UnreadablePixels(
-                        f"stored instance cannot be read: {type(exc).__name__}"
-                    ) from exc
+                    reason = f"stored instance cannot be read: {type(exc).__name__}"
+                    unreadable.append(UnreadablePixels(reason, ref.sop_uid))
+                    continue
                 reasons = [selector_for(m).why_not(header) for m in models]
                 if all(reason is not None for reason in reasons):
                     skipped.append(f"{header.SOPInstanceUID}: {reasons[0]}")
                     continue
-                per_frame.extend(_FrameResult(frame, ref) for frame in read_frames(path))
+                try:
+                    frames = read_frames(path)
+                except UnreadablePixels as exc:
+                    exc.sop_instance_uid = exc.sop_instance_uid or ref.sop_uid
+                    unreadable.append(exc)
+                    continue
+                per_frame.extend(_FrameResult(frame, ref) for frame in frames)
         return per_frame, skipped
 
     def _classify(

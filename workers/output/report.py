@@ -28,7 +28,12 @@ Present/Absent (SCT), the probability as a numeric measurement (private code
 99TRIAGE PNEUMPROB, UCUM "1") that references the source image, and, when the pixel
 spacing made it known, the lung area in mm² (SCT Area, finding site Lung) attributed
 to the segmenter. Without pixel spacing the area is omitted rather than reported in
-pixels: the mask itself is in the SEG.
+pixels: the mask itself is in the SEG. When the only spacing is at the detector
+(Imager Pixel Spacing, or a Pixel Spacing equal to it, without an Estimated
+Radiographic Magnification Factor: `workers.pixels.DETECTOR_PLANE`), the area is
+larger than in the patient by the square of the unknown magnification (some 10 to 30
+% for a chest film); it is still reported, as viewers report distances on such
+images, but with Measurement Method (TID 300) 99TRIAGE DETPLANE saying so.
 
 The observer is the device (TID 1004) named by the output context. The private
 scheme is declared in the Coding Scheme Identification Sequence.
@@ -40,6 +45,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 
 from workers.output import codes
 from workers.output.errors import OutputError
@@ -47,6 +53,12 @@ from workers.output.identity import SERIES, derive_uid, instance_uid, study_seri
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
 from workers.output.segmentation import SEGMENT_NUMBER, segment_frame_number
 from workers.output.source import header
+from workers.pixels import DETECTOR_PLANE, frame_spacing
+
+#: TID 300 Measurement Method of an area from detector-plane spacing (no standard code).
+DETECTOR_PLANE_AREA = Code(
+    "DETPLANE", codes.PRIVATE_SCHEME, "At detector plane, not corrected for magnification"
+)
 
 
 def build_report(
@@ -173,6 +185,7 @@ def _group(
                 name=codes.AREA,
                 value=float(result.lung_area_mm2),
                 unit=codes.SQUARE_MILLIMETER,
+                method=DETECTOR_PLANE_AREA if _at_detector(result) else None,
                 finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUNG)],
                 algorithm_id=_algorithm_id(segmenter) if segmenter is not None else None,
             )
@@ -223,6 +236,11 @@ def _group(
             )
         ],
     )
+
+
+def _at_detector(result: ImageResult) -> bool:
+    """Whether the frame's spacing, hence its area, is at the detector plane."""
+    return frame_spacing(result.source, result.frame_number)[1] == DETECTOR_PLANE
 
 
 def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:

@@ -109,7 +109,9 @@ def test_dx_16_bit_jpeg2000_lossless(dx: ImageFrame) -> None:
     _assert_model_input(dx)
     assert (dx.rows, dx.columns) == (2128, 2000)
     assert dx.photometric_interpretation == "MONOCHROME1"
-    assert dx.pixel_spacing_mm == (0.16, 0.16) and dx.spacing_source == "PixelSpacing"
+    # Pixel Spacing equal to Imager Pixel Spacing, no calibration: the detector plane.
+    assert dx.pixel_spacing_mm == (0.16, 0.16) and dx.spacing_source == "ImagerPixelSpacing"
+    assert dx.spacing_at_detector
     # The patient's left lung (image right) is opacified in this film: only the right
     # lung is aerated, so only it is compared with the mediastinum.
     lung = _band(dx.pixels, MID_LUNG, IMAGE_LEFT_LUNG)
@@ -265,6 +267,135 @@ def test_imager_pixel_spacing_when_no_pixel_spacing(write: Write) -> None:
     ds = build(RAMP, ImagerPixelSpacing=[0.15, 0.14], PixelSpacing=[0.125, 0.125])
     (frame,) = read_frames(write(ds))
     assert frame.pixel_spacing_mm == (0.125, 0.125) and frame.spacing_source == "PixelSpacing"
+
+
+# -- LUT lookups (ours, not pydicom's) and spacing in the patient plane -----------------
+
+
+def _lut(descriptor: list[int], data: list[int] | bytes, data_vr: str = "US") -> Sequence:
+    """A one-item LUT sequence; the descriptor explicitly US (its 16-bit pattern)."""
+    item = Dataset()
+    item.add_new(0x00283002, "US", [v & 0xFFFF for v in descriptor])  # LUT Descriptor
+    item.add_new(0x00283006, data_vr, data)  # LUT Data
+    return Sequence([item])
+
+
+def test_8_bit_voi_lut_with_more_than_256_entries(write: Write) -> None:
+    """A 4096-entry LUT with 8 bits per entry (common in CR/DX): positions past 255 must
+    not wrap (pydicom 3.0.2 indexes through uint8 and makes a ramp a sawtooth)."""
+    ds = build(RAMP, BitsStored=12)
+    ds.VOILUTSequence = _lut([4096, 0, 8], [i // 16 for i in range(4096)])
+    (frame,) = read_frames(write(ds))
+    assert frame.voi_source == "VOILUTSequence"
+    row = frame.pixels[0]
+    assert np.all(np.diff(row) >= 0), "the LUT is increasing; its output must be too"
+    assert np.allclose(row, (RAMP[0] // 16) / 255, atol=1e-6)
+
+
+def test_8_bit_voi_lut_packed_two_entries_per_ow_word(write: Write) -> None:
+    table = np.arange(4096) // 16
+    ds = build(RAMP, BitsStored=12)
+    ds.VOILUTSequence = _lut([4096, 0, 8], table.astype(np.uint8).tobytes(), data_vr="OW")
+    (frame,) = read_frames(write(ds))
+    assert np.allclose(frame.pixels[0], (RAMP[0] // 16) / 255, atol=1e-6)
+
+
+def test_voi_lut_first_value_mapped_is_signed_for_signed_input(write: Write) -> None:
+    """PS3.3 C.11.2.1.1: for signed input the first value mapped is SS; a descriptor read
+    as US (63488) still means -2048."""
+    signed = np.tile(np.arange(-2048, 2048, 16, dtype=np.int16), (8, 1))
+    ds = build(signed, BitsStored=12)
+    assert ds.PixelRepresentation == 1
+    ds.VOILUTSequence = _lut([4096, -2048, 16], [i * 16 for i in range(4096)])
+    (frame,) = read_frames(write(ds))
+    assert frame.voi_source == "VOILUTSequence"
+    assert np.allclose(frame.pixels[0], (signed[0] + 2048) / 4095, atol=1e-6)
+
+
+def test_voi_lut_after_rescale_to_negative_values(write: Write) -> None:
+    """Unsigned stored values rescaled below 0: the VOI LUT's input is signed."""
+    ds = build(RAMP, BitsStored=12, RescaleSlope=1, RescaleIntercept=-1024)
+    ds.VOILUTSequence = _lut([4096, -1024, 16], [i * 16 for i in range(4096)])
+    (frame,) = read_frames(write(ds))
+    assert np.allclose(frame.pixels[0], RAMP[0] / 4095, atol=1e-6)
+
+
+def test_voi_lut_of_65536_entries_and_unsigned_first_value(write: Write) -> None:
+    """0 entries means 65536; 40000 is 40000 for unsigned input (not -25536)."""
+    values = np.array([[0, 39999, 40000, 50000, 65535]], dtype=np.uint16)
+    ds = build(values)
+    inverse = (65535 - np.arange(65536)).astype("<u2").tobytes()
+    ds.VOILUTSequence = _lut([0, 0, 16], inverse, data_vr="OW")
+    (frame,) = read_frames(write(ds))
+    assert np.allclose(frame.pixels, 1 - values / 65535, atol=1e-6)
+    ds = build(values)
+    ds.VOILUTSequence = _lut([2, 40000, 16], [0, 100])
+    (frame,) = read_frames(write(ds))
+    assert frame.pixels.tolist() == [[0.0, 0.0, 0.0, 1.0, 1.0]]
+
+
+def test_modality_lut_of_12_bits_per_entry(write: Write) -> None:
+    """PS3.3 C.11.1.1.1 allows 8 to 16 bits per entry; pydicom builds dtype 'uint12'."""
+    ds = build(RAMP, BitsStored=12)
+    ds.ModalityLUTSequence = _lut([4096, 0, 12], [4095 - i for i in range(4096)])
+    ds.ModalityLUTSequence[0].ModalityLUTType = "US"
+    (frame,) = read_frames(write(ds))
+    assert frame.voi_source == "full range"
+    assert np.allclose(frame.pixels[0], 1 - RAMP[0] / 4080, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "descriptor, data",
+    [([4096, 0, 7], [i // 32 for i in range(4096)]), ([4096, 0, 16], list(range(10)))],
+    ids=["7 bits per entry", "fewer entries than described"],
+)
+def test_unusable_voi_lut_gives_way_to_the_window(
+    write: Write, descriptor: list[int], data: list[int]
+) -> None:
+    ds = build(RAMP, BitsStored=12, WindowCenter=1000, WindowWidth=200)
+    ds.VOILUTSequence = _lut(descriptor, data)
+    (frame,) = read_frames(write(ds))
+    assert frame.voi_source == "window"
+    assert frame.pixels[RAMP < 900].max() == 0.0 and frame.pixels[RAMP > 1100].min() == 1.0
+
+
+@pytest.mark.parametrize(
+    "attributes, spacing, source",
+    [
+        ({"EstimatedRadiographicMagnificationFactor": 1.25}, (0.16, 0.12), "ERMF"),
+        (
+            {"PixelSpacing": [0.2, 0.15], "EstimatedRadiographicMagnificationFactor": 1.25},
+            (0.16, 0.12),
+            "ERMF",
+        ),
+        ({"PixelSpacing": [0.2, 0.15]}, (0.2, 0.15), "ImagerPixelSpacing"),
+        ({"PixelSpacing": [0.18, 0.135]}, (0.18, 0.135), "PixelSpacing"),
+        (
+            {"PixelSpacing": [0.2, 0.15], "PixelSpacingCalibrationType": "GEOMETRY"},
+            (0.2, 0.15),
+            "PixelSpacing",
+        ),
+        ({"EstimatedRadiographicMagnificationFactor": 0}, (0.2, 0.15), "ImagerPixelSpacing"),
+    ],
+    ids=[
+        "ermf",
+        "equal-pixel-spacing-ermf",
+        "equal-pixel-spacing",
+        "calibrated",
+        "calibration-type",
+        "ermf-zero",
+    ],
+)
+def test_spacing_in_the_patient_plane(
+    write: Write, attributes: dict[str, object], spacing: tuple[float, float], source: str
+) -> None:
+    """Imager Pixel Spacing (or a Pixel Spacing equal to it) is at the detector; divided by
+    the Estimated Radiographic Magnification Factor it is in the patient (PS3.3 10.7.1.1)."""
+    source = "EstimatedRadiographicMagnificationFactor" if source == "ERMF" else source
+    (frame,) = read_frames(write(build(RAMP, ImagerPixelSpacing=[0.2, 0.15], **attributes)))
+    assert frame.pixel_spacing_mm == pytest.approx(spacing)
+    assert frame.spacing_source == source
+    assert frame.spacing_at_detector == (source == "ImagerPixelSpacing")
 
 
 # -- odd pixel data: handled or refused, never another exception ------------------------

@@ -10,16 +10,20 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.db.models import Study, StudyStatus
+from node.db.models import Finding, Study, StudyStatus
 from tests.conftest import node_config
 from tests.unit.output.conftest import synthetic_cr, two_ellipses
 from tests.unit.pipeline.studies import queued_study
@@ -81,8 +85,12 @@ def _two_series_study(tmp_path: Path) -> list[tuple[InstanceRef, Path]]:
     second = copy.deepcopy(first)
     second.SeriesInstanceUID = generate_uid(entropy_srcs=["plate-2-series"])
     second.SOPInstanceUID = generate_uid(entropy_srcs=["plate-2"])
+    return _files(tmp_path, first, second)
+
+
+def _files(tmp_path: Path, *datasets: Dataset) -> list[tuple[InstanceRef, Path]]:
     out = []
-    for ds in (first, second):
+    for ds in datasets:
         path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         ref = InstanceRef(
@@ -93,9 +101,12 @@ def _two_series_study(tmp_path: Path) -> list[tuple[InstanceRef, Path]]:
 
 
 def _processor(
-    tmp_path: Path, sessions: sessionmaker[Session], skipped: list[str] | None = None
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    skipped: list[str] | None = None,
+    files: list[tuple[InstanceRef, Path]] | None = None,
 ) -> tuple[StudyProcessor, FileStorage, int]:
-    files = _two_series_study(tmp_path)
+    files = files or _two_series_study(tmp_path)
     study_id = queued_study(sessions, files[0][0].study_uid, MODELS)
     settings = Settings.model_validate(
         node_config(tmp_path, pipeline={"max_attempts": 3, "retry_backoff_seconds": 10})
@@ -171,3 +182,111 @@ def test_objects_that_cannot_be_built_keep_the_earlier_notes(
     assert reason.startswith("1 image(s) not analysed: 1.2.3: not a frontal chest image; ")
     assert "result objects could not be built: OutputError: source geometry refused" in reason
     assert _kinds(storage) == []
+
+
+def _selecting(processor: StudyProcessor, files: list[tuple[InstanceRef, Path]]) -> None:
+    """The real frame selection, over `files` rather than the database's instance rows."""
+    real = StudyProcessor._select_frames.__get__(processor)
+    processor._select_frames = lambda refs, models: real([ref for ref, _ in files], models)  # type: ignore[method-assign]
+
+
+def _unreadable_cr() -> Dataset:
+    """A frontal chest CR of the same study whose pixel data is cut short."""
+    ds = synthetic_cr()
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["cut-short"])
+    ds.PixelData = ds.PixelData[:100]
+    return ds
+
+
+def test_an_unreadable_image_is_left_out_and_the_others_analysed(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    broken = _unreadable_cr()
+    files = _files(tmp_path, synthetic_cr(), broken)
+    processor, storage, study_id = _processor(tmp_path, sessions, files=files)
+    _selecting(processor, files)
+    assert processor.run(study_id, 1).state == "done"
+    study = _study(sessions, study_id)
+    assert study.status == StudyStatus.DONE and study.key_finding == "pneumonia"
+    reason = study.status_reason or ""
+    assert reason.startswith(f"1 unreadable image(s) not analysed: {broken.SOPInstanceUID}: ")
+    assert "pixel data cannot be decoded" in reason
+    assert _kinds(storage) == ["sc", "seg", "sr"]
+
+
+def test_a_study_with_no_readable_image_fails_at_once(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    files = _files(tmp_path, _unreadable_cr())
+    processor, storage, study_id = _processor(tmp_path, sessions, files=files)
+    _selecting(processor, files)
+    outcome = processor.run(study_id, 1)
+    assert outcome.state == "failed" and "pixel data cannot be decoded" in (outcome.reason or "")
+    study = _study(sessions, study_id)
+    assert study.status == StudyStatus.FAILED and study.attempts == 1
+    assert _kinds(storage) == []
+
+
+def _area_items(storage: FileStorage) -> list[Dataset]:
+    """The SR's lung area NUM content items (SCT 42798000 Area)."""
+    (sr_path,) = [p for p in storage.results if p.endswith(".dcm") and p.split("/")[-2] == "sr"]
+    sr = dcmread(BytesIO(storage.results[sr_path]))
+    found: list[Dataset] = []
+
+    def walk(items: Sequence[Dataset]) -> None:
+        for item in items:
+            name = item.get("ConceptNameCodeSequence")
+            if item.get("ValueType") == "NUM" and name and name[0].CodeValue == "42798000":
+                found.append(item)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def _methods(item: Dataset) -> list[str]:
+    """Code values of the Measurement Method (SCT 370129005) modifiers of a NUM item."""
+    return [
+        child.ConceptCodeSequence[0].CodeValue
+        for child in item.get("ContentSequence", [])
+        if child.ConceptNameCodeSequence[0].CodeValue == "370129005"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "spacing", "methods"),
+    [
+        ({}, 0.2, ["DETPLANE"]),
+        ({"EstimatedRadiographicMagnificationFactor": 1.25}, 0.16, []),
+        ({"PixelSpacing": [0.2, 0.2]}, 0.2, ["DETPLANE"]),  # equal: not calibrated
+        ({"PixelSpacing": [0.17, 0.17]}, 0.17, []),  # calibrated
+    ],
+    ids=["imager", "ermf", "equal-pixel-spacing", "calibrated"],
+)
+def test_lung_area_is_in_the_patient_plane_or_says_it_is_not(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    attributes: dict[str, object],
+    spacing: float,
+    methods: list[str],
+) -> None:
+    """Imager Pixel Spacing / ERMF gives the area in the patient; without ERMF (or a
+    calibrated Pixel Spacing) the SR area carries Measurement Method 'detector plane'."""
+    ds = synthetic_cr()
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    files = _files(tmp_path, ds)
+    processor, storage, study_id = _processor(tmp_path, sessions, files=files)
+    _selecting(processor, files)
+    assert processor.run(study_id, 1).state == "done"
+    with sessions() as session:
+        (lung,) = session.execute(
+            select(Finding).where(Finding.study_id == study_id, Finding.kind == "segmentation")
+        ).scalars()
+    assert lung.lung_area_px and lung.lung_area_mm2 == pytest.approx(
+        lung.lung_area_px * spacing * spacing
+    )
+    (area,) = _area_items(storage)
+    assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(lung.lung_area_mm2)
+    assert _methods(area) == methods
