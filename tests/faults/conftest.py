@@ -379,16 +379,23 @@ def wait_all_done(engine: Engine, uids: set[str], timeout: float = 240) -> dict[
     raise AssertionError(f"not all studies done after {timeout} s: {states}")
 
 
-def assert_stored_once(data_dir: Path, engine: Engine, acknowledged: dict[str, Path]) -> None:
+def assert_stored_once(
+    data_dir: Path, engine: Engine, acknowledged: dict[str, Path], *, exact: bool = False
+) -> None:
     """Each acknowledged instance is in the database once and whole on disk; no strays.
 
-    ``acknowledged`` maps SOPInstanceUID to the file that was sent.
+    ``acknowledged`` maps SOPInstanceUID to the file that was sent. With ``exact``
+    the database holds nothing else: every row is an acknowledged instance (an
+    instance answered with a failure status must have left no row behind).
     """
     with engine.connect() as conn:
         rows = conn.execute(select(Instance.sop_instance_uid, Instance.path)).all()
     counts = Counter(r.sop_instance_uid for r in rows)
     assert [u for u, n in counts.items() if n > 1] == []
     paths = {r.sop_instance_uid: r.path for r in rows}
+    if exact:
+        unacknowledged = sorted(set(paths) - set(acknowledged))
+        assert unacknowledged == [], f"rows for instances never acknowledged: {unacknowledged}"
     for uid, sent in acknowledged.items():
         assert uid in paths, f"acknowledged {sent.name} missing from the database"
         stored = dcmread(data_dir / paths[uid])
@@ -401,12 +408,19 @@ def assert_stored_once(data_dir: Path, engine: Engine, acknowledged: dict[str, P
 
 
 def assert_processed_once(
-    engine: Engine, data_dir: Path, studies: dict[str, StudyRecord], uids: set[str]
+    engine: Engine,
+    data_dir: Path,
+    studies: dict[str, StudyRecord],
+    uids: set[str],
+    *,
+    kinds: set[str],
 ) -> None:
     """Findings of every version at most once per image, and the final version complete.
 
-    Final version: one per-image finding of each kind for each of the study's
-    instances, one study summary (classification), and one SR plus one heatmap image per instance on disk.
+    Final version: exactly the finding ``kinds`` the rule's models produce
+    ({"classification"} for the classifier, plus "segmentation" with the U-Net),
+    one per-image finding of each kind for each of the study's instances, one
+    study summary (classification), and one SR plus one heatmap image per instance on disk.
     """
     ids = {}
     with engine.connect() as conn:
@@ -427,9 +441,9 @@ def assert_processed_once(
     for uid in uids:
         study = studies[uid]
         final = [f for f in findings if f.study_id == ids[uid] and f.study_version == study.version]
-        kinds = {f.kind for f in final}
-        assert "classification" in kinds, f"study {uid} v{study.version} has no findings"
-        for kind in kinds:
+        found = {f.kind for f in final}
+        assert found == kinds, f"study {uid} v{study.version}: finding kinds {found} != {kinds}"
+        for kind in found:
             per_image = sorted(
                 f.sop_instance_uid for f in final if f.kind == kind and f.sop_instance_uid
             )

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 
+from node.db.models import Instance
+from node.ingest import status
 from tests.faults.conftest import (
     PrivatePostgres,
     WorkerProcess,
@@ -28,6 +30,7 @@ from tests.faults.conftest import (
     wait_all_done,
 )
 from tests.nodes import NodeProcess, write_config
+from tests.peers import dcmsend
 
 
 @pytest.mark.slow
@@ -49,18 +52,30 @@ def test_postgres_restart_mid_send_no_false_acknowledgement(
         assert set(send(port, first).values()) == {"Success"}
 
         private_postgres.stop()
-        answers = send(port, rest)
-        assert sorted(answers) == sorted(rest), f"no C-STORE response for some: {answers}"
-        assert "Success" not in answers.values(), answers
-        assert list((tmp_path / "var" / "instances").rglob(f"{sop_uid(rest[0])}.dcm")) == []
+        # dcmsend's report carries each response's status code, not only its text.
+        reports = dcmsend(port, rest)
+        assert sorted(r.filename for r in reports) == sorted(rest), reports
+        codes = {r.filename.name: r.code for r in reports}
+        assert set(codes.values()) == {status.OUT_OF_RESOURCES_DATABASE}, codes  # 0xA701
+        refused = {sop_uid(f) for f in rest}
+        data_dir = tmp_path / "var"
+        written = [p.name for p in (data_dir / "instances").rglob("*.dcm")]
+        assert not refused & {name.removesuffix(".dcm") for name in written}, written
+        assert list((data_dir / "tmp").iterdir()) == []  # nothing staged is left either
+        assert list((data_dir / "quarantine").iterdir()) == []  # refused, not quarantined
 
         private_postgres.start()
+        with engine.connect() as conn:
+            in_db = conn.execute(
+                select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(refused))
+            ).all()
+        assert in_db == [], "an instance refused while the database was down has a row"
         send_until_acknowledged(port, rest)
         assert node.proc is not None and node.proc.poll() is None
         done = wait_all_done(engine, {uid})
         assert done[uid].attempts == 1  # attempts count per routed version
-        assert_stored_once(tmp_path / "var", engine, {sop_uid(f): f for f in files})
-        assert_processed_once(engine, tmp_path / "var", done, {uid})
+        assert_stored_once(tmp_path / "var", engine, {sop_uid(f): f for f in files}, exact=True)
+        assert_processed_once(engine, tmp_path / "var", done, {uid}, kinds={"classification"})
         log = (tmp_path / "node.log").read_text()
         assert log.count("database error") >= len(rest)
     finally:
