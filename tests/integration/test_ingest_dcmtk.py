@@ -157,7 +157,9 @@ def test_no_phi_in_logs(
     start_node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture, level: str
 ) -> None:
     """A whole ingest, accepted, duplicate and refused, logs no patient name, ID or birth date."""
-    from tests.dicomgen import Patient
+    from pydicom.uid import generate_uid
+
+    from tests.dicomgen import TEST_ROOT, Patient
 
     patient = Patient()
     caplog.set_level(level)
@@ -165,13 +167,19 @@ def test_no_phi_in_logs(
     _, files = write_series(tmp_path / "in", 3, patient=patient)
     storescu(node.dicom.port, files)
     storescu(node.dicom.port, files[:1])  # duplicate
-    # A refused one: SOP Class in the file differs from what the request claims.
+    # A refused one, carrying the same patient: a new instance (not a duplicate) whose
+    # Number of Frames is not an integer string. The invalid value is the patient ID, so a
+    # refusal reason that quoted the offending value would put PHI in the log.
     bad = dcmread(files[0])
-    bad.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = generate_uid(TEST_ROOT)
+    bad.add_new(0x00280008, "SH", patient.patient_id)  # IS cannot hold it; same bytes
     bad.save_as(tmp_path / "bad.dcm")
-    storescu(node.dicom.port, [tmp_path / "bad.dcm"], extra=("-R",))
+    refused = storescu(node.dicom.port, [tmp_path / "bad.dcm"])
+    answers = storescu_responses(refused.stdout + refused.stderr)
+    assert answers == [(tmp_path / "bad.dcm", "Error: CannotUnderstand")], answers
     time.sleep(1.0)  # let completion run and log
     text = caplog.text
     assert "stored" in text or "study complete" in text  # the log did capture the run
+    assert "rejected sop_instance_uid=" in text  # and the refusal was logged
     for value in (patient.name, patient.name.split("^")[0], patient.patient_id, patient.birth_date):
         assert value not in text, f"PHI value {value!r} appeared in the log"
