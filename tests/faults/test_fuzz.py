@@ -506,10 +506,53 @@ def test_random_bytes_and_mutated_associate_requests(
     assert listener_alive(node)
 
 
-def test_no_association_state_leaks(node: Node) -> None:
-    """After all of the above, the node holds nothing for associations that ended."""
+def drive_malformed_associations(node: Node, associate_rq: bytes) -> None:
+    """Associations that end every way but a clean release, from the FUZZER caller.
+
+    Each one leaves per-association state in the node while it lasts (a caller slot,
+    a tally, a message size count); the test below checks it is all gone afterwards.
+    """
+    port = node.dicom.port
+    ds = base_dataset()
+    body = encode(ds, ExplicitVRLittleEndian)
+    sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    # A truncated data set: answered with a failure status (and quarantined).
+    refused = c_store_raw(
+        port,
+        body[:-9],
+        sop_class=sop_class,
+        sop_instance=sop_instance,
+        tsuid=ExplicitVRLittleEndian,
+    )
+    assert refused.status is not None and status.is_failure(refused.status), refused
+    # A data set past max_instance_bytes: the node aborts while it is still arriving.
+    huge = body + b"\x00" * (MAX_INSTANCE + 65_536)
+    oversized = c_store_raw(
+        port, huge, sop_class=sop_class, sop_instance=fresh_uid(), tsuid=ExplicitVRLittleEndian
+    )
+    assert oversized.status != status.SUCCESS and (
+        oversized.aborted_by_node or status.is_failure(oversized.status or 0)
+    ), oversized
+    # An association accepted, then the connection dropped without release or abort.
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(PATIENCE)
+            sock.sendall(associate_rq)
+            assert _recv_exactly(sock, 1) == b"\x02", "A-ASSOCIATE-AC expected"
+    # Garbage after a half-sent request, and a PDU that makes no sense before association.
+    assert closed_by_node(associate_rq[: len(associate_rq) // 2], port, half_close=True)
+    assert closed_by_node(P_DATA, port, half_close=False)
+    canary(port)
+
+
+def test_no_association_state_leaks(node: Node, associate_rq: bytes) -> None:
+    """After associations that ended badly, the node holds nothing for any of them.
+
+    Drives its own malformed associations first, so it proves something when run alone.
+    """
     import time
 
+    drive_malformed_associations(node, associate_rq)
     deadline = time.monotonic() + PATIENCE
     while time.monotonic() < deadline:
         if not node.dicom.ae.active_associations and not node.scp._tallies:
