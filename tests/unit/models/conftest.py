@@ -7,24 +7,23 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parents[3]
-DATA = ROOT.parent / "shared" / "data"
-PNEUMONIA = DATA / "cxr-pneumonia"
-LUNGS = DATA / "cxr-lungs"
+
+# Missing data is a broken setup, never a reason to skip: like the root ``shared_data``
+# fixture (which these build on, and which fails when ../shared/data is absent), fail.
 
 
 @pytest.fixture(scope="session")
-def pneumonia_dir() -> Path:
-    if not PNEUMONIA.is_dir():
-        pytest.skip(f"shared data not found at {PNEUMONIA}")
-    return PNEUMONIA
+def pneumonia_dir(shared_data: Path) -> Path:
+    path = shared_data / "cxr-pneumonia"
+    assert path.is_dir(), f"test data not found at {path} (../shared/data)"
+    return path
 
 
 @pytest.fixture(scope="session")
-def lungs_dir() -> Path:
-    if not LUNGS.is_dir():
-        pytest.skip(f"shared data not found at {LUNGS}")
-    return LUNGS
+def lungs_dir(shared_data: Path) -> Path:
+    path = shared_data / "cxr-lungs"
+    assert path.is_dir(), f"test data not found at {path} (../shared/data)"
+    return path
 
 
 @pytest.fixture(scope="session")
