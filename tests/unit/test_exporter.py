@@ -24,7 +24,7 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,8 +62,14 @@ class Destination:
 
 
 @pytest.fixture
-def start_destination() -> Iterator[Callable[..., Destination]]:
-    """``start_destination(contexts=..., require_called_aet=False)``: a running SCP."""
+def start_destination(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Destination]]:
+    """``start_destination(contexts=..., require_called_aet=False)``: a running SCP.
+
+    It takes only ``contexts``: a node started earlier in this process sets pynetdicom's
+    process-wide UNRESTRICTED_STORAGE_SERVICE (accept any storage class), switched off
+    here for the test's duration.
+    """
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", False)
     servers: list[Any] = []
 
     def _start(
