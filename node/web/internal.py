@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from node.db.models import Instance, Series, Study
 from node.errors import NodeError
+from node.ingest.inspect import is_valid_uid
 from node.web.audit import AuditTrail
 
 if TYPE_CHECKING:
@@ -227,10 +228,19 @@ def internal_router(node: Node) -> APIRouter:
         return Response(status_code=204)
 
     @router.get(FILES_PREFIX + "/{path:path}")
-    def get_file(path: str) -> Response:
+    def get_file(path: str, request: Request) -> Response:
         rel = result_relpath(path)
         if not store.exists(rel):
             raise HTTPException(404, "Not Found")
+        # Result files (SEG, SR, heatmaps, masks) are patient data: audited like WADO-RS.
+        study_uid = rel.split("/")[1]
+        AuditTrail(node.sessions).record(
+            "cluster-token",
+            "result.retrieve",
+            study_instance_uid=study_uid if is_valid_uid(study_uid) else None,
+            detail=rel,
+            client_address=request.client.host if request.client else None,
+        )
         return Response(store.read(rel), media_type="application/octet-stream")
 
     return router

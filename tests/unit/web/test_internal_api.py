@@ -244,3 +244,11 @@ def test_result_upload_is_durable_readable_and_idempotent(node: Node) -> None:
     got = requests.get(url, headers=AUTH, timeout=30)
     assert got.status_code == 200 and got.content == body
     assert requests.get(url + "x", headers=AUTH, timeout=30).status_code == 404
+    # A machine reading a patient's results is in the audit trail, as for WADO-RS.
+    with node.sessions() as session:
+        reads = session.execute(
+            select(AuditEvent.user_name, AuditEvent.study_instance_uid, AuditEvent.detail).where(
+                AuditEvent.action == "result.retrieve"
+            )
+        ).all()
+    assert [tuple(r) for r in reads] == [("cluster-token", "1.2.826.0.1.3680043.10.1234.77", rel)]
