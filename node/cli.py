@@ -20,7 +20,7 @@ from rich.table import Table
 
 from models.cli import app as model_app
 from node import __version__
-from node.cli_options import ConfigOption, settings_or_exit
+from node.cli_options import ConfigOption, cli_user, settings_or_exit
 from node.config import Settings
 from node.errors import NodeError
 from node.retention_cli import app as retention_app
@@ -351,7 +351,6 @@ def reprocess(
     from node.db.models import StudyStatus
     from node.errors import StudyPurged
     from node.pipeline import Pipeline
-    from node.routing.cli import cli_user
     from node.routing.store import RuleStore
     from node.storage import InstanceStore
     from node.web.audit import AuditTrail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,20 @@ from node.config import Settings, load_settings
 from node.errors import ConfigError
 
 err_console = Console(stderr=True)
+
+
+def os_user() -> str:
+    """The operating-system user running the command ("cli" when there is none)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+def cli_user(by: str = "") -> str:
+    """Who made a change from the command line, as the audit trail shows it."""
+    return f"cli:{by or os_user()}"[:64]
+
 
 ConfigOption = Annotated[
     Path | None,

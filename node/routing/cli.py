@@ -6,7 +6,6 @@ study/file cannot be read, 2 invalid rules, configuration or usage.
 
 from __future__ import annotations
 
-import getpass
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from rich.tree import Tree
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.cli_options import ConfigOption, settings_or_exit
+from node.cli_options import ConfigOption, cli_user, os_user, settings_or_exit
 from node.config import Settings
 from node.web.audit import AuditTrail
 
@@ -42,18 +41,6 @@ app = typer.Typer(
 )
 
 RulesFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Rules file (TOML).")]
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
-
-
-def cli_user(by: str = "") -> str:
-    """Who made a change from the command line, as the audit trail shows it."""
-    return f"cli:{by or _user()}"[:64]
 
 
 ByOption = Annotated[str, typer.Option("--by", help="Who makes the change (recorded).")]
@@ -335,7 +322,7 @@ def import_rules(
     with _database(settings) as sessions:
         try:
             version = _rule_store(sessions, settings).save(
-                path.read_text(encoding="utf-8"), by or _user(), comment
+                path.read_text(encoding="utf-8"), by or os_user(), comment
             )
         except RuleError as exc:
             raise _refuse(exc) from None
@@ -361,7 +348,7 @@ def activate(
         store = _rule_store(sessions, settings)
         try:
             before = store.active_version()
-            new = store.activate(version, by or _user())
+            new = store.activate(version, by or os_user())
         except RuleError as exc:
             raise _refuse(exc) from None
         if new != before:

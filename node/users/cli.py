@@ -12,11 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.cli_options import ConfigOption
+from node.cli_options import ConfigOption, cli_user
 from node.config import load_settings
 from node.db.models import Role
 from node.errors import ConfigError
-from node.routing.cli import cli_user
 from node.users.accounts import AccountError, Accounts
 from node.web.audit import AuditTrail
 
