@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 
 _REGEX = re.compile(r"^/(?P<pattern>.*)/(?P<flags>[A-Za-z]*)$", re.DOTALL)
 _REGEX_FLAGS = {"i": re.IGNORECASE}
+_EMPTY_TEXT = "empty string; use {present = false} for an absent or empty attribute"
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
@@ -145,7 +146,7 @@ class Equals(ConditionBase):
     @classmethod
     def _not_empty(cls, value: str) -> str:
         if value == "":
-            raise _problem("empty string; use {present = false} for an absent or empty attribute")
+            raise _problem(_EMPTY_TEXT)
         return value
 
     def evaluate(
@@ -366,7 +367,7 @@ def _scalar(value: Any) -> Equals | Wildcard | Regex | Range:
     if not isinstance(value, str):
         raise _problem(f"unsupported value {value!r}; write one of: {FORMS}")
     if value == "":
-        raise _problem("empty string; use {present = false} for an absent or empty attribute")
+        raise _problem(_EMPTY_TEXT)
     if value.startswith("/"):
         m = _REGEX.match(value)
         if m is None:
