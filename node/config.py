@@ -235,6 +235,8 @@ class StorageSettings(_Section):
     min_free_bytes: int = Field(default=1_073_741_824, ge=0)
     #: fsync files and directories before acknowledging (power-loss safety).
     fsync: bool = True
+    #: Write received instances with O_DIRECT (bypassing the page cache); see node.storage.
+    direct_io: bool = True
 
     @property
     def instances_dir(self) -> Path:

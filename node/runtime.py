@@ -80,6 +80,7 @@ class Node:
             settings.storage.data_dir,
             min_free_bytes=settings.storage.min_free_bytes,
             fsync=settings.storage.fsync,
+            direct_io=settings.storage.direct_io,
         )
         self.catalog = Catalog(self.sessions)
         self.rules = RuleStore(

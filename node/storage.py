@@ -9,6 +9,15 @@ Layout under ``data_dir``::
 A write goes to ``tmp/``, is fsynced, renamed into place and the directory
 fsynced: after a crash at any point the final path holds either nothing or
 the whole file, never a part.
+
+With ``direct_io`` (the default) the bytes go to ``tmp/`` with ``O_DIRECT``:
+straight from an aligned buffer to the disk, not through the page cache. A
+received instance is written once and read again only when its study is
+analysed, so caching it on the way in buys nothing, and filling fresh page-cache
+pages cost more than the disk: on the benchmark machine, writing and fdatasyncing
+a 512 KiB file took 0.9-2.2 ms buffered and 0.65 ms direct, at a quarter of the
+CPU. A file system that refuses ``O_DIRECT`` (tmpfs on older kernels, some
+network file systems) is written buffered.
 """
 
 from __future__ import annotations
@@ -16,15 +25,42 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
+import mmap
 import os
 import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from node.errors import NodeError, OutOfResources, StorageError
 from node.ingest import status
+
+log = logging.getLogger(__name__)
+
+#: O_DIRECT transfers must start, end and sit in memory on logical-block boundaries;
+#: 4096 covers 512-byte and 4K-sector disks alike.
+_DIRECT_ALIGN = 4096
+#: Bytes copied into the aligned buffer per write: one buffer per writing thread.
+_DIRECT_CHUNK = 4 * 1024 * 1024
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+_ZEROS = bytes(_DIRECT_ALIGN)
+
+
+class _AlignedBuffer(threading.local):
+    """A page-aligned buffer per thread, kept so its pages stay mapped between writes."""
+
+    buffer: mmap.mmap | None = None
+
+    def get(self) -> mmap.mmap:
+        if self.buffer is None:
+            self.buffer = mmap.mmap(-1, _DIRECT_CHUNK)
+        return self.buffer
+
+
+_ALIGNED = _AlignedBuffer()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +93,19 @@ def _write_error(exc: OSError, what: str) -> NodeError:
 class InstanceStore:
     """Durable, atomic file writes for received instances and quarantined data."""
 
-    def __init__(self, data_dir: Path, *, min_free_bytes: int = 0, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        min_free_bytes: int = 0,
+        fsync: bool = True,
+        direct_io: bool = True,
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
+        #: Write staged files with O_DIRECT; turned off for good if the file system refuses.
+        self.direct_io = direct_io and bool(_O_DIRECT)
         self.instances_dir = self.data_dir / "instances"
         self.quarantine_dir = self.data_dir / "quarantine"
         self.tmp_dir = self.data_dir / "tmp"
@@ -133,12 +178,12 @@ class InstanceStore:
         """
         tmp = self.tmp_dir / f"{secrets.token_hex(8)}.part"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd, direct = self._create(tmp)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                if direct:
+                    self._write_direct(fd, tmp, data)
+                else:
+                    _write_all(fd, data, 0)
                 if self.fsync:
                     # Data and the size needed to read it back; the name is made
                     # durable by the directory fsync after the rename.
@@ -189,6 +234,57 @@ class InstanceStore:
         return rel
 
     # -- internals ---------------------------------------------------------------------
+    def _create(self, tmp: Path) -> tuple[int, bool]:
+        """A new file in ``tmp/`` and whether it was opened for direct I/O."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if self.direct_io:
+            try:
+                return os.open(tmp, flags | _O_DIRECT, 0o640), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._no_direct_io("refused at open")
+        return os.open(tmp, flags, 0o640), False
+
+    def _no_direct_io(self, why: str) -> None:
+        if self.direct_io:
+            self.direct_io = False
+            log.info(
+                "storage: O_DIRECT %s on %s; writing through the page cache", why, self.tmp_dir
+            )
+
+    def _write_direct(self, fd: int, path: Path, data: bytes) -> None:
+        """Write ``data`` through an aligned buffer: whole blocks, the last one zero-padded,
+        then truncate the padding away. Anything O_DIRECT cannot take is finished buffered.
+        """
+        buffer = _ALIGNED.get()
+        view = memoryview(data)
+        offset = 0
+        try:
+            while offset < len(view):
+                size = min(_DIRECT_CHUNK, len(view) - offset)
+                buffer[:size] = view[offset : offset + size]
+                padded = -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                if padded != size:
+                    buffer[size:padded] = _ZEROS[: padded - size]
+                written = os.pwrite(fd, memoryview(buffer)[:padded], offset)
+                if written != padded:
+                    break  # a short write (a full disk); the buffered path says why
+                offset += size
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct_io("refused a write")
+        if offset < len(view):
+            # Whatever is left goes buffered, from the last whole block written.
+            offset = offset // _DIRECT_ALIGN * _DIRECT_ALIGN
+            buffered = os.open(path, os.O_WRONLY)
+            try:
+                _write_all(buffered, view[offset:], offset)
+            finally:
+                os.close(buffered)
+        os.ftruncate(fd, len(view))
+
     def _makedirs(self, directory: Path) -> None:
         if directory.is_dir():
             return
@@ -210,3 +306,11 @@ class InstanceStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written

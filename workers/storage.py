@@ -347,7 +347,13 @@ def storage_from_settings(settings: Settings) -> StorageChooser:
     mode = settings.worker.storage
 
     def shared() -> SharedStorage:
-        return SharedStorage(InstanceStore(settings.storage.data_dir, fsync=settings.storage.fsync))
+        return SharedStorage(
+            InstanceStore(
+                settings.storage.data_dir,
+                fsync=settings.storage.fsync,
+                direct_io=settings.storage.direct_io,
+            )
+        )
 
     def remote() -> DicomwebStorage:
         cluster = settings.cluster
