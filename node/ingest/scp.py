@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from io import BytesIO
 from typing import Any, TypeVar, cast
 
 from pydicom import config as pydicom_config
@@ -40,7 +41,7 @@ from node import tls
 from node.catalog import Catalog, Recorded
 from node.config import DicomSettings
 from node.errors import NodeError, OutOfResources, RejectedInstance
-from node.ingest import status
+from node.ingest import part10, status
 from node.ingest.callers import CallerPolicy
 from node.ingest.inspect import InstanceHeader, inspect_instance
 from node.ingest.limits import (
@@ -260,7 +261,11 @@ class StoreSCP:
             )
         data = b""
         try:
-            data = event.encoded_dataset(include_meta=True)
+            # What event.encoded_dataset(include_meta=True) gives, without encoding the
+            # file meta afresh for every instance (node.ingest.part10).
+            stream = cast(BytesIO, request.DataSet).getvalue()
+            header = part10.file_header(sop_class, sop_instance, event.context.transfer_syntax)
+            data = header + stream
             metrics.RECEIVED_BYTES.inc(len(data))
             if len(data) > self.limits.max_instance_bytes:
                 tally.failed += 1
