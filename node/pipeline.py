@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import CompletedStudy
 from node.config import Settings
-from node.db.models import Instance, Priority, Study, StudyStatus
+from node.db.models import Export, ExportState, Instance, Priority, Study, StudyStatus
 from node.db.types import utcnow
 from node.errors import NodeError, StudyPurged
 from node.export import deliveries
@@ -116,7 +116,13 @@ class Pipeline:
         return status
 
     def _forward_originals(self, study_id: int, version: int, destinations: Sequence[str]) -> None:
-        """Queue the study's own instances for destinations that want the originals too."""
+        """Queue the study's own instances for destinations that want the originals too.
+
+        A re-opened (or reprocessed) study is routed again: each destination then gets
+        only the originals it lacks. One already delivered or still waiting is not queued
+        again (a PACS wants no duplicates, and re-arming would restart its retries); one
+        that failed is, with the new version. Instances purged by retention have no file.
+        """
         wanted = [
             d for d in destinations if (dest := self.settings.destination(d)) and dest.send_original
         ]
@@ -125,11 +131,23 @@ class Pipeline:
         with self.sessions.begin() as session:
             instances = session.execute(
                 select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path).where(
-                    Instance.study_id == study_id
+                    Instance.study_id == study_id, Instance.purged_at.is_(None)
                 )
             ).all()
+            queued = {
+                (row.destination, row.sop_instance_uid)
+                for row in session.execute(
+                    select(Export.destination, Export.sop_instance_uid).where(
+                        Export.study_id == study_id,
+                        Export.kind == "original",
+                        Export.state != ExportState.FAILED,
+                    )
+                )
+            }
             for name in wanted:
                 for inst in instances:
+                    if (name, inst.sop_instance_uid) in queued:
+                        continue
                     deliveries.enqueue(
                         session,
                         study_id=study_id,

@@ -182,7 +182,9 @@ class StudyProcessor:
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.path, Series.series_instance_uid)
                 .join(Series, Instance.series_id == Series.id)
-                .where(Instance.study_id == study_id)
+                # A late instance can re-open a study whose files retention purged: their
+                # rows stay (with purged_at), their files do not; analyse what is stored.
+                .where(Instance.study_id == study_id, Instance.purged_at.is_(None))
                 .order_by(Series.id, Instance.instance_number, Instance.id)
             ).all()
         sources = [

@@ -1,11 +1,15 @@
-"""A queued study row, as routing leaves it, for tests of what happens next."""
+"""Studies for the pipeline tests: a queued row as routing leaves it, or instances received."""
 
 from __future__ import annotations
 
+from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.catalog import Catalog
 from node.db.models import Study, StudyStatus
 from node.db.types import utcnow
+from node.ingest.inspect import InstanceHeader
+from node.storage import InstanceStore, StoredFile, digest
 
 
 def queued_study(sessions: sessionmaker[Session], uid: str, models: list[str]) -> int:
@@ -28,3 +32,31 @@ def queued_study(sessions: sessionmaker[Session], uid: str, models: list[str]) -
         session.add(study)
         session.flush()
         return study.id
+
+
+def receive(
+    sessions: sessionmaker[Session], store: InstanceStore, ds: Dataset, *, write: bool = True
+) -> str:
+    """Catalogue ``ds`` as the SCP would, its file in ``store`` (unless ``write`` is false).
+
+    Returns the file's path relative to the store.
+    """
+    header = InstanceHeader(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        modality=str(ds.Modality),
+    )
+    rel = store.instance_relpath(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
+    path = store.path(rel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    if not write:
+        path.unlink()
+    Catalog(sessions).record_instance(header, StoredFile(rel, len(data), digest(data)), "MODALITY")
+    return rel

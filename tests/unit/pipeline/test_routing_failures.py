@@ -15,21 +15,19 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
-from node.catalog import Catalog
 from node.config import Settings
 from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
 from node.db.models import Instance, Study, StudyStatus
 from node.db.types import utcnow
 from node.errors import StudyPurged
-from node.ingest.inspect import InstanceHeader
 from node.pipeline import Pipeline
 from node.routing.attributes import study_series_attributes
 from node.routing.store import RuleStore
-from node.storage import InstanceStore, StoredFile, digest
+from node.storage import InstanceStore
 from tests.conftest import node_config
 from tests.dicomgen import TEST_ROOT, ct_instance
-from tests.unit.pipeline.studies import queued_study
+from tests.unit.pipeline.studies import queued_study, receive
 from tests.unit.pipeline.test_retries import RecordingCelery
 
 
@@ -51,25 +49,7 @@ def _receive(
 ) -> str:
     """Catalogue one CT instance (and write its file unless ``write`` is false)."""
     ds = ct_instance(study, series, number)
-    header = InstanceHeader(
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_instance_uid=study,
-        series_instance_uid=series,
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        modality="CT",
-    )
-    rel = pipeline.store.instance_relpath(study, series, header.sop_instance_uid)
-    path = pipeline.store.path(rel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    data = path.read_bytes()
-    if not write:
-        path.unlink()
-    Catalog(pipeline.sessions).record_instance(
-        header, StoredFile(rel, len(data), digest(data)), "CT1"
-    )
-    return rel
+    return receive(pipeline.sessions, pipeline.store, ds, write=write)
 
 
 def _complete(pipeline: Pipeline, study_uid: str) -> int:

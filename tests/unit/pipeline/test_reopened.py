@@ -1,0 +1,195 @@
+"""A late instance re-opens a processed study: what its new version reads and forwards.
+
+Studies are catalogued as the SCP would (files in a real store), purged by the real
+retention, routed by the real pipeline and analysed by the real worker code with
+stand-in models (every image 'pneumonia', probability 0.9); the broker is a recorder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from node.catalog import Catalog
+from node.config import RetentionSettings, Settings
+from node.db import migrate
+from node.db.engine import make_engine, make_sessionmaker
+from node.db.models import Export, ExportState, Finding, Study, StudyStatus
+from node.db.types import utcnow
+from node.pipeline import Pipeline
+from node.retention import Retention
+from node.routing.store import RuleStore
+from node.storage import InstanceStore
+from tests.conftest import node_config
+from tests.dicomgen import TEST_ROOT
+from tests.unit.output.conftest import synthetic_cr
+from tests.unit.pipeline.studies import receive
+from tests.unit.pipeline.test_retries import RecordingCelery
+from tests.unit.workers.test_processing_objects import FixedRunner
+from workers.processing import Outcome, StudyProcessor
+
+#: Chest radiographs get the classifier; PACS gets the results and the originals.
+RULES = """
+format = 1
+[[rule]]
+name = "chest"
+priority = "routine"
+models = ["pneumonia-triage"]
+destinations = ["PACS"]
+[rule.match]
+Modality = ["CR", "DX"]
+"""
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, database_url: str) -> Iterator[Pipeline]:
+    cfg = node_config(tmp_path, database_url)
+    cfg["destinations"] = [
+        {
+            "name": "PACS",
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": 104,
+            "send_original": True,
+        }
+    ]
+    settings = Settings.model_validate(cfg)
+    assert settings.worker.storage == "auto"  # shared when the files are here, else DICOMweb
+    engine = make_engine(database_url)
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    rules = RuleStore(sessions)
+    rules.save(RULES, "test")
+    store = InstanceStore(settings.storage.data_dir)
+    yield Pipeline(settings, sessions, store, rules, RecordingCelery())
+    engine.dispose()
+
+
+def _receive(pipeline: Pipeline, study_uid: str, name: str) -> str:
+    """Catalogue a frontal chest CR of the study, all in one series; returns its UID."""
+    ds = synthetic_cr()
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, "series"])
+    ds.SOPInstanceUID = generate_uid(prefix=TEST_ROOT, entropy_srcs=[study_uid, name])
+    receive(pipeline.sessions, pipeline.store, ds)
+    return str(ds.SOPInstanceUID)
+
+
+def _complete(pipeline: Pipeline) -> None:
+    """The quiet time of every receiving study is over: complete and route them."""
+    done = Catalog(pipeline.sessions).complete_quiet_studies(0, utcnow() + timedelta(seconds=1))
+    pipeline.on_complete(done)
+
+
+def _study(pipeline: Pipeline, study_uid: str) -> Study:
+    with pipeline.sessions() as session:
+        return session.execute(
+            select(Study).where(Study.study_instance_uid == study_uid)
+        ).scalar_one()
+
+
+def _process(pipeline: Pipeline, study_uid: str) -> Outcome:
+    """Run the worker on the study's current version (worker.storage as configured)."""
+    study = _study(pipeline, study_uid)
+    processor = StudyProcessor(pipeline.settings, pipeline.sessions, FixedRunner())  # type: ignore[arg-type]
+    return processor.run(study.id, study.version)
+
+
+def _purge(pipeline: Pipeline) -> None:
+    """Retention runs eight days later and removes the files of every finished study."""
+    retention = Retention(RetentionSettings(instances_days=7), pipeline.sessions, pipeline.store)
+    assert retention.run(now=utcnow() + timedelta(days=8)).studies
+
+
+def _originals(pipeline: Pipeline) -> dict[str, tuple[str, int]]:
+    """SOP Instance UID -> (state, study version) of each original queued for PACS."""
+    with pipeline.sessions() as session:
+        rows = session.execute(
+            select(Export.sop_instance_uid, Export.state, Export.study_version).where(
+                Export.kind == "original"
+            )
+        ).all()
+    return {r.sop_instance_uid: (r.state, r.study_version) for r in rows}
+
+
+def _set_state(pipeline: Pipeline, state: ExportState, *sop_uids: str) -> None:
+    with pipeline.sessions.begin() as session:
+        session.execute(
+            update(Export).where(Export.sop_instance_uid.in_(sop_uids)).values(state=state)
+        )
+
+
+def test_a_purged_study_reopened_by_a_late_image_is_analysed_on_what_is_stored(
+    pipeline: Pipeline,
+) -> None:
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    _receive(pipeline, study_uid, "first")
+    _complete(pipeline)
+    assert _process(pipeline, study_uid).state == "done"
+    with pipeline.sessions.begin() as session:  # PACS has the original and the results
+        session.execute(update(Export).values(state=ExportState.DELIVERED))
+    _purge(pipeline)
+
+    late = _receive(pipeline, study_uid, "late")  # a repeat view, after the purge
+    _complete(pipeline)
+    outcome = _process(pipeline, study_uid)
+    assert outcome.state == "done", outcome.reason
+    study = _study(pipeline, study_uid)
+    assert study.version == 2 and study.status == StudyStatus.DONE
+    assert study.status_reason is None  # no "unreadable image" for the purged one
+    with pipeline.sessions() as session:
+        analysed = set(
+            session.scalars(
+                select(Finding.sop_instance_uid).where(
+                    Finding.study_id == study.id,
+                    Finding.study_version == 2,
+                    Finding.sop_instance_uid.is_not(None),
+                )
+            )
+        )
+    assert analysed == {late}
+
+
+def test_a_reopened_study_forwards_only_the_originals_pacs_lacks(pipeline: Pipeline) -> None:
+    """Delivered originals are not sent twice, purged ones cannot be, failed ones are retried."""
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    a, b = _receive(pipeline, study_uid, "a"), _receive(pipeline, study_uid, "b")
+    _complete(pipeline)
+    assert _originals(pipeline) == {
+        a: (ExportState.PENDING, 1),
+        b: (ExportState.PENDING, 1),
+    }
+    _set_state(pipeline, ExportState.DELIVERED, a)
+    _set_state(pipeline, ExportState.FAILED, b)
+    with pipeline.sessions.begin() as session:  # v1 done
+        session.execute(update(Study).values(status=StudyStatus.DONE))
+
+    c = _receive(pipeline, study_uid, "c")  # re-opens the study: version 2
+    _complete(pipeline)
+    assert _study(pipeline, study_uid).status == StudyStatus.QUEUED
+    assert _originals(pipeline) == {
+        a: (ExportState.DELIVERED, 1),
+        b: (ExportState.PENDING, 2),
+        c: (ExportState.PENDING, 2),
+    }
+
+    # PACS takes b, refuses c; v2 is done and retention purges every file of the study.
+    _set_state(pipeline, ExportState.DELIVERED, b)
+    _set_state(pipeline, ExportState.FAILED, c)
+    with pipeline.sessions.begin() as session:
+        session.execute(update(Study).values(status=StudyStatus.DONE))
+    _purge(pipeline)
+
+    d = _receive(pipeline, study_uid, "d")  # version 3: only d still has a file
+    _complete(pipeline)
+    assert _originals(pipeline) == {
+        a: (ExportState.DELIVERED, 1),
+        b: (ExportState.DELIVERED, 2),
+        c: (ExportState.FAILED, 2),
+        d: (ExportState.PENDING, 3),
+    }
