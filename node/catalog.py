@@ -112,6 +112,20 @@ class CompletedStudy:
     version: int
 
 
+#: A study that had completed (or gone further) and receives again: its version goes up too.
+_REOPENED: dict[str, Any] = {
+    "status": StudyStatus.RECEIVING,
+    "status_reason": None,
+    "completed_at": None,
+    "queued_at": None,
+    "started_at": None,
+    "finished_at": None,
+    "attempts": 0,
+    "lease_owner": None,
+    "lease_until": None,
+}
+
+
 def _merge_modalities(current: str, modality: str | None) -> str:
     if not modality:
         return current
@@ -141,7 +155,11 @@ class Catalog:
             return found is not None
 
     def restore_purged(
-        self, sop_instance_uid: str, stored: StoredFile, place: Callable[[], object]
+        self,
+        sop_instance_uid: str,
+        stored: StoredFile,
+        place: Callable[[], object],
+        now: datetime | None = None,
     ) -> bool:
         """A purged instance was sent again: point its row at the new file once more.
 
@@ -149,12 +167,31 @@ class Catalog:
         ``place`` puts the file at ``stored``'s path, durably, and COMMIT comes
         last, as for a new instance. If another association or node restored it
         first, nothing is placed, the copy counts as a duplicate and False is
-        returned. The study keeps its state and results (the same bytes give the
-        same findings); its ``purged_at`` clears when none of its instances is
-        purged any longer.
+        returned.
+
+        The study counts the instance as received ``now``, like a late one. So
+        retention measures its age from the re-send (restored files are kept a
+        full ``instances_days``, not purged again at the next run), and a study
+        that had completed re-opens as a new version: completion, routing and the
+        models run again, which is what re-sending a purged study is for (result
+        UIDs do not depend on the version: destinations get replacements). Its
+        ``purged_at`` clears when none of its instances is purged any longer.
         """
+        now = now or utcnow()
         with self._engine.begin() as conn:
-            study_id = conn.execute(
+            # The study row is locked before the instance row, in the order that
+            # ingest and retention take them (no deadlock with a purge).
+            study = conn.execute(
+                select(Study.id, Study.study_instance_uid, Study.status, Study.version)
+                .where(
+                    Study.id
+                    == select(Instance.study_id)
+                    .where(Instance.sop_instance_uid == sop_instance_uid)
+                    .scalar_subquery()
+                )
+                .with_for_update()
+            ).one()
+            series_id = conn.execute(
                 update(Instance)
                 .where(
                     Instance.sop_instance_uid == sop_instance_uid,
@@ -167,19 +204,31 @@ class Catalog:
                     purged_at=None,
                     duplicate_count=Instance.duplicate_count + 1,
                 )
-                .returning(Instance.study_id)
+                .returning(Instance.series_id)
             ).scalar()
-            if study_id is None:
+            if series_id is None:
                 conn.execute(self._sql.count_duplicate, {"uid": sop_instance_uid})
                 return False
             place()
+            reopened = study.status != StudyStatus.RECEIVING
+            values: dict[str, Any] = {"last_received_at": now}
+            if reopened:
+                values.update(_REOPENED, version=study.version + 1)
             still_purged = conn.execute(
                 select(Instance.id).where(
-                    Instance.study_id == study_id, Instance.purged_at.is_not(None)
+                    Instance.study_id == study.id, Instance.purged_at.is_not(None)
                 )
             ).first()
             if still_purged is None:
-                conn.execute(update(Study).where(Study.id == study_id).values(purged_at=None))
+                values["purged_at"] = None
+            conn.execute(update(Study).where(Study.id == study.id).values(**values))
+            conn.execute(update(Series).where(Series.id == series_id).values(last_received_at=now))
+        if reopened:
+            log.info(
+                "study re-opened study_uid=%s version=%d",
+                study.study_instance_uid,
+                study.version + 1,
+            )
         return True
 
     def record_duplicate(self, sop_instance_uid: str) -> None:
@@ -361,18 +410,7 @@ class Catalog:
         if study.body_part_examined is None and header.body_part_examined:
             values["body_part_examined"] = header.body_part_examined
         if reopened:
-            values.update(
-                status=StudyStatus.RECEIVING,
-                status_reason=None,
-                version=version,
-                completed_at=None,
-                queued_at=None,
-                started_at=None,
-                finished_at=None,
-                attempts=0,
-                lease_owner=None,
-                lease_until=None,
-            )
+            values.update(_REOPENED, version=version)
         counted = conn.execute(
             update(Study)
             .where(Study.id == study.id)

@@ -5,7 +5,9 @@ arrived, and only when nothing still needs them: processing has ended (done, fai
 not routed; never while complete, queued or processing) and no delivery of it is pending
 (a forwarded original is read from the store at send time). Rows stay: findings, result
 objects and their metadata, deliveries and the audit trail keep referring to the study;
-``purged_at`` on the study and its instances says when the files went.
+``purged_at`` on the study and its instances says when the files went. A purged
+instance sent again arrives like a late one (``Catalog.restore_purged``): the study
+re-opens, and its files are kept for a full period from then.
 
 Quarantined files are purged ``retention.quarantine_days`` after they were refused.
 

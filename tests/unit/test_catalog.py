@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from pydicom.uid import CTImageStorage
@@ -229,6 +229,45 @@ def test_purged_instance_is_restored_once(sessions: sessionmaker[Session]) -> No
             2,
         )
         assert session.execute(select(Study.purged_at)).scalar_one() is None
+
+
+def test_purged_study_sent_again_reopens_as_received_now(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A restored instance counts as received now, like a late one: retention's clock
+    starts again, and a finished study re-opens as a new version to be analysed."""
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    t0 = utcnow() - timedelta(days=10)
+    for n in (1, 2):
+        catalog.record_instance(header(study, series, n), stored(n), "CT1", now=t0)
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=t0))
+        session.execute(update(Study).values(status=StudyStatus.DONE, finished_at=t0, purged_at=t0))
+
+    def restore(n: int, now: datetime) -> bool:
+        copy = StoredFile(f"instances/again/{n}.dcm", 10, "a" * 64)
+        return catalog.restore_purged(f"{study}.{n}", copy, place=lambda: None, now=now)
+
+    def state() -> tuple[object, ...]:
+        with sessions() as session:
+            row = session.execute(select(Study)).scalar_one()
+            series_received = session.scalar(select(Series.last_received_at))
+        return row.status, row.version, row.finished_at, row.last_received_at, series_received
+
+    t1 = utcnow()
+    assert restore(1, t1)
+    assert state() == (StudyStatus.RECEIVING, 2, None, t1, t1)
+    with sessions() as session:  # the second instance is still gone
+        assert session.scalar(select(Study.purged_at)) is not None
+    t2 = t1 + timedelta(seconds=5)
+    assert restore(2, t2)
+    assert not restore(1, t2)  # a second copy: a duplicate, no new version
+    assert state() == (StudyStatus.RECEIVING, 2, None, t2, t2)
+    with sessions() as session:
+        assert session.scalar(select(Study.purged_at)) is None
+    done = catalog.complete_quiet_studies(10, now=t2 + timedelta(seconds=11))
+    assert [(d.study_instance_uid, d.version) for d in done] == [(study, 2)]
 
 
 def test_failed_placement_leaves_the_instance_purged(sessions: sessionmaker[Session]) -> None:

@@ -32,6 +32,7 @@ from node.db.models import (
     StudyStatus,
 )
 from node.db.types import utcnow
+from node.errors import StudyPurged
 from node.retention import AUDIT_USER, Retention
 from node.runtime import Node
 from node.users.accounts import Accounts
@@ -140,7 +141,12 @@ def test_purged_instances_sent_again_are_stored_again(node: Node, tmp_path: Path
         ).all()
         assert study.purged_at is not None  # one of two instances is still gone
         assert [r.purged_at is None for r in rows] == [True, False]
-        assert study.status == StudyStatus.DONE and study.instance_count == 2
+        # Re-opened as a new version, like a late instance; counted once.
+        assert (study.status, study.version, study.instance_count) == (
+            StudyStatus.RECEIVING,
+            2,
+            2,
+        )
     restored = node.store.path(rows[0].path).read_bytes()
     assert hashlib.sha256(restored).hexdigest() == rows[0].sha256
     assert dcmread(BytesIO(restored)).PixelData == dcmread(files[0]).PixelData
@@ -150,6 +156,42 @@ def test_purged_instances_sent_again_are_stored_again(node: Node, tmp_path: Path
         study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
         assert study.purged_at is None
     assert all(f.is_file() for f in _files(node, uid))
+
+
+def test_purged_study_sent_again_is_kept_a_full_period_and_can_be_reprocessed(
+    node: Node, tmp_path: Path
+) -> None:
+    """Re-sending a purged study, as reprocess tells the user to, re-opens it as a new
+    version, and its age counts from the re-send: the next run keeps the files, and
+    reprocess works again."""
+    assert node.dicom is not None and node.pipeline is not None
+    pipeline = node.pipeline
+    uid, files = write_series(tmp_path / "r", 2, patient=PATIENT)
+    assert storescu(node.dicom.port, files).returncode == 0
+    _set_status(node, uid, StudyStatus.DONE)
+    with node.sessions.begin() as session:
+        session.execute(update(Study).values(last_received_at=utcnow() - LATER))
+    retention = Retention(node.settings.retention, node.sessions, node.store)
+    assert retention.run().instances == 2
+    with pytest.raises(StudyPurged):
+        pipeline.reprocess(uid)
+
+    sent_again = utcnow()
+    assert storescu(node.dicom.port, files).returncode == 0
+    assert retention.run().studies == []  # the next hourly run
+    with node.sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+    assert (study.status, study.version, study.purged_at) == (StudyStatus.RECEIVING, 2, None)
+    assert study.last_received_at >= sent_again
+    pipeline.on_complete(node.catalog.complete_quiet_studies(0))
+    _set_status(node, uid, StudyStatus.DONE)  # analysed again
+
+    assert retention.run().studies == []
+    assert all(f.is_file() for f in _files(node, uid))
+    assert pipeline.reprocess(uid) in (StudyStatus.QUEUED, StudyStatus.NOT_ROUTED)
+    _set_status(node, uid, StudyStatus.DONE)
+    report = retention.run(now=sent_again + LATER + timedelta(minutes=1))
+    assert [(s.study_instance_uid, s.instances) for s in report.studies] == [(uid, 2)]
 
 
 def test_file_restored_while_retention_deletes_is_not_deleted(node: Node, tmp_path: Path) -> None:
