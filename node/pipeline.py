@@ -102,10 +102,12 @@ class Pipeline:
             changed = session.execute(
                 update(Study).where(*guard).values(**values).returning(Study.study_instance_uid)
             ).first()
+            if changed is not None and decision is not None:
+                # One transaction: if the originals cannot be queued, the study stays
+                # complete and routing is retried whole, never queued without them.
+                self._forward_originals(session, study_id, version, decision.destinations)
         if changed is None:
             return None  # re-opened or routed meanwhile
-        if decision is not None:
-            self._forward_originals(study_id, version, decision.destinations)
         log.info(
             "study routed study_uid=%s version=%d rule=%s status=%s",
             changed.study_instance_uid,
@@ -115,7 +117,9 @@ class Pipeline:
         )
         return status
 
-    def _forward_originals(self, study_id: int, version: int, destinations: Sequence[str]) -> None:
+    def _forward_originals(
+        self, session: Session, study_id: int, version: int, destinations: Sequence[str]
+    ) -> None:
         """Queue the study's own instances for destinations that want the originals too.
 
         A re-opened (or reprocessed) study is routed again: each destination then gets
@@ -128,36 +132,35 @@ class Pipeline:
         ]
         if not wanted:
             return
-        with self.sessions.begin() as session:
-            instances = session.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path).where(
-                    Instance.study_id == study_id, Instance.purged_at.is_(None)
+        instances = session.execute(
+            select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path).where(
+                Instance.study_id == study_id, Instance.purged_at.is_(None)
+            )
+        ).all()
+        queued = {
+            (row.destination, row.sop_instance_uid)
+            for row in session.execute(
+                select(Export.destination, Export.sop_instance_uid).where(
+                    Export.study_id == study_id,
+                    Export.kind == "original",
+                    Export.state != ExportState.FAILED,
                 )
-            ).all()
-            queued = {
-                (row.destination, row.sop_instance_uid)
-                for row in session.execute(
-                    select(Export.destination, Export.sop_instance_uid).where(
-                        Export.study_id == study_id,
-                        Export.kind == "original",
-                        Export.state != ExportState.FAILED,
-                    )
+            )
+        }
+        for name in wanted:
+            for inst in instances:
+                if (name, inst.sop_instance_uid) in queued:
+                    continue
+                deliveries.enqueue(
+                    session,
+                    study_id=study_id,
+                    study_version=version,
+                    destination=name,
+                    kind="original",
+                    sop_instance_uid=inst.sop_instance_uid,
+                    sop_class_uid=inst.sop_class_uid,
+                    path=inst.path,
                 )
-            }
-            for name in wanted:
-                for inst in instances:
-                    if (name, inst.sop_instance_uid) in queued:
-                        continue
-                    deliveries.enqueue(
-                        session,
-                        study_id=study_id,
-                        study_version=version,
-                        destination=name,
-                        kind="original",
-                        sop_instance_uid=inst.sop_instance_uid,
-                        sop_class_uid=inst.sop_class_uid,
-                        path=inst.path,
-                    )
 
     def route_or_note(self, study_id: int, version: int, study_uid: str) -> StudyStatus | None:
         """:meth:`route_study`, never raising: a failure is kept on the study and retried.

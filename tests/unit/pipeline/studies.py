@@ -6,10 +6,25 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import Catalog
+from node.config import Destination
 from node.db.models import Study, StudyStatus
 from node.db.types import utcnow
 from node.ingest.inspect import InstanceHeader
 from node.storage import InstanceStore, StoredFile, digest
+
+#: A PACS that gets the results and, the node sitting in front of it, the original images.
+PACS = Destination(name="PACS", ae_title="PACS", host="127.0.0.1", port=104, send_original=True)
+#: Rules that send radiographs and CT to the classifier, and everything to PACS.
+TO_PACS = """
+format = 1
+[[rule]]
+name = "to-pacs"
+priority = "routine"
+models = ["pneumonia-triage"]
+destinations = ["PACS"]
+[rule.match]
+Modality = ["CR", "DX", "CT"]
+"""
 
 
 def queued_study(sessions: sessionmaker[Session], uid: str, models: list[str]) -> int:

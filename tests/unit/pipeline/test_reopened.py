@@ -28,43 +28,22 @@ from node.storage import InstanceStore
 from tests.conftest import node_config
 from tests.dicomgen import TEST_ROOT
 from tests.unit.output.conftest import synthetic_cr
-from tests.unit.pipeline.studies import receive
+from tests.unit.pipeline.studies import PACS, TO_PACS, receive
 from tests.unit.pipeline.test_retries import RecordingCelery
 from tests.unit.workers.test_processing_objects import FixedRunner
 from workers.processing import Outcome, StudyProcessor
 
-#: Chest radiographs get the classifier; PACS gets the results and the originals.
-RULES = """
-format = 1
-[[rule]]
-name = "chest"
-priority = "routine"
-models = ["pneumonia-triage"]
-destinations = ["PACS"]
-[rule.match]
-Modality = ["CR", "DX"]
-"""
-
 
 @pytest.fixture
 def pipeline(tmp_path: Path, database_url: str) -> Iterator[Pipeline]:
-    cfg = node_config(tmp_path, database_url)
-    cfg["destinations"] = [
-        {
-            "name": "PACS",
-            "ae_title": "PACS",
-            "host": "127.0.0.1",
-            "port": 104,
-            "send_original": True,
-        }
-    ]
-    settings = Settings.model_validate(cfg)
+    settings = Settings.model_validate(node_config(tmp_path, database_url))
+    settings = settings.model_copy(update={"destinations": [PACS]})
     assert settings.worker.storage == "auto"  # shared when the files are here, else DICOMweb
     engine = make_engine(database_url)
     migrate.upgrade(engine)
     sessions = make_sessionmaker(engine)
     rules = RuleStore(sessions)
-    rules.save(RULES, "test")
+    rules.save(TO_PACS, "test")
     store = InstanceStore(settings.storage.data_dir)
     yield Pipeline(settings, sessions, store, rules, RecordingCelery())
     engine.dispose()

@@ -10,24 +10,27 @@ import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from node.config import Settings
 from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
-from node.db.models import Instance, Study, StudyStatus
+from node.db.models import Export, ExportState, Instance, Study, StudyStatus
 from node.db.types import utcnow
 from node.errors import StudyPurged
+from node.export import deliveries
 from node.pipeline import Pipeline
 from node.routing.attributes import study_series_attributes
 from node.routing.store import RuleStore
 from node.storage import InstanceStore
 from tests.conftest import node_config
 from tests.dicomgen import TEST_ROOT, ct_instance
-from tests.unit.pipeline.studies import queued_study, receive
+from tests.unit.pipeline.studies import PACS, TO_PACS, queued_study, receive
 from tests.unit.pipeline.test_retries import RecordingCelery
 
 
@@ -135,3 +138,38 @@ def test_reprocessing_a_purged_study_says_why_it_cannot(pipeline: Pipeline) -> N
     with pipeline.sessions() as session:
         assert session.scalar(select(Study.status)) == StudyStatus.DONE
     assert pipeline.reprocess(generate_uid(prefix=TEST_ROOT)) is None
+
+
+def test_originals_that_cannot_be_queued_are_routed_again_with_the_study(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails while the originals are queued for PACS: the study is not left
+    queued without them (nothing would queue them later), it waits complete and the next
+    tick routes it and queues them."""
+    settings = pipeline.settings.model_copy(update={"destinations": [PACS]})
+    pipeline.rules.save(TO_PACS, "test")
+    forwarding = Pipeline(
+        settings, pipeline.sessions, pipeline.store, pipeline.rules, pipeline.celery
+    )
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    _receive(pipeline, study_uid, generate_uid(prefix=TEST_ROOT))
+    study_id = _complete(pipeline, study_uid)
+    enqueue = deliveries.enqueue
+
+    def connection_lost(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(deliveries, "enqueue", enqueue)  # once
+        raise OperationalError("INSERT INTO exports", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(deliveries, "enqueue", connection_lost)
+    assert forwarding.route_or_note(study_id, 1, study_uid) is None
+    study = _study(pipeline, study_id)
+    assert study.status == StudyStatus.COMPLETE
+    assert study.status_reason == "routing failed, retrying: OperationalError"
+
+    forwarding.tick()
+    assert _study(pipeline, study_id).status == StudyStatus.QUEUED
+    with pipeline.sessions() as session:
+        originals = session.execute(select(Export.kind, Export.state, Export.study_version)).all()
+    assert [tuple(row) for row in originals] == [("original", ExportState.PENDING, 1)]
+    celery = pipeline.celery
+    assert isinstance(celery, RecordingCelery) and celery.sent == [([study_id, 1], "routine")]
