@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import CompletedStudy
-from node.config import Settings
+from node.config import PipelineSettings, Settings
 from node.db.models import Export, ExportState, Instance, Priority, Study, StudyStatus
 from node.db.types import utcnow
 from node.errors import NodeError, StudyPurged
@@ -39,6 +39,17 @@ from node.routing.store import RuleStore
 from node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
+
+
+def escalated(priority: int, key_score: float | None, settings: PipelineSettings) -> int:
+    """``priority``, raised to ``pipeline.escalate_to`` if the key score reaches the threshold.
+
+    What a study version's findings earn it: the worker sets it when they are recorded,
+    routing keeps it while they are the ones shown (the study re-opened or reprocessed).
+    """
+    if key_score is not None and key_score >= settings.escalate_threshold:
+        return max(priority, Priority[settings.escalate_to.upper()])
+    return priority
 
 
 class Pipeline:
@@ -83,6 +94,9 @@ class Pipeline:
                 }
                 status = StudyStatus.NOT_ROUTED
             else:
+                # A re-opened (or reprocessed) study still shows its previous findings:
+                # it keeps the urgency they earned until the new version's replace them.
+                score = session.scalar(select(Study.key_score).where(*guard))
                 values = {
                     "status": StudyStatus.QUEUED,
                     "status_reason": None,
@@ -92,7 +106,7 @@ class Pipeline:
                     "routing_destinations": list(decision.destinations),
                     "routing_series": list(decision.series_instance_uids),
                     "base_priority": int(decision.priority),
-                    "priority": int(decision.priority),
+                    "priority": escalated(int(decision.priority), score, self.settings.pipeline),
                     "queued_at": None,
                     "lease_owner": None,
                     "lease_until": None,
@@ -388,4 +402,4 @@ class PipelineSupervisor:
             self._thread.join(timeout=10)
 
 
-__all__ = ["Pipeline", "PipelineSupervisor", "Priority"]
+__all__ = ["Pipeline", "PipelineSupervisor", "Priority", "escalated"]

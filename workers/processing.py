@@ -39,6 +39,7 @@ from node.db.models import Finding, Instance, Priority, Series, Study, StudyStat
 from node.db.types import utcnow
 from node.export import deliveries
 from node.model_switches import disabled_models
+from node.pipeline import escalated
 from workers.inference import ModelRunner
 from workers.output import AlgorithmInfo, ImageResult
 from workers.pixels import ImageFrame, UnreadablePixels, read_frames, robust_unit
@@ -400,7 +401,6 @@ class StudyProcessor:
 
     # -- outcomes ------------------------------------------------------------------------
     def _finish(self, study_id: int, version: int, owner: str, analysis: _Analysis) -> Outcome:
-        pipeline = self.settings.pipeline
         with self.sessions.begin() as session:
             study = session.execute(
                 select(Study).where(Study.id == study_id).with_for_update()
@@ -432,11 +432,8 @@ class StudyProcessor:
                             sop_class_uid=obj.sop_class_uid,
                             path=obj.path,
                         )
-            priority = study.base_priority
             score = analysis.key_score
-            escalate = Priority[pipeline.escalate_to.upper()]
-            if score is not None and score >= pipeline.escalate_threshold:
-                priority = max(priority, escalate)
+            priority = escalated(study.base_priority, score, self.settings.pipeline)
             now = utcnow()
             study.status = StudyStatus.DONE
             study.status_reason = analysis.note

@@ -1,4 +1,5 @@
-"""A late instance re-opens a processed study: what its new version reads and forwards.
+"""A late instance re-opens a processed study: what its new version reads, forwards, and
+how urgent it stays.
 
 Studies are catalogued as the SCP would (files in a real store), purged by the real
 retention, routed by the real pipeline and analysed by the real worker code with
@@ -7,10 +8,11 @@ stand-in models (every image 'pneumonia', probability 0.9); the broker is a reco
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
@@ -19,7 +21,7 @@ from node.catalog import Catalog
 from node.config import RetentionSettings, Settings
 from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
-from node.db.models import Export, ExportState, Finding, Study, StudyStatus
+from node.db.models import Export, ExportState, Finding, Priority, Study, StudyStatus
 from node.db.types import utcnow
 from node.pipeline import Pipeline
 from node.retention import Retention
@@ -29,14 +31,17 @@ from tests.conftest import node_config
 from tests.dicomgen import TEST_ROOT
 from tests.unit.output.conftest import synthetic_cr
 from tests.unit.pipeline.studies import PACS, TO_PACS, receive
-from tests.unit.pipeline.test_retries import RecordingCelery
+from tests.unit.pipeline.test_retries import FailingRunner, RecordingCelery
 from tests.unit.workers.test_processing_objects import FixedRunner
+from workers.inference import Classification
 from workers.processing import Outcome, StudyProcessor
 
 
 @pytest.fixture
 def pipeline(tmp_path: Path, database_url: str) -> Iterator[Pipeline]:
-    settings = Settings.model_validate(node_config(tmp_path, database_url))
+    # One attempt: a study whose models fail is failed at once.
+    cfg = node_config(tmp_path, database_url, pipeline={"max_attempts": 1})
+    settings = Settings.model_validate(cfg)
     settings = settings.model_copy(update={"destinations": [PACS]})
     assert settings.worker.storage == "auto"  # shared when the files are here, else DICOMweb
     engine = make_engine(database_url)
@@ -72,10 +77,19 @@ def _study(pipeline: Pipeline, study_uid: str) -> Study:
         ).scalar_one()
 
 
-def _process(pipeline: Pipeline, study_uid: str) -> Outcome:
+class NothingFoundRunner(FixedRunner):
+    """Stands where the models run: no image shows pneumonia (probability 0.1)."""
+
+    def classify(self, images: Sequence[np.ndarray]) -> Classification:
+        found = super().classify(images)
+        return Classification(1 - found.probabilities, found.heatmaps, found.milliseconds)
+
+
+def _process(pipeline: Pipeline, study_uid: str, runner: object | None = None) -> Outcome:
     """Run the worker on the study's current version (worker.storage as configured)."""
     study = _study(pipeline, study_uid)
-    processor = StudyProcessor(pipeline.settings, pipeline.sessions, FixedRunner())  # type: ignore[arg-type]
+    runner = runner or FixedRunner()
+    processor = StudyProcessor(pipeline.settings, pipeline.sessions, runner)  # type: ignore[arg-type]
     return processor.run(study.id, study.version)
 
 
@@ -172,3 +186,35 @@ def test_a_reopened_study_forwards_only_the_originals_pacs_lacks(pipeline: Pipel
         c: (ExportState.FAILED, 2),
         d: (ExportState.PENDING, 3),
     }
+
+
+def test_a_late_image_keeps_the_urgency_the_findings_earned(pipeline: Pipeline) -> None:
+    """v1 found pneumonia (0.9) and was escalated to urgent. A late image re-opens the study,
+    which still shows that finding: v2 goes to the urgent queue and stays urgent if it fails.
+    Only a new result that finds nothing brings it back to the rule's routine."""
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    _receive(pipeline, study_uid, "first")
+    _complete(pipeline)
+    assert _process(pipeline, study_uid).state == "done"
+    study = _study(pipeline, study_uid)
+    assert (study.priority, study.base_priority) == (Priority.URGENT, Priority.ROUTINE)
+
+    _receive(pipeline, study_uid, "late")
+    _complete(pipeline)
+    study = _study(pipeline, study_uid)
+    assert study.status == StudyStatus.QUEUED and study.version == 2
+    assert (study.priority, study.base_priority) == (Priority.URGENT, Priority.ROUTINE)
+    celery = pipeline.celery
+    assert isinstance(celery, RecordingCelery) and celery.sent[-1] == ([study.id, 2], "urgent")
+
+    assert _process(pipeline, study_uid, FailingRunner()).state == "failed"
+    study = _study(pipeline, study_uid)
+    assert study.priority == Priority.URGENT
+    assert study.key_finding == "pneumonia" and study.key_score == pytest.approx(0.9)
+
+    _receive(pipeline, study_uid, "third")
+    _complete(pipeline)
+    assert _process(pipeline, study_uid, NothingFoundRunner()).state == "done"
+    study = _study(pipeline, study_uid)
+    assert study.version == 3 and study.key_finding == "normal"
+    assert study.priority == Priority.ROUTINE
