@@ -512,15 +512,27 @@ def _lookup(values: NDArray[Any], first: int, table: NDArray[np.int64]) -> NDArr
 
 
 def _scale(values: NDArray[Any], low: float, high: float) -> NDArray[Any]:
-    """Map `low` to 0 and `high` to 1 (either order), clipped."""
+    """Map `low` to 0 and `high` to 1 (either order), clipped.
+
+    Computed in float64: float pixel data may hold values beyond float32's range,
+    and then the difference and the quotient came out inf - inf = NaN. A span that
+    overflows even float64 is halved first (exact for binary floats).
+    """
     if low == high:
         return np.zeros(values.shape, np.float32)
-    out = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    wide = values.astype(np.float64, copy=False)
+    span = high - low
+    if not np.isfinite(span):
+        wide, low, high = wide * 0.5, low * 0.5, high * 0.5
+        span = high - low
+    out = ((wide - low) / span).astype(np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
 def robust_unit(values: NDArray[Any]) -> NDArray[Any]:
     """Percentile range to [0, 1]; min-max if that is flat; zeros for a constant image."""
+    if values.dtype.kind == "f" and not np.isfinite(float(values.max()) - float(values.min())):
+        values = values * 0.5  # the percentiles interpolate across the range: keep it finite
     step = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLE)))
     sample = values[::step, ::step]
     low, high = (float(v) for v in np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE]))

@@ -98,6 +98,28 @@ def test_64_bit_float_is_read(write: Write) -> None:
     assert frames[0].voi_source == "robust range"
 
 
+@pytest.mark.parametrize(
+    "extremes",
+    [
+        (-1.7e308, -1e300, -1.0, 0.0, 2.0, 1e300, 1e307, 1.7e308),
+        (0.0, 1e38, 2e38, 5e38, 1e39, 3e39, 1e40, 2e40),
+        (-3e300, -1e-300, 0.0, 5e-300, 1e-299, 1.0, 3.0, 7.0),
+    ],
+    ids=["span-overflows", "beyond-float32", "tiny-and-huge"],
+)
+def test_64_bit_float_of_any_finite_magnitude_gives_finite_pixels(
+    write: Write, extremes: tuple[float, ...]
+) -> None:
+    """Doubles beyond float32's range, or whose span overflows, once came out all NaN."""
+    values = np.array(extremes, np.float64).reshape(1, 8)
+    ds = build(None, Rows=1, Columns=8, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME1")
+    ds.BitsAllocated = 64
+    ds.DoubleFloatPixelData = values.astype("<f8").tobytes()
+    frames = read_frames(write(ds))
+    _valid(frames, 1, 8)
+    assert frames[0].pixels.max() > frames[0].pixels.min()  # still an image, not a flat field
+
+
 def test_float_without_finite_values_is_refused(write: Write) -> None:
     ds = build(None, Rows=4, Columns=4, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2")
     ds.BitsAllocated = 32
