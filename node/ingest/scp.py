@@ -300,11 +300,12 @@ class StoreSCP:
         except RejectedInstance as exc:
             log.warning("refused sop_instance_uid=%s reason=%s", sop_instance, exc.reason)
             return exc.status
-        # The disk starts on the bytes now; the checksum, the header check and the
-        # catalogue statements run meanwhile (_write_and_record). The checksum comes
-        # first: hashlib lets go of the GIL, so the writer thread gets going at once.
+        # The disk starts on the bytes now, and the checksum on another writer thread
+        # (hashlib lets go of the GIL); the header check runs meanwhile, and the
+        # catalogue statements after it overlap the disk (_write_and_record).
         staging = self._writer.submit(self.store.stage, data)
-        received = _Received(len(data), staging, digest(data))
+        checksum = self._writer.submit(digest, data)
+        received = _Received(len(data), staging, checksum)
         try:
             return self._file(data, received, calling, sop_class, sop_instance)
         finally:
@@ -500,11 +501,11 @@ class _Received:
 
     size_bytes: int
     staging: Future[StagedFile]
-    sha256: str
+    checksum: Future[str]
 
     def stored_as(self, relative_path: str) -> StoredFile:
         """What the catalogue records (known without waiting for the disk)."""
-        return StoredFile(relative_path, self.size_bytes, self.sha256)
+        return StoredFile(relative_path, self.size_bytes, self.checksum.result())
 
 
 #: Internal marker: stored before, answered as Success.
