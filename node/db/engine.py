@@ -23,14 +23,28 @@ def make_engine(url: str, *, durable: bool = True, echo: bool = False) -> Engine
     DEFERRED instead: they read a snapshot and neither wait for nor block a writer.
     ``durable`` makes SQLite fsync the WAL on every commit (``synchronous=FULL``):
     an acknowledged instance survives power loss, not only a killed process.
+    Bound parameters are hidden from exception text and ``echo`` output: a query's
+    parameters may be a patient ID (worklist search), and errors reach the logs.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(
+            url,
+            echo=echo,
+            hide_parameters=True,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+        )
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(
+        url,
+        echo=echo,
+        hide_parameters=True,
+        connect_args={"timeout": 30, "check_same_thread": False},
+    )
     synchronous = "FULL" if durable else "NORMAL"
 
     @event.listens_for(engine, "connect")

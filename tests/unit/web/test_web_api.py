@@ -7,7 +7,9 @@ server off; the app is built in-process from the same factory ``serve`` uses.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select, update
+from sqlalchemy.exc import DBAPIError
 
 from node.db.models import AuditEvent, Finding, Priority, Role, Study, StudyStatus
 from node.runtime import Node
@@ -417,3 +420,29 @@ def test_worklist_polling_reads_beside_a_writer_holding_the_sqlite_lock(
             assert during.status_code == 200
             assert during.json()["fingerprint"] == before  # the snapshot before the write
             writer.rollback()
+
+
+def test_a_failing_query_keeps_its_parameters_out_of_errors_and_logs(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worklist search may be a patient ID: when its query fails (database restarted,
+    lock timeout) the exception text that the server logs must not carry it, nor the
+    SQL echo an admin may switch on for debugging."""
+    add_study(node, patient_id="PID-SECRET-4711")
+    node.engine.echo = True
+    with node.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE studies RENAME TO studies_gone")
+    try:
+        with TestClient(create_app(node)) as client, caplog.at_level(logging.DEBUG):
+            login(client, "rad")
+            with pytest.raises(DBAPIError) as failure:
+                client.get("/api/worklist", params={"q": "PID-SECRET-4711"})
+    finally:
+        with node.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE studies_gone RENAME TO studies")
+        node.engine.echo = False
+    # The message uvicorn logs at ERROR with the traceback (which shows only source lines).
+    error = "".join(traceback.format_exception_only(failure.value))
+    assert "studies" in error and "PID-SECRET-4711" not in error
+    echoed = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy"))
+    assert "SELECT" in echoed and "PID-SECRET-4711" not in echoed
