@@ -141,7 +141,8 @@ def worklist(
         params=params,
         statuses=[str(s) for s in StudyStatus],
         priorities=sorted(Priority, reverse=True),
-        query=_query(params),
+        # The live update reloads this page's rows, not the first page's.
+        rows_query=_query(params, offset=offset),
         prev_query=_query(params, offset=max(offset - size, 0)),
         next_query=_query(params, offset=offset + size),
         poll_ms=int(ctx.settings.web.poll_seconds * 1000),

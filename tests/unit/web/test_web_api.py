@@ -6,6 +6,7 @@ server off; the app is built in-process from the same factory ``serve`` uses.
 
 from __future__ import annotations
 
+import html
 import itertools
 import logging
 import threading
@@ -233,6 +234,19 @@ def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) ->
     assert ("rad", "study.api", uid) in events
     assert ("rad", "study.view", uid) in events
     assert ("rad", "worklist.api", None) in events
+
+
+def test_live_update_of_a_later_page_reloads_that_page(client: TestClient, node: Node) -> None:
+    node.settings.web.page_size = 2
+    uids = [add_study(node) for _ in range(4)]
+    login(client, "rad")
+    page = client.get("/", params={"offset": 2})
+    assert uids[2] in page.text and uids[0] not in page.text
+    rows_url = html.unescape(page.text.split('data-rows-url="', 1)[1].split('"', 1)[0])
+    rows = client.get(rows_url)
+    assert rows.status_code == 200
+    assert uids[2] in rows.text and uids[3] in rows.text
+    assert uids[0] not in rows.text and uids[1] not in rows.text
 
 
 def test_overlay_views_are_audited(client: TestClient, node: Node) -> None:
