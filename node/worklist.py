@@ -51,23 +51,24 @@ class StudySummary:
         }
 
 
+#: Worklist order; ``ix_studies_worklist`` follows it. Waiting time counts from the first
+#: instance: a late instance must not move a study behind newer ones. The id makes the
+#: order total, so that pages do not overlap or skip a study.
+_ORDER = (
+    Study.priority.desc(),
+    Study.key_score.desc().nulls_last(),
+    Study.first_received_at.asc(),
+    Study.id.asc(),
+)
+
+
 def list_studies(session: Session, *, limit: int = 100, offset: int = 0) -> list[StudySummary]:
     """Studies in worklist order: priority (STAT first), model score, then oldest first.
 
     Within a priority, the higher pneumonia probability reads first; studies not yet
     scored come after scored ones; ties go to the study waiting longest.
     """
-    rows = session.execute(
-        select(Study)
-        .order_by(
-            Study.priority.desc(),
-            Study.key_score.desc().nulls_last(),
-            Study.last_received_at.asc(),
-            Study.id.asc(),
-        )
-        .limit(limit)
-        .offset(offset)
-    ).scalars()
+    rows = session.execute(select(Study).order_by(*_ORDER).limit(limit).offset(offset)).scalars()
     return [
         StudySummary(
             study_instance_uid=s.study_instance_uid,
@@ -186,12 +187,7 @@ def worklist_page(
     rows = session.execute(
         select(*_ROW_COLUMNS)
         .where(*_where(query))
-        .order_by(
-            Study.priority.desc(),
-            Study.key_score.desc().nulls_last(),
-            Study.last_received_at.asc(),
-            Study.id.asc(),
-        )
+        .order_by(*_ORDER)
         .limit(limit + 1)
         .offset(offset)
     ).all()

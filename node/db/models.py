@@ -136,7 +136,7 @@ class Study(Base):
 
     __table_args__ = (
         Index("ix_studies_status_last_received", "status", "last_received_at"),
-        Index("ix_studies_worklist", "priority", "key_score", "last_received_at"),
+        Index("ix_studies_worklist", "priority", "key_score", "first_received_at"),
         Index("ix_studies_accession_number", "accession_number"),
         Index("ix_studies_patient_id", "patient_id"),
         # The worklist fingerprint (polled by every open worklist) reads max() of these.

@@ -25,6 +25,7 @@ from node.db.models import AuditEvent, Finding, Priority, Role, Study, StudyStat
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import create_app
+from node.worklist import list_studies
 
 PASSWORD = "a-long-password"
 _uids = itertools.count(1)
@@ -211,6 +212,28 @@ def test_worklist_order_filters_and_search(client: TestClient, node: Node) -> No
     assert uids(received_to="2026-11-25") == order
     two = client.get("/api/worklist", params={"limit": 2, "offset": 2}).json()
     assert [i["study_instance_uid"] for i in two["items"]] == order[2:4] and two["has_more"]
+
+
+def test_worklist_waiting_counts_from_the_first_instance(client: TestClient, node: Node) -> None:
+    """A late instance of a study waiting since 08:00 does not put it behind one of 08:30."""
+    base = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+    old = add_study(node, received=base)
+    newer = add_study(node, received=base + timedelta(minutes=30))
+    with node.sessions.begin() as session:
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == old)
+            .values(last_received_at=base + timedelta(hours=1))
+        )
+    login(client, "rad")
+    items = client.get("/api/worklist").json()["items"]
+    assert [i["study_instance_uid"] for i in items] == [old, newer]
+    second = client.get("/api/worklist", params={"limit": 1, "offset": 1}).json()["items"]
+    assert [i["study_instance_uid"] for i in second] == [newer]
+    page = client.get("/").text
+    assert page.index(old) < page.index(newer)
+    with node.reads() as session:
+        assert [s.study_instance_uid for s in list_studies(session)] == [old, newer]
 
 
 def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) -> None:
