@@ -12,7 +12,9 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,11 +23,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import DBAPIError
 
+from node.config import Settings
 from node.db.models import AuditEvent, Finding, Priority, Role, Study, StudyStatus
+from node.errors import ConfigError
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import create_app
+from node.web.secret import KEY_FILE, MIN_KEY_CHARS, session_secret
 from node.worklist import list_studies
+from tests.conftest import node_config
 
 PASSWORD = "a-long-password"
 _uids = itertools.count(1)
@@ -483,3 +489,34 @@ def test_a_failing_query_keeps_its_parameters_out_of_errors_and_logs(
     assert "studies" in error and "PID-SECRET-4711" not in error
     echoed = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy"))
     assert "SELECT" in echoed and "PID-SECRET-4711" not in echoed
+
+
+def _settings(tmp_path: Path, **web: Any) -> Settings:
+    return Settings.model_validate(node_config(tmp_path, web={"enabled": False, **web}))
+
+
+@pytest.mark.parametrize("content", ["", "\n", "abc123"])
+def test_an_empty_or_short_web_secret_file_is_refused(tmp_path: Path, content: str) -> None:
+    """An empty file (a crash after creating it, or a reader racing the writer) would sign
+    cookies with an empty key: anyone could forge an admin's session."""
+    settings = _settings(tmp_path)
+    settings.storage.data_dir.mkdir(parents=True)
+    (settings.storage.data_dir / KEY_FILE).write_text(content)
+    with pytest.raises(ConfigError, match="web-secret"):
+        session_secret(settings)
+
+
+def test_a_short_secret_key_setting_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"web\.secret_key"):
+        session_secret(_settings(tmp_path, secret_key="x" * (MIN_KEY_CHARS - 1)))
+    assert session_secret(_settings(tmp_path, secret_key="x" * MIN_KEY_CHARS))
+
+
+def test_web_secret_is_created_whole_once_for_concurrent_first_starts(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: session_secret(settings), range(16)))
+    assert len(keys) == 1 and len(key := keys.pop()) >= MIN_KEY_CHARS
+    path = settings.storage.data_dir / KEY_FILE
+    assert path.read_text() == key and path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in settings.storage.data_dir.iterdir()] == [KEY_FILE]  # no temp files
