@@ -11,7 +11,7 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +33,8 @@ class AuditRecord:
 
 @dataclass(frozen=True, slots=True)
 class AuditQuery:
+    """Filters; ``since`` and ``until`` without a time zone are UTC, as on the audit page."""
+
     user_name: str | None = None
     action: str | None = None
     study_instance_uid: str | None = None
@@ -88,10 +90,15 @@ def _filtered(query: AuditQuery) -> Select[AuditEvent]:
     if query.study_instance_uid:
         stmt = stmt.where(AuditEvent.study_instance_uid == query.study_instance_uid)
     if query.since:
-        stmt = stmt.where(AuditEvent.time >= query.since)
+        stmt = stmt.where(AuditEvent.time >= _utc(query.since))
     if query.until:
-        stmt = stmt.where(AuditEvent.time < query.until)
+        stmt = stmt.where(AuditEvent.time < _utc(query.until))
     return stmt.order_by(AuditEvent.id.desc())
+
+
+def _utc(time: datetime) -> datetime:
+    """A time from a form or URL: without a time zone it is UTC (the column needs aware times)."""
+    return time.replace(tzinfo=UTC) if time.tzinfo is None else time
 
 
 def _record(e: AuditEvent) -> AuditRecord:

@@ -28,6 +28,8 @@ class AuditEventOut(BaseModel):
 
 
 class AuditParams(BaseModel):
+    """Filters of the page and the API; ISO 8601 times without a time zone are UTC."""
+
     user: str | None = None
     action: str | None = None
     study_uid: str | None = None

@@ -335,6 +335,25 @@ def test_audit_browse_and_csv(client: TestClient, node: Node) -> None:
     assert f"admin,study.api,{uid}" in csv.text
 
 
+def test_audit_times_without_a_time_zone_are_utc(client: TestClient, node: Node) -> None:
+    """The audit page shows UTC times: a filter time without a zone means UTC, not a 500."""
+    with node.sessions.begin() as session:
+        for name, hour in (("early", 10), ("late", 12)):
+            time = datetime(2026, 1, 1, hour, tzinfo=UTC)
+            session.add(AuditEvent(time=time, user_name=name, action="test.tz"))
+    login(client, "admin")
+    since = {"action": "test.tz", "since": "2026-01-01T11:00:00"}
+    until = {"action": "test.tz", "until": "2026-01-01T11:00:00"}
+    for params, shown in ((since, "late"), (until, "early")):
+        api = client.get("/api/audit", params=params)
+        assert api.status_code == 200, api.text
+        assert [e["user_name"] for e in api.json()] == [shown]
+        page = client.get("/admin/audit", params=params)
+        assert page.status_code == 200 and f"<td>{shown}</td>" in page.text
+        csv = client.get("/api/audit/export.csv", params=params).text.splitlines()
+        assert [line.split(",")[1] for line in csv[1:]] == [shown]
+
+
 BAD_RULES = """format = 1
 
 [[rule]]
