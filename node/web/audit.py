@@ -108,24 +108,29 @@ def _record(e: AuditEvent) -> AuditRecord:
 
 
 CSV_HEADER = ("time", "user", "action", "StudyInstanceUID", "detail", "client_address")
+#: A spreadsheet reads a cell starting with one of these as a formula (OWASP CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
-    """The audit trail as CSV text, one chunk per line (for a streaming response)."""
+    """The audit trail as CSV text, one chunk per line (for a streaming response).
+
+    Cells are text the admin opens in a spreadsheet, and some come from anyone (the
+    name tried at a failed login): a cell that would start a formula gets a ``'`` first.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_HEADER)
     for r in records:
-        writer.writerow(
-            (
-                r.time.isoformat(),
-                r.user_name,
-                r.action,
-                r.study_instance_uid or "",
-                r.detail or "",
-                r.client_address or "",
-            )
+        cells = (
+            r.time.isoformat(),
+            r.user_name,
+            r.action,
+            r.study_instance_uid or "",
+            r.detail or "",
+            r.client_address or "",
         )
+        writer.writerow(["'" + c if c.startswith(_FORMULA_START) else c for c in cells])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

