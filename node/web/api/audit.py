@@ -6,13 +6,13 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from node.web import auth
 from node.web.audit import AuditQuery, csv_lines
-from node.web.context import Context
+from node.web.context import Context, client_address
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 
@@ -39,6 +39,11 @@ class AuditParams(BaseModel):
     def to_query(self) -> AuditQuery:
         return AuditQuery(self.user, self.action, self.study_uid, self.since, self.until)
 
+    def describe(self) -> str:
+        """The filters for the audit trail: which events an export took."""
+        parts = [f"{k}={v}" for k, v in self.model_dump(mode="json").items() if v]
+        return " ".join(parts) or "all events"
+
 
 @router.get("", response_model=list[AuditEventOut])
 def audit_events(
@@ -57,10 +62,15 @@ def audit_events(
 
 @router.get("/export.csv", response_class=StreamingResponse)
 def audit_csv(
-    admin: auth.Admin, ctx: Context, params: Annotated[AuditParams, Query()]
+    admin: auth.Admin, ctx: Context, request: Request, params: Annotated[AuditParams, Query()]
 ) -> StreamingResponse:
     """Every matching audit event as CSV."""
-    ctx.audit.record(admin.name, "audit.export")
+    ctx.audit.record(
+        admin.name,
+        "audit.export",
+        detail=params.describe(),
+        client_address=client_address(request),
+    )
     return StreamingResponse(
         csv_lines(ctx.audit.all(params.to_query())),
         media_type="text/csv",

@@ -374,6 +374,18 @@ def test_audit_csv_cells_never_start_a_formula(client: TestClient) -> None:
         assert list(csv.reader(io.StringIO(text)))[1][1:] == ["'" + t for t in texts]
 
 
+def test_audit_export_is_audited_with_its_filters_and_address(
+    client: TestClient, node: Node
+) -> None:
+    login(client, "admin")
+    filters = {"study_uid": "1.2.3", "since": "2026-01-01T00:00:00Z"}
+    assert client.get("/api/audit/export.csv", params=filters).status_code == 200
+    with node.sessions() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "audit.export")).one()
+    assert event.user_name == "admin" and event.client_address == "testclient"
+    assert event.detail == "study_uid=1.2.3 since=2026-01-01T00:00:00Z"
+
+
 BAD_RULES = """format = 1
 
 [[rule]]
