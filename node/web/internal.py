@@ -144,7 +144,13 @@ def _multipart(
     """The instances ``found`` as one streamed multipart/related response."""
     if not found:
         raise HTTPException(404, "Not Found")
-    # Machines read patient data here too: the audit trail shows who fetched what.
+    wanted = acceptable_syntaxes(request.headers.get("accept", ""))
+    if wanted is not None and any(syntax not in wanted for _, syntax in found):
+        raise HTTPException(
+            406, "instances are served in their stored transfer syntax only (ask for '*')"
+        )
+    # Machines read patient data here too: the audit trail shows who fetched what
+    # (only what is served: a refused request reads nothing).
     AuditTrail(node.sessions).record(
         "cluster-token",
         "dicomweb.retrieve",
@@ -152,11 +158,6 @@ def _multipart(
         detail=f"{len(found)} instance(s) of {what}",
         client_address=request.client.host if request.client else None,
     )
-    wanted = acceptable_syntaxes(request.headers.get("accept", ""))
-    if wanted is not None and any(syntax not in wanted for _, syntax in found):
-        raise HTTPException(
-            406, "instances are served in their stored transfer syntax only (ask for '*')"
-        )
     files = [node.store.path(rel) for rel, _ in found]
     boundary = secrets.token_hex(16)
 

@@ -186,10 +186,17 @@ def test_a_specific_other_transfer_syntax_is_refused(
     def status(accept: str) -> int:
         return requests.get(url, headers={**AUTH, "Accept": accept}, timeout=30).status_code
 
+    def retrievals() -> int:
+        with node.sessions() as session:
+            events = select(AuditEvent).where(AuditEvent.action == "dicomweb.retrieve")
+            return len(session.scalars(events).all())
+
     assert (
         status(f'multipart/related; type="application/dicom"; transfer-syntax={JPEG_BASELINE}')
         == 406
     )
+    # Refused, nothing served: the audit trail does not show a retrieval.
+    assert retrievals() == 0
     assert (
         status(f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_VR_LE}')
         == 200
@@ -203,6 +210,7 @@ def test_a_specific_other_transfer_syntax_is_refused(
     )
     assert status('multipart/related; type="application/dicom"') == 200
     assert status("*/*") == 200
+    assert retrievals() == 4
 
 
 @pytest.mark.parametrize(
