@@ -217,27 +217,19 @@ def worklist_page(
 
 
 def worklist_fingerprint(session: Session) -> str:
-    """A short value that changes whenever a study arrives, moves on, or is read.
+    """A short value that changes whenever a study arrives, changes in any way, or goes.
 
     An open worklist polls this (no patient data, cheap) and reloads its rows only
-    when it changes.
+    when it changes. ``updated_at`` moves with every write to a study (status, priority,
+    finding, read marks, ...); the count catches deletions.
     """
-    # One scalar subquery per value: each max() is then a single index lookup (the
-    # min/max shortcut of SQLite and PostgreSQL applies to a lone aggregate only), so
-    # polling costs the same with 100 000 studies as with 10.
-    columns = (
-        Study.last_received_at,
-        Study.completed_at,
-        Study.queued_at,
-        Study.started_at,
-        Study.finished_at,
-        Study.read_at,
-        Study.reviewed_at,
-    )
+    # One scalar subquery per value: max() is then a single index lookup (the min/max
+    # shortcut of SQLite and PostgreSQL applies to a lone aggregate only), so polling
+    # costs the same with 100 000 studies as with 10.
     row = session.execute(
         select(
             select(func.count(Study.id)).scalar_subquery(),
-            *(select(func.max(c)).scalar_subquery() for c in columns),
+            select(func.max(Study.updated_at)).scalar_subquery(),
         )
     ).one()
     return "|".join("" if v is None else str(v) for v in row)

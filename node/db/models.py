@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from node.db.types import UTCDateTime
+from node.db.types import UTCDateTime, utcnow
 
 # Deterministic constraint names so that migrations are portable (SQLite batch mode).
 NAMING = {
@@ -132,6 +132,11 @@ class Study(Base):
     #: metadata and the audit trail stay).
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    #: When the row last changed, whatever changed: SQLAlchemy sets it on each INSERT
+    #: and UPDATE it builds (ORM flushes and Core ``update(Study)`` alike; hand-written
+    #: SQL would have to set it itself). An open worklist polls its max().
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
     __table_args__ = (
@@ -139,7 +144,10 @@ class Study(Base):
         Index("ix_studies_worklist", "priority", "key_score", "first_received_at"),
         Index("ix_studies_accession_number", "accession_number"),
         Index("ix_studies_patient_id", "patient_id"),
-        # The worklist fingerprint (polled by every open worklist) reads max() of these.
+        # The worklist fingerprint (polled by every open worklist) reads max() of this.
+        Index("ix_studies_updated_at", "updated_at"),
+        # It read max() of these until updated_at came (0008); some are filtered on
+        # elsewhere (dashboard, pipeline), so they stay.
         *(
             Index(f"ix_studies_{column}", column)
             for column in (

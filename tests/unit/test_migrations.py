@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -20,5 +23,38 @@ def test_upgrade_from_empty_matches_models(database_url: str) -> None:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], f"models and migrations disagree: {diff}"
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_gives_existing_studies_an_updated_at(database_url: str) -> None:
+    """0008 adds a NOT NULL column to a table that already holds studies."""
+    engine = make_engine(database_url)
+    try:
+        migrate.upgrade(engine, "0007")
+        studies = sa.Table("studies", sa.MetaData(), autoload_with=engine)
+        received = datetime(2026, 11, 25, 8, 0)
+        with engine.begin() as conn:
+            conn.execute(
+                studies.insert().values(
+                    study_instance_uid="1.2.3",
+                    modalities="CR",
+                    calling_ae_title="X",
+                    status="done",
+                    priority=0,
+                    version=1,
+                    series_count=0,
+                    instance_count=1,
+                    size_bytes=0,
+                    first_received_at=received,
+                    last_received_at=received,
+                    base_priority=0,
+                    attempts=0,
+                )
+            )
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            updated = conn.execute(sa.text("SELECT updated_at FROM studies")).scalar_one()
+        assert updated is not None
     finally:
         engine.dispose()

@@ -33,7 +33,7 @@ from node.users.accounts import Accounts
 from node.web.app import create_app
 from node.web.audit import AuditRecord, csv_lines
 from node.web.secret import KEY_FILE, MIN_KEY_CHARS, session_secret
-from node.worklist import list_studies
+from node.worklist import list_studies, worklist_fingerprint
 from tests.conftest import node_config
 
 PASSWORD = "a-long-password"
@@ -266,6 +266,36 @@ def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) ->
     assert ("rad", "study.api", uid) in events
     assert ("rad", "study.view", uid) in events
     assert ("rad", "worklist.api", None) in events
+
+
+def test_worklist_fingerprint_changes_with_any_write_to_a_study(node: Node) -> None:
+    """Routing, escalation and retries change a study without touching any received,
+    queued, finished or read time: an open worklist must still learn of them."""
+    uid = add_study(node, status=StudyStatus.COMPLETE)
+
+    def fingerprint() -> str:
+        with node.reads() as session:
+            return worklist_fingerprint(session)
+
+    seen = [fingerprint()]
+    with node.sessions.begin() as session:  # what Pipeline.route writes when no rule matches
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == uid)
+            .values(status=StudyStatus.NOT_ROUTED, status_reason="no rule matched")
+        )
+    seen.append(fingerprint())
+    with node.engine.begin() as conn:  # Core, outside any session
+        conn.execute(update(Study).values(priority=Priority.STAT))
+    seen.append(fingerprint())
+    with node.sessions.begin() as session:  # an ORM flush
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        study.key_finding = "pneumonia"
+    seen.append(fingerprint())
+    assert len(set(seen)) == len(seen), seen
+    with node.reads() as session:
+        study = session.scalars(select(Study)).one()
+    assert study.updated_at > study.first_received_at
 
 
 def test_live_update_of_a_later_page_reloads_that_page(client: TestClient, node: Node) -> None:
