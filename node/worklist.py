@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, SQLColumnExpression, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.models import Priority, Study
@@ -100,7 +100,7 @@ class WorklistFilter:
     """What a radiologist narrows the worklist to; every field optional."""
 
     statuses: tuple[str, ...] = ()
-    #: One modality; matches studies whose ModalitiesInStudy contain it.
+    #: One modality; matches studies whose ModalitiesInStudy list it (CT: not OCT).
     modality: str | None = None
     priority: Priority | None = None
     #: Received on or after / before (UTC).
@@ -155,12 +155,27 @@ _ROW_COLUMNS = (
 )
 
 
+def _holds_item(column: SQLColumnExpression[str], value: str) -> ColumnElement[bool]:
+    """Whether a backslash-separated list (ModalitiesInStudy) holds ``value`` whole.
+
+    A substring match would find CT in OCT and US in IVUS. The LIKE escape is ``/``:
+    backslash is the separator here, and PostgreSQL's default escape.
+    """
+    item = value.replace("/", "//").replace("%", "/%").replace("_", "/_")
+    return or_(
+        column == value,
+        column.like(f"{item}\\%", escape="/"),
+        column.like(f"%\\{item}", escape="/"),
+        column.like(f"%\\{item}\\%", escape="/"),
+    )
+
+
 def _where(query: WorklistFilter) -> list[ColumnElement[bool]]:
     clauses: list[ColumnElement[bool]] = []
     if query.statuses:
         clauses.append(Study.status.in_(query.statuses))
     if query.modality:
-        clauses.append(Study.modalities.contains(query.modality, autoescape=True))
+        clauses.append(_holds_item(Study.modalities, query.modality))
     if query.priority is not None:
         clauses.append(Study.priority == int(query.priority))
     if query.received_from is not None:

@@ -223,6 +223,24 @@ def test_worklist_order_filters_and_search(client: TestClient, node: Node) -> No
     assert [i["study_instance_uid"] for i in two["items"]] == order[2:4] and two["has_more"]
 
 
+def test_worklist_modality_filter_matches_whole_items(client: TestClient, node: Node) -> None:
+    """CT is not OCT, US is not IVUS; a modality anywhere in a study's list counts."""
+    studies = {m: add_study(node, modalities=m) for m in ("CT", "OCT", "US", "IVUS")}
+    studies.update({m: add_study(node, modalities=m) for m in ("CT\\SR", "SR\\CT", "MR\\CT\\SR")})
+    login(client, "rad")
+
+    def matched(modality: str) -> set[str]:
+        r = client.get("/api/worklist", params={"modality": modality})
+        assert r.status_code == 200, r.text
+        found = {i["study_instance_uid"] for i in r.json()["items"]}
+        return {m for m, uid in studies.items() if uid in found}
+
+    assert matched("ct") == {"CT", "CT\\SR", "SR\\CT", "MR\\CT\\SR"}
+    assert matched("US") == {"US"}
+    assert matched("SR") == {"CT\\SR", "SR\\CT", "MR\\CT\\SR"}
+    assert matched("C_") == matched("%") == matched("CT\\%") == set()
+
+
 def test_worklist_waiting_counts_from_the_first_instance(client: TestClient, node: Node) -> None:
     """A late instance of a study waiting since 08:00 does not put it behind one of 08:30."""
     base = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
