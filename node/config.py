@@ -280,6 +280,15 @@ class WebSettings(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
     #: A login lasts this long after the last request (sliding expiry of the session cookie).
     session_minutes: int = Field(default=480, ge=1)
+    #: Failed logins of one user name, or from one client address, within
+    #: login_window_minutes before further attempts are refused (HTTP 429) for
+    #: login_lockout_seconds, doubling with each further failure (at most the window).
+    #: Counted in each web process's memory. The address limit is higher: behind a
+    #: reverse proxy without X-Forwarded-For, every user shares the proxy's address.
+    login_max_failures: int = Field(default=5, ge=1)
+    login_max_failures_per_address: int = Field(default=20, ge=1)
+    login_window_minutes: int = Field(default=15, ge=1)
+    login_lockout_seconds: int = Field(default=60, ge=1)
     #: Key that signs session cookies (a secret: environment or secret_key_file only).
     #: Neither set: a random key kept in <data_dir>/web-secret (0600).
     secret_key: str = ""

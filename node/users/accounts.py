@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -93,12 +93,25 @@ class Accounts:
         return True
 
     def authenticate(self, name: str, password: str) -> Account | None:
-        """The active account with this name and password, or None (same time either way)."""
-        with self._sessions.begin() as session:
+        """The active account with this name and password, or None (same time either way).
+
+        The lookup reads a snapshot and the Argon2 check (a few hundred ms) runs outside
+        any transaction: on SQLite a write transaction would hold the database's only
+        write lock, so anonymous failed logins would stall the ingest writers. Only an
+        outdated hash is written back, if it is still the one stored.
+        """
+        with self._reads() as session:
             user = session.scalar(select(User).where(User.name == name))
-            ok, new_hash = passwords.verify(password, user.password_hash if user else None)
-            if user is None or not ok or not user.active:
-                return None
-            if new_hash is not None:
-                user.password_hash = new_hash
-            return Account.of(user)
+            account = Account.of(user) if user is not None else None
+            stored = user.password_hash if user is not None else None
+        ok, new_hash = passwords.verify(password, stored)
+        if account is None or not ok or not account.active:
+            return None
+        if new_hash is not None:
+            with self._sessions.begin() as session:
+                session.execute(
+                    update(User)
+                    .where(User.id == account.id, User.password_hash == stored)
+                    .values(password_hash=new_hash)
+                )
+        return account

@@ -15,10 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from node.config import WebSettings
 from node.errors import NodeError
+from node.users.throttle import Lock, LoginThrottle
 from node.web import auth, pages
 from node.web.api import audit, destinations, rules, session, status, studies, worklist
-from node.web.context import STATIC_DIR, WebContext
+from node.web.context import STATIC_DIR, WebContext, client_address
 from node.web.internal import internal_router
 from node.web.secret import session_secret
 from node.web.service import health_router
@@ -41,6 +43,41 @@ def _error(request: Request, status: int, message: str) -> Response:
     return pages.render(ctx, request, "error.html", user, status, status=status, message=message)
 
 
+def _local_path(target: str | None) -> str | None:
+    """``target`` if it is a path on this site (not ``//host`` or ``/\\host``), else None."""
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return None
+
+
+def _login_refused(request: Request, fields: dict[str, str], seconds: int) -> Response:
+    wait = f"{-(-seconds // 60)} minutes" if seconds > 90 else f"{seconds} seconds"
+    message = f"Too many failed logins: try again in {wait}."
+    headers = {"Retry-After": str(seconds)}
+    if _is_api(request):
+        return JSONResponse({"detail": message}, status_code=429, headers=headers)
+    ctx: WebContext = request.app.state.ctx
+    target = _local_path(fields.get("next")) or "/"
+    page = pages.render(ctx, request, "login.html", None, 429, next=target, error=message)
+    page.headers.update(headers)
+    return page
+
+
+def _login_locked(request: Request, name: str, lock: Lock) -> None:
+    ctx: WebContext = request.app.state.ctx
+    detail = f"{lock.key} locked for {lock.seconds} s"
+    ctx.audit.record(name, "login.locked", detail=detail, client_address=client_address(request))
+
+
+def _login_throttle(settings: WebSettings) -> LoginThrottle:
+    return LoginThrottle(
+        max_failures=settings.login_max_failures,
+        max_failures_per_address=settings.login_max_failures_per_address,
+        window=settings.login_window_minutes * 60,
+        lockout=settings.login_lockout_seconds,
+    )
+
+
 def create_app(node: Node) -> FastAPI:
     app = FastAPI(
         title="triage-node",
@@ -50,6 +87,12 @@ def create_app(node: Node) -> FastAPI:
     )
     app.state.ctx = WebContext.of(node)
     settings = node.settings.web
+    app.add_middleware(  # inside the session middleware: the login page needs the session
+        auth.LoginThrottleMiddleware,
+        throttle=_login_throttle(settings),
+        refuse=_login_refused,
+        audit=_login_locked,
+    )
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(node.settings),

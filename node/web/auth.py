@@ -10,19 +10,30 @@ session's CSRF token in the ``X-CSRF-Token`` header or a ``csrf_token`` form fie
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
+from collections.abc import Callable
 from typing import Annotated
+from urllib.parse import parse_qsl
 
 from fastapi import Depends, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.users.accounts import Account
-from node.web.context import WebContext, web_context
+from node.users.throttle import Lock, LoginThrottle
+from node.web.context import WebContext, client_address, web_context
 
 SESSION_USER = "uid"
 SESSION_CSRF = "csrf"
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Where passwords are checked: the API's and the login form's POST.
+LOGIN_PATHS = frozenset({"/api/session", "/login"})
+_FORM = "application/x-www-form-urlencoded"
 
 
 class NotAuthenticated(Exception):
@@ -103,3 +114,89 @@ def admin(account: Annotated[Account, Depends(radiologist)]) -> Account:
 
 User = Annotated[Account, Depends(radiologist)]
 Admin = Annotated[Account, Depends(admin)]
+
+
+#: The answer to a refused login: (request, its form or JSON fields, seconds to wait).
+Refusal = Callable[[Request, dict[str, str], int], Response]
+#: Audits a lock that a failed login started: (request, name tried, the lock).
+LockAudit = Callable[[Request, str, Lock], None]
+
+
+class LoginThrottleMiddleware:
+    """Throttles both login endpoints alike, around their handlers (inside the session).
+
+    A login to a locked name or from a locked address is answered by ``refuse``
+    without checking the password; a 401 from a handler counts as a failure, a
+    success clears the name's failures.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, throttle: LoginThrottle, refuse: Refusal, audit: LockAudit
+    ) -> None:
+        self._app = app
+        self._throttle = throttle
+        self._refuse = refuse
+        self._audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in LOGIN_PATHS:
+            await self._app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        replay = _replay(body, receive)
+        request = Request(scope, replay)
+        fields = _fields(scope, body)
+        name, address = fields.get("name"), client_address(request)
+        wait = self._throttle.retry_after(name, address)
+        if wait is not None:
+            await self._refuse(request, fields, wait)(scope, replay, send)
+            return
+        status: list[int] = []
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self._app(scope, replay, send_status)
+        if status == [401]:
+            for lock in self._throttle.failed(name, address):
+                await run_in_threadpool(self._audit, request, name or "", lock)
+        elif status and status[0] < 400 and name:
+            self._throttle.succeeded(name)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _fields(scope: Scope, body: bytes) -> dict[str, str]:
+    """The string fields of a form or JSON body ({} if it is neither)."""
+    try:
+        text = body.decode()
+        if Headers(scope=scope).get("content-type", "").startswith(_FORM):
+            return dict(parse_qsl(text, keep_blank_values=True))
+        data = json.loads(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)}

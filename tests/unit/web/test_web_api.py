@@ -618,3 +618,41 @@ def test_web_secret_is_created_whole_once_for_concurrent_first_starts(tmp_path: 
     path = settings.storage.data_dir / KEY_FILE
     assert path.read_text() == key and path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in settings.storage.data_dir.iterdir()] == [KEY_FILE]  # no temp files
+
+
+def test_failed_logins_lock_the_name_with_429_and_an_audit(client: TestClient, node: Node) -> None:
+    wrong = {"name": "rad", "password": "guess-123"}
+    for _ in range(4):
+        assert client.post("/api/session", json=wrong).status_code == 401
+    assert (
+        client.post("/api/session", json={"name": "rad", "password": PASSWORD}).status_code == 200
+    )
+    for _ in range(5):  # the success cleared the name's failures
+        assert client.post("/api/session", json=wrong).status_code == 401
+    locked = client.post("/api/session", json={"name": "rad", "password": PASSWORD})
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "60"
+    assert "Too many failed logins" in locked.json()["detail"]
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    form = {"name": "rad", "password": PASSWORD, "csrf_token": token, "next": "/"}
+    refused = client.post("/login", data=form)
+    assert refused.status_code == 429 and "Too many failed logins" in refused.text
+    assert client.post("/api/session", json={"name": "admin", "password": PASSWORD}).is_success
+    with node.sessions() as session:
+        events = session.execute(
+            select(AuditEvent.user_name, AuditEvent.action, AuditEvent.detail).where(
+                AuditEvent.action.startswith("login.")
+            )
+        ).all()
+    assert events.count(("rad", "login.failed", None)) == 9
+    assert ("rad", "login.locked", "name locked for 60 s") in events
+
+
+def test_failed_logins_lock_the_client_address(node: Node) -> None:
+    node.settings.web.login_max_failures_per_address = 3
+    with TestClient(create_app(node)) as guesser:
+        for name in ("a", "b", "c"):
+            r = guesser.post("/api/session", json={"name": name, "password": "guess-123"})
+            assert r.status_code == 401
+        r = guesser.post("/api/session", json={"name": "rad", "password": PASSWORD})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) == 60

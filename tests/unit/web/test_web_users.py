@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from node.cli import app
 from node.db import migrate
-from node.db.engine import make_engine, make_sessionmaker
+from node.db.engine import READ_ONLY, make_engine, make_sessionmaker
 from node.db.models import AuditEvent, Role, User
-from node.users.accounts import AccountError, Accounts
+from node.users.accounts import Account, AccountError, Accounts
+from node.users.throttle import Lock, LoginThrottle
 
 
 @pytest.fixture
@@ -92,3 +96,64 @@ def test_users_cli(tmp_path: Path) -> None:
         ("user.enable", "rad"),
     ]
     assert all(who.startswith("cli:") for _, _, who in events)
+
+
+def test_authenticate_checks_the_password_without_the_sqlite_write_lock(tmp_path: Path) -> None:
+    """The Argon2 check takes a few hundred ms: inside a write transaction (BEGIN IMMEDIATE
+    on SQLite) every failed login would hold up the ingest writers."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'users.db'}")
+    migrate.upgrade(engine)
+    reads = make_sessionmaker(engine.execution_options(**{READ_ONLY: True}))
+    accounts = Accounts(make_sessionmaker(engine), reads)
+    alice = accounts.add("alice", "correct horse", Role.ADMIN)
+    results: list[Account | None] = []
+
+    def log_in() -> None:
+        results.append(accounts.authenticate("alice", "wrong password"))
+        results.append(accounts.authenticate("alice", "correct horse"))
+
+    with engine.connect() as writer:
+        writer.begin()  # an ingest writer holding the write lock
+        writer.execute(update(User).values(active=True))
+        thread = threading.Thread(target=log_in)
+        thread.start()
+        thread.join(timeout=5)
+        beside_the_writer = not thread.is_alive()
+        writer.rollback()
+    thread.join()
+    assert beside_the_writer and results == [None, alice]
+
+
+def test_an_outdated_hash_is_replaced_on_login(accounts: Accounts) -> None:
+    accounts.add("carol", "correct horse", Role.RADIOLOGIST)
+    weak = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=8192),)).hash("correct horse")
+    with accounts._sessions.begin() as session:
+        session.execute(update(User).where(User.name == "carol").values(password_hash=weak))
+    assert accounts.authenticate("carol", "correct horse") is not None
+    with accounts._sessions() as session:
+        stored = session.scalar(select(User.password_hash).where(User.name == "carol"))
+    assert stored is not None and stored != weak
+    assert accounts.authenticate("carol", "correct horse") is not None
+
+
+def test_login_throttle_locks_names_and_addresses_for_a_growing_delay() -> None:
+    now = [1000.0]
+    throttle = LoginThrottle(
+        max_failures=3, max_failures_per_address=5, window=900, lockout=60, clock=lambda: now[0]
+    )
+    assert throttle.failed("alice", "10.0.0.1") == []
+    assert throttle.failed("alice", "10.0.0.1") == []
+    assert throttle.failed("alice", "10.0.0.1") == [Lock("name", 60)]
+    assert throttle.retry_after("alice", "10.0.0.2") == 60
+    assert throttle.retry_after("bob", "10.0.0.1") is None  # the address has 3 of 5
+    now[0] += 61
+    assert throttle.retry_after("alice", None) is None
+    assert throttle.failed("alice", None) == [Lock("name", 120)]  # doubled
+    assert throttle.failed("bob", "10.0.0.1") == []
+    assert throttle.failed("carol", "10.0.0.1") == [Lock("address", 60)]
+    assert throttle.retry_after("dave", "10.0.0.1") == 60
+    throttle.succeeded("alice")  # clears the name, not the address
+    assert throttle.retry_after("alice", None) is None
+    assert throttle.retry_after("alice", "10.0.0.1") == 60
+    now[0] += 900  # the window passed: the failures are forgotten
+    assert throttle.failed("carol", "10.0.0.1") == []
