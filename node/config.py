@@ -278,8 +278,10 @@ class WebSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
-    #: A login lasts this long after the last request (sliding expiry of the session cookie).
+    #: A login ends this long after its user's last request (the worklist's background
+    #: polls do not count), and session_max_hours after it began however active.
     session_minutes: int = Field(default=480, ge=1)
+    session_max_hours: int = Field(default=12, ge=1)
     #: Failed logins of one user name, or from one client address, within
     #: login_window_minutes before further attempts are refused (HTTP 429) for
     #: login_lockout_seconds, doubling with each further failure (at most the window).

@@ -7,6 +7,7 @@ page; wrong role or missing CSRF token -> 403; a node error -> a problem respons
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
@@ -48,6 +49,17 @@ def _local_path(target: str | None) -> str | None:
     if target and target.startswith("/") and not target.startswith(("//", "/\\")):
         return target
     return None
+
+
+def _after_login(request: Request) -> str:
+    """Where to go after logging in: the page asked for, or for a form posted after the
+    session ended, the page it was posted from (the browser GETs ``next``, and a POST
+    route answers a GET with 405; the form's action is lost either way)."""
+    url = urlsplit(str(request.url))
+    if request.method not in ("GET", "HEAD"):
+        referer = urlsplit(request.headers.get("referer", ""))
+        url = referer if referer.netloc == url.netloc else url._replace(path="/", query="")
+    return _local_path(url.path + (f"?{url.query}" if url.query else "")) or "/"
 
 
 def _login_refused(request: Request, fields: dict[str, str], seconds: int) -> Response:
@@ -116,10 +128,7 @@ def create_app(node: Node) -> FastAPI:
                 status_code=401,
                 headers={"WWW-Authenticate": 'Cookie realm="triage-node"'},
             )
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        from urllib.parse import quote
-
-        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(_after_login(request))}", status_code=303)
 
     @app.exception_handler(auth.Forbidden)
     def _forbidden(request: Request, exc: auth.Forbidden) -> Response:

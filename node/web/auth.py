@@ -1,9 +1,11 @@
 """Who is asking: the session cookie, roles, and CSRF tokens.
 
-The session (a cookie signed by Starlette's SessionMiddleware, expiring
-``web.session_minutes`` after the last request) holds only the user's id and a
-CSRF token. The account is read on every request, so disabling a user ends their
-sessions at once. Unsafe requests (POST, PUT, PATCH, DELETE) must echo the
+The session (a cookie signed by Starlette's SessionMiddleware) holds the user's id,
+a CSRF token, and when it started and was last used. It ends ``web.session_minutes``
+after the last request the user made (the worklist's background polls do not count,
+so an unattended open worklist still logs out) and ``web.session_max_hours`` after
+login however active. The account is read on every request, so disabling a user ends
+their sessions at once. Unsafe requests (POST, PUT, PATCH, DELETE) must echo the
 session's CSRF token in the ``X-CSRF-Token`` header or a ``csrf_token`` form field.
 """
 
@@ -12,8 +14,9 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import Depends, Request
@@ -22,12 +25,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from node.config import WebSettings
 from node.users.accounts import Account
 from node.users.throttle import Lock, LoginThrottle
 from node.web.context import WebContext, client_address, web_context
 
 SESSION_USER = "uid"
 SESSION_CSRF = "csrf"
+SESSION_STARTED = "started"
+SESSION_SEEN = "seen"
+#: Requests an open worklist makes by itself: they do not keep its session alive.
+BACKGROUND_PATHS = frozenset({"/api/worklist/fingerprint", "/worklist/rows"})
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -76,6 +84,7 @@ def log_in(request: Request, account: Account) -> None:
     request.session.clear()
     request.session[SESSION_USER] = account.id
     request.session[SESSION_CSRF] = secrets.token_urlsafe(32)
+    request.session[SESSION_STARTED] = request.session[SESSION_SEEN] = int(time.time())
 
 
 def log_out(request: Request) -> None:
@@ -84,14 +93,30 @@ def log_out(request: Request) -> None:
 
 def current_user(request: Request, ctx: Annotated[WebContext, Depends(web_context)]) -> Account:
     user_id = request.session.get(SESSION_USER)
-    if not isinstance(user_id, int):
+    if not isinstance(user_id, int) or _expired(request.session, ctx.settings.web):
+        request.session.clear()
         raise NotAuthenticated
     account = ctx.accounts.get(user_id)
     if account is None or not account.active:
         request.session.clear()
         raise NotAuthenticated
+    now = int(time.time())
+    if request.url.path not in BACKGROUND_PATHS and request.session[SESSION_SEEN] != now:
+        request.session[SESSION_SEEN] = now  # changed: Starlette re-signs the cookie
     request.state.user = account
     return account
+
+
+def _expired(session: dict[str, Any], settings: WebSettings) -> bool:
+    """Idle too long, past the maximum age, or a session from before these were kept."""
+    started, seen = session.get(SESSION_STARTED), session.get(SESSION_SEEN)
+    if not isinstance(started, int) or not isinstance(seen, int):
+        return True
+    now = time.time()
+    return (
+        now - seen > settings.session_minutes * 60
+        or now - started > settings.session_max_hours * 3600
+    )
 
 
 async def _csrf_checked(request: Request) -> None:

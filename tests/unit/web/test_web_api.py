@@ -12,12 +12,15 @@ import io
 import itertools
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -656,3 +659,55 @@ def test_failed_logins_lock_the_client_address(node: Node) -> None:
             assert r.status_code == 401
         r = guesser.post("/api/session", json={"name": "rad", "password": PASSWORD})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) == 60
+
+
+def test_a_session_ends_after_idle_minutes_not_minutes_since_login(
+    client: TestClient, node: Node
+) -> None:
+    """Every request of its user extends a session; the worklist's polls do not, so an
+    open worklist on an unattended workstation still logs out."""
+    minutes = node.settings.web.session_minutes
+    node.settings.web.session_max_hours = 48
+    t0 = time.time()
+    login(client, "rad")
+    for step in (1, 2, 3):  # active for three times session_minutes
+        with mock.patch("time.time", return_value=t0 + step * (minutes - 1) * 60):
+            assert client.get("/api/worklist").status_code == 200
+    last = t0 + 3 * (minutes - 1) * 60
+    for offset in (60, (minutes - 1) * 60):
+        with mock.patch("time.time", return_value=last + offset):
+            assert client.get("/api/worklist/fingerprint").status_code == 200
+            assert client.get("/worklist/rows").status_code == 200
+    with mock.patch("time.time", return_value=last + (minutes + 1) * 60):
+        assert client.get("/api/worklist/fingerprint").status_code == 401
+
+
+def test_a_session_ends_at_its_maximum_age_however_active(client: TestClient, node: Node) -> None:
+    node.settings.web.session_max_hours = 1
+    t0 = time.time()
+    login(client, "rad")
+    with mock.patch("time.time", return_value=t0 + 50 * 60):
+        assert client.get("/api/worklist").status_code == 200
+    with mock.patch("time.time", return_value=t0 + 61 * 60):
+        assert client.get("/api/worklist").status_code == 401
+
+
+def test_a_form_posted_after_the_session_ended_returns_to_its_page(
+    client: TestClient, node: Node
+) -> None:
+    """``next`` is fetched with GET after login: a POST route there would answer 405."""
+    uid = add_study(node)
+    study = f"/studies/{uid}"
+    for referer, back in (
+        (f"http://testserver{study}?x=1", f"{study}?x=1"),
+        (f"http://elsewhere.example{study}", "/"),
+        (None, "/"),
+    ):
+        headers = {"Referer": referer} if referer else {}
+        r = client.post(
+            f"{study}/read", data={"csrf_token": "x"}, headers=headers, follow_redirects=False
+        )
+        assert r.status_code == 303
+        assert r.headers["location"] == f"/login?next={quote(back)}"
+    r = client.get(f"{study}?x=1", follow_redirects=False)
+    assert r.headers["location"] == f"/login?next={quote(study + '?x=1')}"
