@@ -13,8 +13,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.config import WebSettings
 from node.errors import NodeError
@@ -90,6 +92,31 @@ def _login_throttle(settings: WebSettings) -> LoginThrottle:
     )
 
 
+class NoStore:
+    """``Cache-Control: no-store`` on every response but static assets.
+
+    Pages, API answers and images carry patient data: on a shared workstation a
+    browser cache would show them after logout, without a login or an audit event.
+    Set here, for all routes, so that no handler can forget it (it replaces what a
+    handler set).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/static/"):
+            await self._app(scope, receive, send)
+            return
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self._app(scope, receive, send_no_store)
+
+
 def create_app(node: Node) -> FastAPI:
     app = FastAPI(
         title="triage-node",
@@ -105,6 +132,7 @@ def create_app(node: Node) -> FastAPI:
         refuse=_login_refused,
         audit=_login_locked,
     )
+    app.add_middleware(NoStore)
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(node.settings),

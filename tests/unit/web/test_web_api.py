@@ -357,6 +357,7 @@ def test_overlay_views_are_audited(client: TestClient, node: Node) -> None:
     login(client, "rad")
     r = client.get(f"/api/studies/{uid}/instances/{sop}/mask.png")
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert r.headers["Cache-Control"] == "no-store"  # not in the browser cache after logout
     assert client.get(f"/api/studies/{uid}/instances/{sop}/heatmap.png").status_code == 404
     with node.sessions() as session:
         events = session.execute(
@@ -711,3 +712,13 @@ def test_a_form_posted_after_the_session_ended_returns_to_its_page(
         assert r.headers["location"] == f"/login?next={quote(back)}"
     r = client.get(f"{study}?x=1", follow_redirects=False)
     assert r.headers["location"] == f"/login?next={quote(study + '?x=1')}"
+
+
+def test_responses_with_patient_data_are_not_cached(client: TestClient, node: Node) -> None:
+    uid = add_study(node)
+    login(client, "rad")
+    for path in ("/", "/api/worklist", f"/studies/{uid}", f"/api/studies/{uid}", "/login"):
+        r = client.get(path)
+        assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store", path
+    static = client.get("/static/app.css")
+    assert static.status_code == 200 and "no-store" not in static.headers.get("Cache-Control", "")
