@@ -46,13 +46,6 @@ def _error(request: Request, status: int, message: str) -> Response:
     return pages.render(ctx, request, "error.html", user, status, status=status, message=message)
 
 
-def _local_path(target: str | None) -> str | None:
-    """``target`` if it is a path on this site (not ``//host`` or ``/\\host``), else None."""
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
-        return target
-    return None
-
-
 def _after_login(request: Request) -> str:
     """Where to go after logging in: the page asked for, or for a form posted after the
     session ended, the page it was posted from (the browser GETs ``next``, and a POST
@@ -61,7 +54,7 @@ def _after_login(request: Request) -> str:
     if request.method not in ("GET", "HEAD"):
         referer = urlsplit(request.headers.get("referer", ""))
         url = referer if referer.netloc == url.netloc else url._replace(path="/", query="")
-    return _local_path(url.path + (f"?{url.query}" if url.query else "")) or "/"
+    return auth.local_path(url.path + (f"?{url.query}" if url.query else "")) or "/"
 
 
 def _login_refused(request: Request, fields: dict[str, str], seconds: int) -> Response:
@@ -71,7 +64,7 @@ def _login_refused(request: Request, fields: dict[str, str], seconds: int) -> Re
     if _is_api(request):
         return JSONResponse({"detail": message}, status_code=429, headers=headers)
     ctx: WebContext = request.app.state.ctx
-    target = _local_path(fields.get("next")) or "/"
+    target = auth.local_path(fields.get("next")) or "/"
     page = pages.render(ctx, request, "login.html", None, 429, next=target, error=message)
     page.headers.update(headers)
     return page

@@ -225,3 +225,14 @@ def _fields(scope: Scope, body: bytes) -> dict[str, str]:
     if not isinstance(data, dict):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def local_path(target: str | None) -> str | None:
+    """``target`` if it is a path on this site, else None.
+
+    Not ``//host`` and not ``/\\host``: browsers read both as another host, which
+    would make the login page an open redirect.
+    """
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return None

@@ -46,7 +46,7 @@ def render(
 
 
 def _safe_next(target: str) -> str:
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    return auth.local_path(target) or "/"
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -24,7 +24,8 @@ from node.web.studies import study_detail as read_study
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
 
-_PNG_CACHE = "private, max-age=600"
+#: Images of a patient must not outlive the session in a shared workstation's browser cache.
+_PNG_CACHE = "no-store"
 
 
 @router.get("/{study_uid}", response_model=StudyOut)

@@ -172,6 +172,28 @@ def test_login_form_with_csrf_and_wrong_password(client: TestClient) -> None:
     assert client.get("/api/session").json()["name"] == "rad"
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent_to"),
+    [
+        ("/studies/1.2.3?x=1", "/studies/1.2.3?x=1"),
+        ("//evil.example/", "/"),
+        ("/\\evil.example/", "/"),  # browsers read /\host as //host
+        ("https://evil.example/", "/"),
+    ],
+)
+def test_login_goes_only_to_pages_of_this_site(
+    client: TestClient, asked: str, sent_to: str
+) -> None:
+    page = client.get("/login", params={"next": asked})
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    ok = client.post(
+        "/login",
+        data={"name": "rad", "password": PASSWORD, "csrf_token": token, "next": asked},
+        follow_redirects=False,
+    )
+    assert ok.status_code == 303 and ok.headers["location"] == sent_to
+
+
 def test_posts_need_the_csrf_token(client: TestClient, node: Node) -> None:
     uid = add_study(node)
     login(client, "rad")
