@@ -647,7 +647,7 @@ def test_web_secret_is_created_whole_once_for_concurrent_first_starts(tmp_path: 
 
 
 def test_failed_logins_lock_the_name_with_429_and_an_audit(client: TestClient, node: Node) -> None:
-    wrong = {"name": "rad", "password": "guess-123"}
+    wrong = {"name": "rad", "password": "guess-123"}  # pragma: allowlist secret
     for _ in range(4):
         assert client.post("/api/session", json=wrong).status_code == 401
     assert (
