@@ -253,6 +253,11 @@ class Pipeline:
                 return None
         status = self.route_or_note(row.id, row.version, study_instance_uid)
         self.dispatch_due()
+        if status is None:
+            # Routing failed (kept complete), or the supervisor's tick routed the study
+            # between the two transactions: report where it is, not where it was.
+            with self.sessions() as session:
+                status = session.scalar(select(Study.status).where(Study.id == row.id))
         return status or StudyStatus.COMPLETE
 
     # -- sending -----------------------------------------------------------------------

@@ -140,6 +140,28 @@ def test_reprocessing_a_purged_study_says_why_it_cannot(pipeline: Pipeline) -> N
     assert pipeline.reprocess(generate_uid(prefix=TEST_ROOT)) is None
 
 
+def test_reprocess_reports_the_routing_the_supervisor_did_first(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's supervisor ticks on its own thread: it may route a study that reprocess
+    has just made complete. reprocess then says where the study is, not "complete"."""
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    _receive(pipeline, study_uid, generate_uid(prefix=TEST_ROOT))
+    study_id = _complete(pipeline, study_uid)
+    assert pipeline.route_or_note(study_id, 1, study_uid) is not None
+    with pipeline.sessions.begin() as session:
+        session.execute(update(Study).values(status=StudyStatus.DONE))
+    route_or_note = pipeline.route_or_note
+
+    def supervisor_first(study_id: int, version: int, uid: str) -> StudyStatus | None:
+        routed = route_or_note(study_id, version, uid)  # the tick
+        assert routed is not None
+        return route_or_note(study_id, version, uid)  # reprocess's own: routed meanwhile
+
+    monkeypatch.setattr(pipeline, "route_or_note", supervisor_first)
+    assert pipeline.reprocess(study_uid) in (StudyStatus.QUEUED, StudyStatus.NOT_ROUTED)
+
+
 def test_originals_that_cannot_be_queued_are_routed_again_with_the_study(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
