@@ -58,12 +58,32 @@ def check_owner_only(path: Path, what: str = "secret file") -> None:
 
 
 def read_secret_file(path: Path) -> str:
-    """The stripped content of a secret file that only its owner can read."""
+    """The stripped content of a secret file that only its owner can read.
+
+    Every way of failing is a ValueError: pydantic turns it into a problem with the
+    key, where an OSError would escape validation as a traceback.
+    """
     check_owner_only(path)
-    value = path.read_text(encoding="utf-8").strip()
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {path} is not UTF-8 text") from None
     if not value:
         raise ValueError(f"secret file {path} is empty")
     return value
+
+
+def _readable_secret(path: Path | None) -> Path | None:
+    """Field validator of a ``*_file`` key: its problems are reported against that key.
+
+    The section's after-validator reads the file again to fill the secret; this
+    check only moves the blame from the section to the key that names the file.
+    """
+    if path is not None:
+        read_secret_file(path)
+    return path
 
 
 def _from_file(section: BaseModel, field: str, file_field: str) -> None:
@@ -266,6 +286,8 @@ class DatabaseSettings(_Section):
     auto_upgrade: bool = True
     echo: bool = False
 
+    _url_file = field_validator("url_file")(_readable_secret)
+
     @model_validator(mode="after")
     def _secret(self) -> DatabaseSettings:
         _from_file(self, "url", "url_file")
@@ -304,6 +326,8 @@ class WebSettings(_Section):
     tls_ciphers: str = DEFAULT_CIPHERS
     #: Prometheus metrics at /metrics (no login; restrict with the firewall or cluster.token).
     metrics: bool = True
+
+    _secret_key_file = field_validator("secret_key_file")(_readable_secret)
 
     @model_validator(mode="after")
     def _secret(self) -> WebSettings:
@@ -357,6 +381,8 @@ class PipelineSettings(_Section):
     #: Back-pressure: with this many studies queued or processing, new C-STOREs are
     #: answered 0xA702 (out of resources) until the backlog drains. 0: no limit.
     max_backlog_studies: int = Field(default=5000, ge=0)
+
+    _broker_url_file = field_validator("broker_url_file")(_readable_secret)
 
     @model_validator(mode="after")
     def _secret(self) -> PipelineSettings:
@@ -482,6 +508,8 @@ class PrivacySettings(_Section):
     pseudonym_key: str = ""
     pseudonym_key_file: Path | None = None
 
+    _pseudonym_key_file = field_validator("pseudonym_key_file")(_readable_secret)
+
     @model_validator(mode="after")
     def _secret(self) -> PrivacySettings:
         _from_file(self, "pseudonym_key", "pseudonym_key_file")
@@ -498,6 +526,8 @@ class ClusterSettings(_Section):
     #: Base URL of the node (DICOM role) HTTP service, e.g. "http://node:8080".
     #: Used by workers and the web role when they cannot see the node's storage.
     node_url: str = ""
+
+    _token_file = field_validator("token_file")(_readable_secret)
 
     @model_validator(mode="after")
     def _secret(self) -> ClusterSettings:

@@ -181,3 +181,27 @@ def test_deidentifying_destination_gets_no_heatmap(
     assert load_settings(path).destinations[0].kinds == ["sr"]
     path.write_text(destination)
     assert load_settings(path).destinations[0].kinds == ["seg", "sr", "sc"]
+
+
+def _problems(path: Path | None = None, **overrides: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, **overrides)
+    return "\n".join(info.value.problems)
+
+
+def test_unreadable_secret_file_is_a_problem_of_its_key(tmp_path: Path) -> None:
+    """A directory, a missing file or non-text: the key and the reason, never a traceback."""
+    folder = tmp_path / "secretdir"
+    folder.mkdir(mode=0o700)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[web]\nport = 8081\nsecret_key_file = "{folder}"\n')
+    problems = _problems(cfg)
+    assert problems.startswith("line 3: web.secret_key_file: ")
+    assert str(folder) in problems and "directory" in problems
+    cfg.write_text(f'[web]\nport = 8081\nsecret_key_file = "{tmp_path / "missing"}"\n')
+    assert "line 3: web.secret_key_file: " in _problems(cfg)
+    binary = tmp_path / "token"
+    binary.write_bytes(b"\xff\xfe\x00")
+    binary.chmod(0o600)
+    cfg.write_text(f'[cluster]\ntoken_file = "{binary}"\n')
+    assert "cluster.token_file: " in _problems(cfg) and "UTF-8" in _problems(cfg)
