@@ -32,6 +32,7 @@ def c_echo(
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
+    ae.connection_timeout = timeout  # pynetdicom's default waits for the OS (~2 min)
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called_ae_title, evt_handlers=dicom_socket.HANDLERS)
     try:

@@ -147,7 +147,9 @@ def record(
         export.last_error = f"gave up after {export.attempts} attempts: {delivery.detail}"[:2000]
         export.next_attempt_at = None
         return
-    delay = min(max_backoff, initial_backoff * 2 ** (export.attempts - 1))
+    # The exponent is capped: 2 ** 1024 overflows a float, and a destination retried
+    # that often (a day at a 60 s cap) stalled the exporter's whole batch.
+    delay = min(max_backoff, initial_backoff * 2 ** min(export.attempts - 1, 60))
     export.next_attempt_at = now + timedelta(seconds=delay)
 
 

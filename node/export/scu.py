@@ -84,7 +84,10 @@ def send(
 ) -> list[Delivery]:
     """Send ``items`` over one association; one :class:`Delivery` per item, in order."""
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
+    # connection_timeout too: pynetdicom leaves the TCP connect unbounded, and a PACS
+    # behind a firewall that drops packets then held the exporter ~2 minutes per send.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
     for sop_class, tsuids in list(_requested_syntaxes(items).items())[:128]:
         ae.add_requested_context(sop_class, tsuids)
     context: tls.ClientContext | None = None

@@ -6,12 +6,16 @@ it over TCP as it would to a PACS. Both database backends.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -29,14 +33,16 @@ from pynetdicom.presentation import PresentationContext
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import config
 from node.config import Settings
 from node.db.models import Export, ExportState, Study, StudyStatus
 from node.db.types import utcnow
 from node.deid import Deidentifier
 from node.export import deliveries
 from node.export.exporter import Exporter
-from node.export.scu import Outcome, classify
+from node.export.scu import Delivery, Item, Outcome, classify, send
 from node.storage import InstanceStore
+from node.verification import c_echo
 from tests.conftest import node_config
 from tests.dicomgen import TEST_ROOT, ct_instance
 from tests.nodes import free_port
@@ -362,3 +368,59 @@ def test_destination_removed_from_the_configuration_fails_its_deliveries(
     row = _row(sessions)
     assert row.state == ExportState.FAILED
     assert row.last_error == "destination 'GONE' is not configured"
+
+
+def test_backoff_stays_at_its_cap_however_many_attempts() -> None:
+    """2 ** 1024 overflows a float: the 1025th attempt of a long retry raised."""
+    now = utcnow()
+    for attempts in (1, 10, 1023, 1024, 1025, 10_000):
+        export = Export(attempts=attempts, retry_started_at=now)
+        deliveries.record(
+            cast(Session, None),
+            export,
+            Delivery(Outcome.TEMPORARY, None, "no association"),
+            retry_for=timedelta(days=30),
+            initial_backoff=5.0,
+            max_backoff=60.0,
+        )
+        assert export.next_attempt_at is not None
+        expected = 10.0 if attempts == 1 else 60.0  # 5 s doubled once, else the cap
+        assert abs((export.next_attempt_at - now).total_seconds() - expected) < 5
+
+
+def test_a_destination_that_never_answers_the_connect_is_given_up_on_in_time(
+    tmp_path: Path,
+) -> None:
+    """A PACS behind a firewall that drops SYNs: pynetdicom's connect waited for the OS
+    (about two minutes), whatever export.timeout_seconds said."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the accept queue: further SYNs are dropped, as by a firewall
+        filler = socket.socket()
+        filler.settimeout(0.5)
+        with contextlib.suppress(OSError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    path = tmp_path / "ct.dcm"
+    ds = ct_instance(generate_uid(prefix=TEST_ROOT), generate_uid(prefix=TEST_ROOT), 1)
+    ds.save_as(path, enforce_file_format=True)
+    destination = config.Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    try:
+        started = time.monotonic()
+        [outcome] = send(
+            destination,
+            [Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))],
+            calling_ae_title="TRIAGE",
+            timeout=2.0,
+        )
+        assert outcome.outcome is Outcome.TEMPORARY
+        assert time.monotonic() - started < 30, "the connect was not bounded by the timeout"
+        started = time.monotonic()
+        echo = c_echo("127.0.0.1", port, called_ae_title="PACS", calling_ae_title="T", timeout=2)
+        assert not echo.ok and time.monotonic() - started < 30
+    finally:
+        for s in (*fillers, listener):
+            s.close()
