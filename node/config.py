@@ -10,9 +10,12 @@ all-in-one mode: SQLite under ``./var``, no broker server.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -24,11 +27,19 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from node import tomldoc
 from node.errors import ConfigError
 
+#: Environment variables that override the file: TRIAGE_NODE_<SECTION>__<KEY>.
+ENV_PREFIX = "TRIAGE_NODE_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash/controls
 
 
@@ -197,7 +208,8 @@ class DicomSettings(_Section):
     #: Largest PDU we accept. Large PDUs mean fewer, cheaper reads; 0 means unlimited.
     max_pdu_size: int = Field(default=4_194_304, ge=0)
     #: Who may send. Each entry: "AE", "AE@host" or "AE@network/prefix", or a table.
-    allowed_callers: list[AllowedCaller] = Field(
+    #: NoDecode: the environment may give the comma-separated form (see _callers).
+    allowed_callers: Annotated[list[AllowedCaller], NoDecode] = Field(
         default_factory=lambda: [
             AllowedCaller(ae_title="STORESCU", host="127.0.0.1"),
             AllowedCaller(ae_title="ECHOSCU", host="127.0.0.1"),
@@ -233,6 +245,15 @@ class DicomSettings(_Section):
     @field_validator("allowed_callers", mode="before")
     @classmethod
     def _callers(cls, v: Any) -> Any:
+        """A list, or a string: JSON (``[...]``) or ``"AE@host, AE2"`` (the environment's form)."""
+        if isinstance(v, str):
+            if v.lstrip().startswith("["):
+                try:
+                    v = json.loads(v)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list: {exc}") from None
+            else:
+                v = [item.strip() for item in v.split(",") if item.strip()]
         if isinstance(v, list):
             return [AllowedCaller.parse(item) for item in v]
         return v
@@ -561,7 +582,7 @@ class Settings(BaseSettings):
     """All settings of one node; see ``config.example.toml``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TRIAGE_NODE_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         validate_assignment=True,
@@ -680,11 +701,79 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
                 [tomldoc.describe(source, text, loc, msg) for loc, msg in inline],
             )
     cls: type[Settings] = type("FileSettings", (Settings,), {"toml_document": data})
+    env = _environment()
     try:
         return cls(**overrides)
+    except SettingsError as exc:
+        raise ConfigError(source, _undecodable(env) or [str(exc)]) from None
     except ValidationError as exc:
         problems = [tomldoc.describe(source, text, err["loc"], err["msg"]) for err in exc.errors()]
         raise ConfigError(source, problems) from None
+
+
+def _environment() -> dict[str, str]:
+    """Our variables, names upper-cased (pydantic-settings matches them ignoring case)."""
+    return {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+
+
+def _undecodable(env: dict[str, str]) -> list[str]:
+    """Variables of list/table keys whose value is not JSON, as problems.
+
+    pydantic-settings decodes those as JSON before validation and its SettingsError
+    names neither the variable nor the expected form; this finds both.
+    """
+    problems = []
+    for name, value in sorted(env.items()):
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        field = _field_at(parts)
+        if field is None or not (value or len(parts) == 1):
+            continue
+        kind = _complex_kind(field)
+        if kind is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            example = '["a", "b"]' if kind == "list" else '{"key": "value"}'
+            problems.append(
+                f"from {name}: {'.'.join(parts)}: not valid JSON ({exc.args[0]}); "
+                f"a {kind} is given in the environment as JSON, e.g. {example}"
+            )
+    return problems
+
+
+def _field_at(parts: list[str]) -> FieldInfo | None:
+    """The settings field a variable's name parts lead to, if any."""
+    model: type[BaseModel] = Settings
+    field: FieldInfo | None = None
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        if i < len(parts) - 1:
+            ann = field.annotation
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return None
+            model = ann
+    return field
+
+
+def _complex_kind(field: FieldInfo) -> str | None:
+    """'list' or 'table' when pydantic-settings JSON-decodes the field's variable, else None."""
+    if NoDecode in field.metadata:
+        return None
+    ann = field.annotation
+    args = (
+        [a for a in get_args(ann) if a is not type(None)]
+        if get_origin(ann) in (Union, UnionType)
+        else [ann]
+    )
+    for arg in args:
+        if (isinstance(arg, type) and issubclass(arg, BaseModel)) or get_origin(arg) is dict:
+            return "table"
+        if get_origin(arg) in (list, tuple, set):
+            return "list"
+    return None
 
 
 def _inline_secrets(data: dict[str, Any]) -> list[tuple[tuple[str, str], str]]:

@@ -205,3 +205,26 @@ def test_unreadable_secret_file_is_a_problem_of_its_key(tmp_path: Path) -> None:
     binary.chmod(0o600)
     cfg.write_text(f'[cluster]\ntoken_file = "{binary}"\n')
     assert "cluster.token_file: " in _problems(cfg) and "UTF-8" in _problems(cfg)
+
+
+def test_allowed_callers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented AE@host form works in the environment: one entry or a comma list."""
+    monkeypatch.setenv("TRIAGE_NODE_DICOM__ALLOWED_CALLERS", "STORESCU@10.0.0.1")
+    assert [str(c) for c in load_settings().dicom.allowed_callers] == ["STORESCU@10.0.0.1"]
+    monkeypatch.setenv("TRIAGE_NODE_DICOM__ALLOWED_CALLERS", "CT1@10.0.0.0/8, MR1")
+    assert [str(c) for c in load_settings().dicom.allowed_callers] == ["CT1@10.0.0.0/8", "MR1"]
+    monkeypatch.setenv("TRIAGE_NODE_DICOM__ALLOWED_CALLERS", '["CT1", {"ae_title": "US1"}]')
+    assert [str(c) for c in load_settings().dicom.allowed_callers] == ["CT1", "US1"]
+    monkeypatch.setenv("TRIAGE_NODE_DICOM__ALLOWED_CALLERS", "MR1@not-an-ip")
+    problems = _problems()
+    assert "dicom.allowed_callers.0.host:" in problems
+
+
+def test_undecodable_environment_table_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydantic-settings' SettingsError (raised before validation) becomes a ConfigError."""
+    monkeypatch.setenv("TRIAGE_NODE_DESTINATIONS", "PACS@10.0.0.9")
+    problems = _problems()
+    assert problems.startswith("from TRIAGE_NODE_DESTINATIONS: destinations: not valid JSON")
+    assert "as JSON, e.g." in problems
