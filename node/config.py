@@ -707,13 +707,51 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     except SettingsError as exc:
         raise ConfigError(source, _undecodable(env) or [str(exc)]) from None
     except ValidationError as exc:
-        problems = [tomldoc.describe(source, text, err["loc"], err["msg"]) for err in exc.errors()]
+        problems = [_describe(source, text, env, overrides, err) for err in exc.errors()]
         raise ConfigError(source, problems) from None
 
 
 def _environment() -> dict[str, str]:
     """Our variables, names upper-cased (pydantic-settings matches them ignoring case)."""
     return {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+
+
+def _describe(
+    source: str, text: str | None, env: dict[str, str], overrides: dict[str, Any], err: Any
+) -> str:
+    """One problem, blamed on the variable or keyword that set the value, else the file line.
+
+    A value from the environment must not point at a (correct) line of the file.
+    """
+    loc: tuple[str | int, ...] = tuple(err["loc"])
+    keys = [str(p) for p in loc[: _first_index(loc)]]
+    msg: str = err["msg"]
+    if keys and _has_path(overrides, keys):
+        return tomldoc.describe(source, None, loc, msg)
+    for i in range(len(keys), 0, -1):
+        if _env_name(keys[:i]) in env:
+            return tomldoc.describe(source, None, loc, msg, env=_env_name(keys[:i]))
+    below = sorted(n for n in env if keys and n.startswith(_env_name(keys) + "__"))
+    if below:  # a check of a whole section: some of its keys came from the environment
+        msg += f" (set in part by {', '.join(below)})"
+    return tomldoc.describe(source, text, loc, msg)
+
+
+def _has_path(data: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def _first_index(loc: tuple[str | int, ...]) -> int:
+    """How many leading parts of ``loc`` are names (an environment variable can only name those)."""
+    return next((i for i, p in enumerate(loc) if not isinstance(p, str)), len(loc))
+
+
+def _env_name(keys: list[str]) -> str:
+    return ENV_PREFIX + "__".join(keys).upper()
 
 
 def _undecodable(env: dict[str, str]) -> list[str]:

@@ -75,9 +75,17 @@ def load(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(str(path), [f"TOML syntax error: {exc}"]) from exc
 
 
-def describe(source: str, text: str | None, loc: Sequence[str | int], msg: str) -> str:
-    """One problem as ``line N: a.b.c: reason`` (line omitted when unknown)."""
+def describe(
+    source: str, text: str | None, loc: Sequence[str | int], msg: str, env: str | None = None
+) -> str:
+    """One problem as ``line N: a.b.c: reason`` (line omitted when unknown).
+
+    ``env`` names the environment variable the value came from: it is blamed
+    instead of a line, which would point at a file entry the variable overrode.
+    """
     key = ".".join(str(p) for p in loc) or "(document)"
+    if env is not None:
+        return f"from {env}: {key}: {msg}"
     line = find_line(text, loc) if text is not None else None
     where = f"line {line}: " if line is not None else ""
     return f"{where}{key}: {msg}"

@@ -217,7 +217,7 @@ def test_allowed_callers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert [str(c) for c in load_settings().dicom.allowed_callers] == ["CT1", "US1"]
     monkeypatch.setenv("TRIAGE_NODE_DICOM__ALLOWED_CALLERS", "MR1@not-an-ip")
     problems = _problems()
-    assert "dicom.allowed_callers.0.host:" in problems
+    assert "from TRIAGE_NODE_DICOM__ALLOWED_CALLERS: dicom.allowed_callers.0.host:" in problems
 
 
 def test_undecodable_environment_table_names_the_variable(
@@ -228,3 +228,18 @@ def test_undecodable_environment_table_names_the_variable(
     problems = _problems()
     assert problems.startswith("from TRIAGE_NODE_DESTINATIONS: destinations: not valid JSON")
     assert "as JSON, e.g." in problems
+
+
+def test_environment_errors_are_not_blamed_on_a_file_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[storage]\ndata_dir = "var"\n\n[dicom]\nport = 11112\n')
+    monkeypatch.setenv("TRIAGE_NODE_DICOM__PORT", "abc")
+    problems = _problems(cfg)
+    assert problems.startswith("from TRIAGE_NODE_DICOM__PORT: dicom.port: ")
+    assert "line" not in problems
+    monkeypatch.delenv("TRIAGE_NODE_DICOM__PORT")
+    cfg.write_text("[dicom]\nport = 0\n")
+    assert _problems(cfg).startswith("line 2: dicom.port: ")  # the file's own mistakes still are
+    assert _problems(cfg, dicom={"port": 0}).startswith("dicom.port: ")  # a keyword argument
