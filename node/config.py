@@ -297,6 +297,38 @@ class StudySettings(_Section):
     check_interval_seconds: float = Field(default=1.0, gt=0)
 
 
+def check_database_url(url: str) -> None:
+    """Raise ValueError unless SQLAlchemy parses ``url`` and has its dialect and driver.
+
+    Found here rather than when serve or worker first connects (a traceback). The
+    message never repeats the URL: it may carry a password.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "not a database URL; expected e.g. postgresql+psycopg://user@host/triage "
+            "or sqlite:////var/lib/triage-node/triage-node.db"
+        ) from None
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"unknown database dialect or driver {parsed.drivername!r}; "
+            "use postgresql+psycopg or sqlite"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ValueError(
+            f"the driver of {parsed.drivername!r} is not installed ({exc.name or exc}); "
+            "use postgresql+psycopg or sqlite"
+        ) from None
+
+
 class DatabaseSettings(_Section):
     """SQLAlchemy database URL; empty means SQLite at ``<data_dir>/triage-node.db``."""
 
@@ -309,9 +341,21 @@ class DatabaseSettings(_Section):
 
     _url_file = field_validator("url_file")(_readable_secret)
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v:
+            check_database_url(v)
+        return v
+
     @model_validator(mode="after")
     def _secret(self) -> DatabaseSettings:
-        _from_file(self, "url", "url_file")
+        if self.url_file is not None:
+            _from_file(self, "url", "url_file")
+            try:
+                check_database_url(self.url)
+            except ValueError as exc:
+                raise ValueError(f"url_file: {exc}") from None
         return self
 
 

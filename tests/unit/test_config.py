@@ -243,3 +243,44 @@ def test_environment_errors_are_not_blamed_on_a_file_line(
     cfg.write_text("[dicom]\nport = 0\n")
     assert _problems(cfg).startswith("line 2: dicom.port: ")  # the file's own mistakes still are
     assert _problems(cfg, dicom={"port": 0}).startswith("dicom.port: ")  # a keyword argument
+
+
+_PASSWORD = "hunter2"  # pragma: allowlist secret
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("foo", "not a database URL"),
+        ("postgres://triage:{pw}@db/triage", "unknown database dialect"),
+        ("postgresql+nosuchdriver://triage:{pw}@db/x", "unknown database"),
+        ("postgresql+psycopg://triage:{pw}@db:port/x", "not a database URL"),
+    ],
+)
+def test_database_url_is_checked_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, url: str, reason: str
+) -> None:
+    """Found by "config check", not by serve or worker's first connection (a traceback)."""
+    monkeypatch.setenv("TRIAGE_NODE_DATABASE__URL", url.format(pw=_PASSWORD))
+    problems = _problems()
+    assert problems.startswith("from TRIAGE_NODE_DATABASE__URL: database.url: ")
+    assert reason in problems
+    assert _PASSWORD not in problems
+
+
+def test_database_url_from_file_is_checked(tmp_path: Path) -> None:
+    secret = tmp_path / "db-url"
+    secret.write_text(f"postgres://triage:{_PASSWORD}@db/triage\n")
+    secret.chmod(0o600)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[database]\nurl_file = "{secret}"\n')
+    problems = _problems(cfg)
+    assert "database: " in problems and "url_file: unknown database dialect" in problems
+    assert _PASSWORD not in problems
+    secret.write_text(f"postgresql+psycopg://triage:{_PASSWORD}@db/triage\n")
+    assert load_settings(cfg).database.url.startswith("postgresql+psycopg://")
+
+
+def test_good_database_urls_pass() -> None:
+    for url in ("sqlite:////tmp/x.db", "postgresql+psycopg://triage@db/triage"):
+        assert load_settings(database={"url": url}).database_url == url
