@@ -416,6 +416,45 @@ class ModelsSettings(_Section):
     #: not set: the weights shipped with triage-node.
     weights_dir: Path | None = None
 
+    @field_validator("weights_dir")
+    @classmethod
+    def _weights(cls, v: Path | None) -> Path | None:
+        # Checked in every role: the web role reads the metadata too (model catalogue),
+        # and a folder found wrong only by a worker fails every study after its retries.
+        problems = [] if v is None else weights_problems(v)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+
+def weights_problems(folder: Path) -> list[str]:
+    """What keeps a worker from loading the models in ``folder``, found without loading them.
+
+    Each model's ``<name>.json`` and the weights file it names must be there; the
+    checksum and the architecture are checked when a worker loads them.
+    """
+    from models.registry import CLASSIFIER_NAME, SEGMENTER_NAME
+
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    for name in (CLASSIFIER_NAME, SEGMENTER_NAME):
+        meta = folder / f"{name}.json"
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+        except OSError as exc:
+            problems.append(f"cannot read {meta}: {exc.strerror or exc}")
+            continue
+        except ValueError as exc:
+            problems.append(f"{meta} is not valid JSON: {exc}")
+            continue
+        weights = doc.get("weights_file") if isinstance(doc, dict) else None
+        if not isinstance(weights, str) or not weights:
+            problems.append(f"{meta} names no weights_file")
+        elif not (folder / weights).is_file():
+            problems.append(f"{folder / weights} (the weights_file of {meta.name}) is missing")
+    return problems
+
 
 class RoutingSettings(_Section):
     """Where the routing rules come from (see ``rules.example.toml``)."""

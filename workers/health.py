@@ -22,7 +22,7 @@ from typing import Any
 from celery import signals
 from sqlalchemy import Engine
 
-from node.config import Settings
+from node.config import Settings, weights_problems
 from node.db.engine import make_engine
 from node.observability import health
 from node.observability.health import pid_alive
@@ -30,6 +30,44 @@ from node.observability.health import pid_alive
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: A pool process that could not load a model leaves ``model-failed-<pid>-<model>``
+#: (the reason) in the metrics directory, which it shares with the main process.
+MODEL_FAILED = "model-failed-"
+
+
+def record_model_load(model: str, error: BaseException | None) -> None:
+    """Tell the main process's /readyz whether this (pool) process could load ``model``.
+
+    Models load in the pool processes, the probes answer in the main process: without
+    this a worker whose every study fails for want of its models still says ready.
+    """
+    folder = os.environ.get(MULTIPROC_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"{MODEL_FAILED}{os.getpid()}-{model}"
+    try:
+        if error is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(f"{type(error).__name__}: {error}"[:500], encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot record the model state in %s: %s", folder, exc.strerror)
+
+
+def model_load_failures(folder: Path) -> list[str]:
+    """Models that live pool processes could not load (files of dead ones are removed)."""
+    reasons = []
+    for path in sorted(folder.glob(f"{MODEL_FAILED}*")):
+        pid, _, model = path.name[len(MODEL_FAILED) :].partition("-")
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            reason = path.read_text(encoding="utf-8")
+        except OSError:
+            continue  # cleared meanwhile
+        reasons.append(f"process {pid} could not load model {model}: {reason}")
+    return reasons
 
 
 def prepare_multiprocess_dir(data_dir: Path) -> Path:
@@ -68,6 +106,7 @@ class WorkerHealth:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.multiprocess_dir: Path | None = None
+        self._storage_problems: list[str] | None = None
 
     # -- Celery signals ---------------------------------------------------------------
     def connect_signals(self) -> None:
@@ -112,8 +151,37 @@ class WorkerHealth:
             )
         reasons += health.broker_problems(self.celery)
         reasons += health.database_problems(self._engine)
+        reasons += self._model_problems()
+        reasons += self.storage_problems()
         body = {"status": "not ready" if reasons else "ready", "role": "worker"}
         return (503 if reasons else 200), {**body, "reasons": reasons}
+
+    def _model_problems(self) -> list[str]:
+        """Weights gone since start (an unmounted volume), or models a process failed to load."""
+        from models.registry import SHIPPED_DIR
+
+        folder = self.settings.models.weights_dir
+        reasons = [f"models.weights_dir: {p}" for p in weights_problems(folder or SHIPPED_DIR)]
+        shared = self.multiprocess_dir or os.environ.get(MULTIPROC_ENV)
+        if shared:
+            reasons += model_load_failures(Path(shared))
+        return reasons
+
+    def storage_problems(self) -> list[str]:
+        """worker.storage the settings cannot build: every study would fail with it.
+
+        Checked once (settings do not change while the worker runs); the pool processes
+        build the same storage from the same settings and record each study's failure.
+        """
+        if self._storage_problems is None:
+            from workers.storage import storage_from_settings
+
+            try:
+                storage_from_settings(self.settings)
+                self._storage_problems = []
+            except Exception as exc:
+                self._storage_problems = [f"worker.storage: {type(exc).__name__}: {exc}"]
+        return self._storage_problems
 
     def metrics(self) -> bytes:
         from node.observability.metrics import exposition, worker_registry

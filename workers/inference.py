@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,18 +54,18 @@ class ModelRunner:
     def classifier(self) -> Any:
         if self._classifier is None:
             from models.inference import load_classifier
+            from models.registry import CLASSIFIER_NAME
 
-            self._classifier = load_classifier(self.weights_dir)
-            log.info("loaded %s %s", self._classifier.name, self._classifier.version)
+            self._classifier = _load(CLASSIFIER_NAME, lambda: load_classifier(self.weights_dir))
         return self._classifier
 
     @property
     def segmenter(self) -> Any:
         if self._segmenter is None:
             from models.inference import load_segmenter
+            from models.registry import SEGMENTER_NAME
 
-            self._segmenter = load_segmenter(self.weights_dir)
-            log.info("loaded %s %s", self._segmenter.name, self._segmenter.version)
+            self._segmenter = _load(SEGMENTER_NAME, lambda: load_segmenter(self.weights_dir))
         return self._segmenter
 
     def classify(self, images: Sequence[NDArray[np.float32]]) -> Classification:
@@ -82,6 +82,20 @@ class ModelRunner:
         seconds = time.perf_counter() - start
         INFERENCE_SECONDS.labels(self.segmenter.name).observe(seconds)
         return Segmentation(masks, seconds * 1000)
+
+
+def _load(name: str, load: Callable[[], Any]) -> Any:
+    """Load one model, telling the worker's /readyz whether it could (see workers.health)."""
+    from workers.health import record_model_load
+
+    try:
+        model = load()
+    except Exception as exc:
+        record_model_load(name, exc)
+        raise
+    record_model_load(name, None)
+    log.info("loaded %s %s", model.name, model.version)
+    return model
 
 
 @functools.cache

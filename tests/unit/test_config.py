@@ -284,3 +284,28 @@ def test_database_url_from_file_is_checked(tmp_path: Path) -> None:
 def test_good_database_urls_pass() -> None:
     for url in ("sqlite:////tmp/x.db", "postgresql+psycopg://triage@db/triage"):
         assert load_settings(database={"url": url}).database_url == url
+
+
+def _weights(folder: Path) -> Path:
+    from models.registry import SHIPPED_DIR
+
+    folder.mkdir()
+    for name in ("pneumonia-triage", "lung-seg"):
+        (folder / f"{name}.json").write_text((SHIPPED_DIR / f"{name}.json").read_text())
+        (folder / f"{name}.weights.npz").write_bytes(b"")
+    return folder
+
+
+def test_weights_dir_is_checked_at_load(tmp_path: Path) -> None:
+    """A missing folder, metadata or weights file is refused at start, not by every study."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[models]\nweights_dir = "{tmp_path / "none"}"\n')
+    assert _problems(cfg).startswith("line 2: models.weights_dir: ")
+    assert "is not a folder" in _problems(cfg)
+    folder = _weights(tmp_path / "w")
+    cfg.write_text(f'[models]\nweights_dir = "{folder}"\n')
+    assert load_settings(cfg).models.weights_dir == folder
+    (folder / "lung-seg.weights.npz").unlink()
+    assert "lung-seg.weights.npz (the weights_file of lung-seg.json) is missing" in _problems(cfg)
+    (folder / "pneumonia-triage.json").unlink()
+    assert "cannot read" in _problems(cfg) and "pneumonia-triage.json" in _problems(cfg)
