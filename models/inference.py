@@ -7,6 +7,13 @@ MONOCHROME1 inversion, selection of one frame from a multi-frame object. This mo
 the rest with `models.preprocess.normalize_images` (the same function training used):
 percentile clip to [0, 1] and a stretch to the model's square input, then batching.
 
+Refused with a ValueError naming the image's index, rather than answered: NaN or infinite
+pixels (one percentile turns NaN and so does the whole image; the classifier then says
+pneumonia at 0.99999), and an image without contrast (its robust range is flat, so it
+normalises to zeros, on which the classifier says pneumonia at 0.99). Finite float
+values beyond float32's range are scaled by a power of two first: exact, and the
+normalisation is scale-invariant.
+
 Every forward pass goes through a `tf.function` with a fixed input signature, traced once
 per model, instead of `model.predict` (which rebuilds its machinery on every call).
 Images of one shape are preprocessed together in the same compiled call; mixed shapes are
@@ -24,7 +31,7 @@ from numpy.typing import NDArray
 
 from models.architectures import LOGITS_LAYER, build_from_metadata, feature_layers
 from models.postprocess import PostProcess, clean_mask
-from models.preprocess import normalize_images
+from models.preprocess import normalize_with_contrast
 from models.registry import (
     CLASSIFIER_NAME,
     SEGMENTER_NAME,
@@ -36,6 +43,10 @@ from models.registry import (
 
 #: Compiled entry points take a same-shape batch of raw images (N, H, W) as float32.
 _RAW_BATCH = tf.TensorSpec([None, None, None], tf.float32)
+
+#: Largest magnitude (2**64) passed to float32 unscaled: far below float32's maximum (3.4e38),
+#: so differences of extreme values (the percentile range) stay finite too.
+_MAX_EXPONENT = 64
 
 #: Pneumonia class index in the classifier output ([normal, pneumonia]).
 PNEUMONIA = 1
@@ -56,7 +67,21 @@ def _validate(images: Sequence[NDArray[Any]]) -> list[NDArray[np.float32]]:
             raise ValueError(f"image {i}: expected a 2-D (H, W) array, got shape {arr.shape}")
         if arr.dtype.kind not in "biuf":
             raise ValueError(f"image {i}: non-numeric dtype {arr.dtype}")
-    return [a.astype(np.float32, copy=False) for a in arrays]
+    return [_as_float32(i, arr) for i, arr in enumerate(arrays)]
+
+
+def _as_float32(index: int, arr: NDArray[Any]) -> NDArray[np.float32]:
+    """`arr` as finite float32: non-finite pixels refused, huge floats scaled by 2**-k."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return arr.astype(np.float32, copy=False)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = arr.size - int(np.count_nonzero(finite))
+        raise ValueError(f"image {index}: {bad} NaN or infinite pixel(s)")
+    peak = float(np.max(np.abs(arr)))
+    if peak > 2.0**_MAX_EXPONENT:  # exact (a power of two); values it makes subnormal are
+        arr = np.ldexp(arr, _MAX_EXPONENT - int(np.frexp(peak)[1]))  # far below any contrast
+    return arr.astype(np.float32, copy=False)
 
 
 def _groups(arrays: Sequence[NDArray[np.float32]], batch_size: int) -> list[list[int]]:
@@ -84,12 +109,21 @@ class _Compiled:
     def _batches(
         self, images: Sequence[NDArray[Any]], run: Callable[[Any], Any]
     ) -> list[tuple[list[int], Any]]:
-        """Call the compiled `run(raw (N, H, W) float32)` once per same-shape chunk."""
+        """Call the compiled `run(raw (N, H, W) float32)` once per same-shape chunk.
+
+        `run` returns (output, contrast per image); an image without contrast is refused.
+        """
         arrays = _validate(images)
         results = []
         for chunk in _groups(arrays, self.batch_size):
             raw = tf.constant(np.stack([arrays[i] for i in chunk]))
-            results.append((chunk, run(raw)))
+            output, contrast = run(raw)
+            flat = [i for i, ok in zip(chunk, np.asarray(contrast), strict=True) if not ok]
+            if flat:
+                raise ValueError(
+                    f"image {min(flat)}: no contrast (constant or nearly), nothing to analyse"
+                )
+            results.append((chunk, output))
         return results
 
 
@@ -113,14 +147,15 @@ class Classifier(_Compiled):
         inv_t = 1.0 / float(meta.temperature)
 
         def probabilities(raw: Any) -> Any:
-            x = normalize_images(raw[..., tf.newaxis], size)
-            return tf.nn.softmax(logits_model(x, training=False) * inv_t, axis=-1)
+            x, contrast = normalize_with_contrast(raw[..., tf.newaxis], size)
+            return tf.nn.softmax(logits_model(x, training=False) * inv_t, axis=-1), contrast
 
         def gradcam(raw: Any, class_index: Any) -> Any:
-            x = normalize_images(raw[..., tf.newaxis], size)
-            return grad_cam(
+            x, contrast = normalize_with_contrast(raw[..., tf.newaxis], size)
+            cam = grad_cam(
                 self._explain_model, x, class_index, tf.shape(raw)[1:3], self._cam_flipped
             )
+            return cam, contrast
 
         self._probabilities: Any = tf.function(probabilities, input_signature=[_RAW_BATCH])
         self._gradcam: Any = tf.function(
@@ -128,7 +163,10 @@ class Classifier(_Compiled):
         )
 
     def predict(self, images: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
-        """Softmax probabilities (N, 2), columns [normal, pneumonia], temperature-scaled."""
+        """Softmax probabilities (N, 2), columns [normal, pneumonia], temperature-scaled.
+
+        ValueError for an image outside the input contract (see the module docstring).
+        """
         out = np.zeros((len(images), 2), dtype=np.float32)
         for chunk, probs in self._batches(images, self._probabilities):
             out[chunk] = np.asarray(probs)
@@ -192,9 +230,9 @@ class LungSegmenter(_Compiled):
         size = meta.input_size
 
         def probability_maps(raw: Any) -> Any:
-            x = normalize_images(raw[..., tf.newaxis], size)
+            x, contrast = normalize_with_contrast(raw[..., tf.newaxis], size)
             p = model(x, training=False)
-            return tf.image.resize(p, tf.shape(raw)[1:3], method="bilinear")[..., 0]
+            return tf.image.resize(p, tf.shape(raw)[1:3], method="bilinear")[..., 0], contrast
 
         self._maps: Any = tf.function(probability_maps, input_signature=[_RAW_BATCH])
         self.threshold = meta.decision_threshold

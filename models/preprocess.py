@@ -29,6 +29,16 @@ def normalize_images(images: Any, size: int) -> Any:
     with spatial size (size, size). Resizing comes first so that the percentile sort runs
     on size*size pixels whatever the detector resolution.
     """
+    return normalize_with_contrast(images, size)[0]
+
+
+def normalize_with_contrast(images: Any, size: int) -> tuple[Any, Any]:
+    """`normalize_images`, and per image whether it had any contrast to normalise.
+
+    The flag (bool, shape (N,) or scalar) is false for an image whose robust range is
+    flat: it maps to zeros, an input the networks were never trained on (the shipped
+    classifier calls zeros 99% pneumonia), so inference refuses it instead of answering.
+    """
     single = images.shape.rank == 3
     x = images[tf.newaxis] if single else images
     x = tf.image.resize(tf.cast(x, tf.float32), (size, size), method="bilinear", antialias=True)
@@ -47,7 +57,8 @@ def normalize_images(images: Any, size: int) -> Any:
     flat_range = hi - lo <= 1e-5 * tf.maximum(tf.abs(hi), tf.abs(lo)) + 1e-12
     scale = tf.where(flat_range, tf.ones_like(hi), hi - lo)
     out = tf.where(flat_range, 0.0, tf.clip_by_value((x - lo) / scale, 0.0, 1.0))
-    return out[0] if single else out
+    contrast = tf.logical_not(flat_range[:, 0, 0, 0])
+    return (out[0], contrast[0]) if single else (out, contrast)
 
 
 def resize_masks(masks: Any, size: int) -> Any:

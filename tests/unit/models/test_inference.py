@@ -1,4 +1,4 @@
-"""Inference API input contract: any size, any bit depth, order kept, 2-D only."""
+"""Inference API input contract: any size, any bit depth, order kept, 2-D, finite, not flat."""
 
 from pathlib import Path
 from typing import Literal
@@ -72,6 +72,49 @@ def test_explain_shapes(classifier: Classifier) -> None:
 def test_rejects_non_2d_or_non_numeric(classifier: Classifier, bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="image 0"):
         classifier.predict([bad])
+
+
+# -- refused rather than answered: non-finite pixels, no contrast -----------------------
+# One NaN in 200 pixels made the whole normalised image NaN and the classifier answer
+# pneumonia at 0.99999; a constant image normalises to zeros (0.99 pneumonia shipped).
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_pixels_are_refused_naming_the_image(
+    classifier: Classifier, bad: float, dtype: type[np.floating]
+) -> None:
+    image = np.random.default_rng(1).uniform(0, 1, (40, 30)).astype(dtype)
+    image[3, 4] = bad
+    good = _images()[0]
+    for call in (classifier.predict, classifier.explain):
+        with pytest.raises(ValueError, match=r"image 1: 1 NaN or infinite pixel"):
+            call([good, image])
+
+
+def test_float64_beyond_float32_range_gives_the_same_answer(classifier: Classifier) -> None:
+    image = np.random.default_rng(4).uniform(-1, 1, (60, 50))
+    huge = image * 2.0**1000  # inf once cast to float32
+    probs = classifier.predict([huge])
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs, classifier.predict([image]), atol=1e-5)
+    np.testing.assert_allclose(
+        classifier.explain([huge])[0], classifier.explain([image])[0], atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "flat",
+    [np.zeros((50, 40)), np.full((30, 30), 7, np.int16), np.ones((64, 64), bool)],
+    ids=["zeros", "constant", "all-true"],
+)
+def test_image_without_contrast_is_refused_naming_it(
+    classifier: Classifier, flat: np.ndarray
+) -> None:
+    seg = LungSegmenter(build_unet(32, base_filters=4, depth=2), _meta("segmentation", 32))
+    for call in (classifier.predict, classifier.explain, seg.predict_proba):
+        with pytest.raises(ValueError, match=r"image 2: no contrast"):
+            call([*_images()[:2], flat])
 
 
 def test_segmenter_masks_have_each_input_shape() -> None:
