@@ -43,6 +43,9 @@ Decisions:
   that pydicom applies; it gets the robust range. NaN and infinities are clamped.
 * **1-bit** pixel data is unpacked by pydicom and treated like any other grayscale.
 * **Size limits** are checked on the header before anything is decoded.
+* **No contrast, no image.** A blank or failed exposure (or a window that saturates
+  everything) is refused (`MIN_CONTRAST`): the models normalise a flat image to zeros,
+  which the classifier reads as near-certain pneumonia.
 
 Every failure is an `UnreadablePixels` with a reason a person can act on; logs carry
 the SOP Instance UID and nothing about the patient.
@@ -71,6 +74,12 @@ log = logging.getLogger(__name__)
 #: Robust intensity range used when the instance has no usable VOI (percent).
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
+
+#: Least robust range (0.5th to 99.5th percentile) of a display frame in [0, 1] that
+#: counts as an image: one grey level of an 8-bit display. Below it the frame is blank,
+#: saturated or only burnt-in text on a flat field; real chest radiographs (all of
+#: ../shared/data) have at least 0.35.
+MIN_CONTRAST = 1 / 256
 
 #: Percentiles are taken on a strided sample of about this many pixels: same answer to
 #: well under one grey level, a fraction of the time on a 4k x 4k detector.
@@ -392,6 +401,12 @@ def _display(
         else:
             values = apply_modality_lut(raw, view)  # rescale slope and intercept
         unit, source = _voi_unit(values, view, uid)
+    span = contrast(unit)
+    if span < MIN_CONTRAST:
+        raise UnreadablePixels(
+            f"no usable contrast (blank or failed exposure?): 99% of the pixels lie within "
+            f"{span:.2%} of the display range ({source})"
+        )
     if str(view.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         unit = 1.0 - unit
     return unit.astype(np.float32), source
@@ -533,9 +548,21 @@ def robust_unit(values: NDArray[Any]) -> NDArray[Any]:
     """Percentile range to [0, 1]; min-max if that is flat; zeros for a constant image."""
     if values.dtype.kind == "f" and not np.isfinite(float(values.max()) - float(values.min())):
         values = values * 0.5  # the percentiles interpolate across the range: keep it finite
-    step = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLE)))
-    sample = values[::step, ::step]
-    low, high = (float(v) for v in np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE]))
+    low, high = _robust_range(values)
     if high <= low:
         low, high = float(values.min()), float(values.max())
     return _scale(values, low, high)
+
+
+def contrast(pixels: NDArray[Any]) -> float:
+    """Robust range of a display frame in [0, 1]; `read_frames` refuses < MIN_CONTRAST."""
+    low, high = _robust_range(pixels)
+    return high - low
+
+
+def _robust_range(values: NDArray[Any]) -> tuple[float, float]:
+    """The LOW_PERCENTILE and HIGH_PERCENTILE values, on a strided sample."""
+    step = max(1, int(np.sqrt(values.size / _PERCENTILE_SAMPLE)))
+    sample = values[::step, ::step]
+    low, high = np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    return float(low), float(high)

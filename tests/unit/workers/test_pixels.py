@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pack_bits
@@ -16,7 +17,7 @@ from pydicom.sequence import Sequence
 
 from node.errors import NodeError
 from tests.unit.workers.conftest import PATIENT, build
-from workers.pixels import ImageFrame, UnreadablePixels, read_frames
+from workers.pixels import MIN_CONTRAST, ImageFrame, UnreadablePixels, contrast, read_frames
 
 Write = Callable[[Dataset], Path]
 
@@ -445,9 +446,54 @@ def test_too_large_is_refused_before_decoding(write: Write) -> None:
         read_frames(write(ds), max_pixels=10_000_000)
 
 
-def test_constant_image_is_zeros(write: Write) -> None:
-    (frame,) = read_frames(write(build(np.full((8, 8), 700, np.uint16))))
-    assert not frame.pixels.any()
+# -- no contrast: a blank or failed exposure is not an image to analyse -------------------
+# The models normalise a flat frame to zeros, which the shipped classifier calls pneumonia
+# at 0.99 (urgent): such a frame must be refused, never turned into model input.
+
+
+def test_constant_image_is_refused(write: Write) -> None:
+    with pytest.raises(UnreadablePixels, match=r"no usable contrast \(blank or failed exposure"):
+        read_frames(write(build(np.full((8, 8), 700, np.uint16))))
+
+
+def test_blank_exposure_with_a_burnt_in_marker_is_refused(write: Write) -> None:
+    values = np.full((200, 200), 1000, np.uint16)
+    values[5:10, 5:12] = 4095  # an "L" marker: min-max scaling still sees contrast
+    values[100, 100] = 0  # and a dead pixel
+    with pytest.raises(UnreadablePixels, match="no usable contrast"):
+        read_frames(write(build(values, BitsStored=12, HighBit=11)))
+
+
+def test_window_that_saturates_every_pixel_is_refused(write: Write) -> None:
+    ds = build(RAMP, WindowCenter=60000, WindowWidth=100)  # RAMP lies far below it
+    with pytest.raises(UnreadablePixels, match=r"no usable contrast.*\(window\)"):
+        read_frames(write(ds))
+
+
+def test_flat_float_pixel_data_is_refused(write: Write) -> None:
+    ds = build(None, Rows=8, Columns=8, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2")
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.full((8, 8), 3.5, "<f4").tobytes()
+    with pytest.raises(UnreadablePixels, match=r"no usable contrast.*\(robust range\)"):
+        read_frames(write(ds))
+
+
+def test_low_contrast_image_is_read(write: Write) -> None:
+    # 12 stored grey levels of 4096: faint, but an image; full range stretches it.
+    values = (1000 + np.arange(64 * 64) % 12).astype(np.uint16).reshape(64, 64)
+    (frame,) = read_frames(write(build(values, BitsStored=12, HighBit=11)))
+    assert contrast(frame.pixels) > 0.9
+
+
+def test_no_real_chest_radiograph_is_refused(shared_data: Path) -> None:
+    """Every chest X-ray in ../shared/data has far more contrast than MIN_CONTRAST."""
+    paths = sorted((shared_data / "cxr-lungs" / "images").glob("*.png"))
+    paths += sorted((shared_data / "cxr-pneumonia" / "val").rglob("*.jpeg"))
+    assert len(paths) > 300
+    lowest = min(
+        contrast(np.asarray(Image.open(p).convert("L"), np.float32) / 255.0) for p in paths
+    )
+    assert lowest > 20 * MIN_CONTRAST
 
 
 def test_no_pixel_data(dicom_dir: Path) -> None:

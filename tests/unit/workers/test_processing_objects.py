@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any, NoReturn
@@ -198,10 +198,40 @@ def _unreadable_cr() -> Dataset:
     return ds
 
 
+def _blank_cr() -> Dataset:
+    """A frontal chest CR of the same study with a flat field: a failed exposure.
+
+    The shipped classifier calls the zeros a flat image normalises to pneumonia at 0.99:
+    it must be left out like an unreadable image, never become a finding.
+    """
+    ds = synthetic_cr()
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["blank"])
+    ds.set_pixel_data(
+        np.full((300, 256), 2048, np.uint16), "MONOCHROME2", 12, generate_instance_uid=False
+    )
+    return ds
+
+
+NOT_ANALYSABLE = pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        pytest.param(_unreadable_cr, "pixel data cannot be decoded", id="cut-short"),
+        pytest.param(_blank_cr, "no usable contrast (blank or failed exposure", id="blank"),
+    ],
+)
+
+
+def _analysed(sessions: sessionmaker[Session], study_id: int) -> list[str | None]:
+    with sessions() as session:
+        query = select(Finding.sop_instance_uid).where(Finding.study_id == study_id)
+        return list(session.scalars(query).all())
+
+
+@NOT_ANALYSABLE
 def test_an_unreadable_image_is_left_out_and_the_others_analysed(
-    tmp_path: Path, sessions: sessionmaker[Session]
+    tmp_path: Path, sessions: sessionmaker[Session], make: Callable[[], Dataset], why: str
 ) -> None:
-    broken = _unreadable_cr()
+    broken = make()
     files = _files(tmp_path, synthetic_cr(), broken)
     processor, storage, study_id = _processor(tmp_path, sessions, files=files)
     _selecting(processor, files)
@@ -210,20 +240,25 @@ def test_an_unreadable_image_is_left_out_and_the_others_analysed(
     assert study.status == StudyStatus.DONE and study.key_finding == "pneumonia"
     reason = study.status_reason or ""
     assert reason.startswith(f"1 unreadable image(s) not analysed: {broken.SOPInstanceUID}: ")
-    assert "pixel data cannot be decoded" in reason
+    assert why in reason
+    assert broken.SOPInstanceUID not in _analysed(sessions, study_id)
     assert _kinds(storage) == ["sc", "seg", "sr"]
 
 
+@NOT_ANALYSABLE
 def test_a_study_with_no_readable_image_fails_at_once(
-    tmp_path: Path, sessions: sessionmaker[Session]
+    tmp_path: Path, sessions: sessionmaker[Session], make: Callable[[], Dataset], why: str
 ) -> None:
-    files = _files(tmp_path, _unreadable_cr())
+    files = _files(tmp_path, make())
     processor, storage, study_id = _processor(tmp_path, sessions, files=files)
     _selecting(processor, files)
     outcome = processor.run(study_id, 1)
-    assert outcome.state == "failed" and "pixel data cannot be decoded" in (outcome.reason or "")
+    assert outcome.state == "failed" and why in (outcome.reason or "")
     study = _study(sessions, study_id)
     assert study.status == StudyStatus.FAILED and study.attempts == 1
+    # No finding, so never escalated: a detector fault is not "urgent pneumonia".
+    assert study.key_finding is None and study.key_score is None
+    assert study.priority == study.base_priority and _analysed(sessions, study_id) == []
     assert _kinds(storage) == []
 
 
