@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -82,6 +83,16 @@ def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
         yield make_sessionmaker(engine)
     finally:
         engine.dispose()
+
+
+#: Control characters (tab and line breaks above all) as spaces: a field of a
+#: tab-separated line must not split it.
+_ONE_LINE = str.maketrans(dict.fromkeys([*map(chr, range(32)), "\x7f"], " "))
+
+
+def _field(text: str) -> str:
+    """``text`` as one field of a tab-separated, one-line-per-record output."""
+    return text.translate(_ONE_LINE)
 
 
 def _human_bytes(n: float) -> str:
@@ -330,13 +341,14 @@ def studies(
     if not console.is_terminal:
         # One line per study, tab-separated, for scripts and pipes.
         for line in (header, *lines):
-            print("\t".join(line))
+            print("\t".join(_field(cell) for cell in line))
         return
     table = Table(box=None, header_style="bold")
     for col in header:
         table.add_column(col, no_wrap=True)
     for line in lines:
-        table.add_row(*line)
+        # Accession numbers come from the sender and reasons hold error text: never markup.
+        table.add_row(*(escape(cell) for cell in line))
     console.print(table)
 
 
@@ -552,7 +564,8 @@ def exports_list(
         later = (
             f"{r.next_attempt_at:%H:%M:%S}" if r.state == "pending" and r.next_attempt_at else ""
         )
-        table.add_row(
+        # last_error is the remote PACS's text: never markup.
+        cells = (
             str(r.id),
             r.destination,
             r.kind,
@@ -562,6 +575,7 @@ def exports_list(
             status,
             later or (r.last_error or ""),
         )
+        table.add_row(*(escape(cell) for cell in cells))
     console.print(table)
 
 

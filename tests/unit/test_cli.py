@@ -1,0 +1,126 @@
+"""``triage-node studies``, ``exports``, ``db current`` and ``users``: output that DICOM
+senders, remote PACS and a broken database cannot corrupt.
+
+Accession numbers come from the sender, status reasons and delivery errors hold error
+text: printed as Rich markup, ``[/b]`` made the commands crash on a terminal, and a tab
+or newline split the one-line-per-study output scripts read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from node import cli
+from node.db import migrate
+from node.db.engine import make_engine, make_sessionmaker
+from node.db.models import Export, ExportState, Study, StudyStatus
+from node.db.types import utcnow
+from tests.nodes import write_config
+
+UID = "1.2.826.0.1.3680043.10.1234.77"
+ACCESSION = "[/b]ACC1"
+REASON = "model failed: [bold]x\tcolumn\nsecond line\r[/]"
+LAST_ERROR = "[/red]association refused\nby PACS"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "node.toml", {"storage": {"data_dir": str(tmp_path / "var")}})
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """The config's own (SQLite) database, migrated, with one failed study and delivery."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'triage-node.db'}")
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    now = utcnow()
+    with sessions.begin() as session:
+        study = Study(
+            study_instance_uid=UID,
+            accession_number=ACCESSION,
+            modalities="CR",
+            calling_ae_title="STORESCU",
+            status=StudyStatus.FAILED,
+            status_reason=REASON,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+        session.flush()
+        session.add(
+            Export(
+                study_id=study.id,
+                study_version=1,
+                destination="PACS",
+                kind="sr",
+                sop_instance_uid=f"{UID}.1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                path="results/x.dcm",
+                state=ExportState.FAILED,
+                attempts=3,
+                last_error=LAST_ERROR,
+                created_at=now,
+                retry_started_at=now,
+            )
+        )
+    yield sessions
+    engine.dispose()
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """node.cli's console as a (wide, colourless) terminal; what it prints."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, color_system=None, width=400)
+    monkeypatch.setattr(cli, "console", console)
+    return out
+
+
+@pytest.mark.usefixtures("sessions")
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("studies", [ACCESSION, "model failed: [bold]x"]),
+        ("exports", ["[/red]association refused"]),
+    ],
+)
+def test_tables_print_markup_in_dicom_and_remote_text_literally(
+    runner: CliRunner, config: Path, terminal: io.StringIO, command: str, shown: list[str]
+) -> None:
+    result = runner.invoke(cli.app, [command, "-c", str(config)])
+    assert result.exit_code == 0, result.exception
+    for text in shown:
+        assert text in terminal.getvalue()
+
+
+@pytest.mark.usefixtures("sessions")
+def test_studies_pipe_output_keeps_one_line_per_study(runner: CliRunner, config: Path) -> None:
+    result = runner.invoke(cli.app, ["studies", "-c", str(config)])
+    assert result.exit_code == 0, result.exception
+    header, line = result.stdout.splitlines()
+    fields = line.split("\t")
+    assert len(fields) == len(header.split("\t")) == 10
+    assert fields[0] == UID and fields[1] == ACCESSION
+    assert fields[-1] == "model failed: [bold]x column second line [/]"
+
+
+@pytest.mark.usefixtures("sessions")
+def test_studies_json_keeps_the_text_as_it_is(runner: CliRunner, config: Path) -> None:
+    result = runner.invoke(cli.app, ["studies", "--json", "-c", str(config)])
+    assert result.exit_code == 0, result.exception
+    (study,) = json.loads(result.stdout)
+    assert (study["AccessionNumber"], study["reason"]) == (ACCESSION, REASON)
