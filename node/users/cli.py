@@ -10,12 +10,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from node.cli_options import ConfigOption, cli_user
-from node.config import load_settings
+from node.cli_options import ConfigOption, cli_user, settings_or_exit
 from node.db.models import Role
-from node.errors import ConfigError
 from node.users.accounts import AccountError, Accounts
 from node.web.audit import AuditTrail
 
@@ -29,11 +28,7 @@ def _accounts(config: Path | None) -> Iterator[tuple[Accounts, AuditTrail]]:
     from node.db import migrate
     from node.db.engine import make_engine, make_sessionmaker
 
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    settings = settings_or_exit(config)
     engine = make_engine(settings.database_url)
     try:
         if settings.database.auto_upgrade:
@@ -65,10 +60,10 @@ def add(
         try:
             account = accounts.add(name, password, role)
         except AccountError as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None
         audit.record(cli_user(), "user.add", detail=f"{account.name} as {account.role}")
-    console.print(f"user [bold]{account.name}[/bold] added as {account.role}")
+    console.print(f"user [bold]{escape(account.name)}[/bold] added as {account.role}")
 
 
 @app.command("list")
@@ -78,7 +73,9 @@ def list_users(config: ConfigOption = None) -> None:
         rows = accounts.list()
     table = Table("Name", "Role", "Active", "Created (UTC)")
     for a in rows:
-        table.add_row(a.name, a.role, "yes" if a.active else "no", f"{a.created_at:%Y-%m-%d %H:%M}")
+        table.add_row(
+            escape(a.name), a.role, "yes" if a.active else "no", f"{a.created_at:%Y-%m-%d %H:%M}"
+        )
     console.print(table)
 
 
@@ -90,9 +87,9 @@ def disable(name: str, config: ConfigOption = None) -> None:
         if found:
             audit.record(cli_user(), "user.disable", detail=name)
     if not found:
-        err_console.print(f"[red]error:[/red] no user {name!r}")
+        err_console.print(f"[red]error:[/red] no user {escape(repr(name))}")
         raise typer.Exit(1)
-    console.print(f"user [bold]{name}[/bold] disabled")
+    console.print(f"user [bold]{escape(name)}[/bold] disabled")
 
 
 @app.command("enable")
@@ -103,6 +100,6 @@ def enable(name: str, config: ConfigOption = None) -> None:
         if found:
             audit.record(cli_user(), "user.enable", detail=name)
     if not found:
-        err_console.print(f"[red]error:[/red] no user {name!r}")
+        err_console.print(f"[red]error:[/red] no user {escape(repr(name))}")
         raise typer.Exit(1)
-    console.print(f"user [bold]{name}[/bold] enabled")
+    console.print(f"user [bold]{escape(name)}[/bold] enabled")

@@ -124,3 +124,20 @@ def test_studies_json_keeps_the_text_as_it_is(runner: CliRunner, config: Path) -
     assert result.exit_code == 0, result.exception
     (study,) = json.loads(result.stdout)
     assert (study["AccessionNumber"], study["reason"]) == (ACCESSION, REASON)
+
+
+def test_users_commands_print_markup_in_names_literally(runner: CliRunner, config: Path) -> None:
+    for command in ("disable", "enable"):
+        result = runner.invoke(cli.app, ["users", command, "[/b]ghost", "-c", str(config)])
+        assert result.exit_code == 1, result.exception
+        assert "no user '[/b]ghost'" in result.stderr
+
+
+def test_users_commands_print_markup_in_config_errors_literally(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[storage]\n"[/b]x" = 1\n')
+    result = runner.invoke(cli.app, ["users", "list", "-c", str(bad)])
+    assert result.exit_code == 2, result.exception
+    assert "[/b]x" in result.stderr
