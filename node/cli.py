@@ -23,6 +23,7 @@ from models.cli import app as model_app
 from node import __version__
 from node.cli_options import ConfigOption, cli_user, settings_or_exit
 from node.config import Settings
+from node.db.models import ExportState
 from node.errors import NodeError
 from node.retention_cli import app as retention_app
 
@@ -531,7 +532,9 @@ def exports_list(
     ctx: typer.Context,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
-    state: Annotated[str | None, typer.Option(help="Only pending, delivered or failed.")] = None,
+    state: Annotated[
+        ExportState | None, typer.Option(help="Only deliveries in this state.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 200,
 ) -> None:
     """List deliveries, newest first: object, destination, state, attempts, last status."""

@@ -126,6 +126,19 @@ def test_studies_json_keeps_the_text_as_it_is(runner: CliRunner, config: Path) -
     assert (study["AccessionNumber"], study["reason"]) == (ACCESSION, REASON)
 
 
+@pytest.mark.usefixtures("sessions")
+def test_exports_state_takes_only_real_states(runner: CliRunner, config: Path) -> None:
+    bogus = runner.invoke(cli.app, ["exports", "--state", "bogus", "-c", str(config)])
+    assert bogus.exit_code == 2
+    assert "bogus" in bogus.stderr
+    failed = runner.invoke(cli.app, ["exports", "--state", "failed", "--json", "-c", str(config)])
+    assert failed.exit_code == 0, failed.exception
+    assert [d["state"] for d in json.loads(failed.stdout)] == ["failed"]
+    delivered = runner.invoke(cli.app, ["exports", "--state", "delivered", "-c", str(config)])
+    assert delivered.exit_code == 0, delivered.exception
+    assert "No deliveries." in delivered.stdout
+
+
 def test_users_commands_print_markup_in_names_literally(runner: CliRunner, config: Path) -> None:
     for command in ("disable", "enable"):
         result = runner.invoke(cli.app, ["users", command, "[/b]ghost", "-c", str(config)])
