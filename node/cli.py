@@ -86,6 +86,33 @@ def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
+@contextmanager
+def _database_errors(settings: Settings, doing: str) -> Iterator[None]:
+    """Turn a database failure into one line on stderr and exit 1, not a traceback.
+
+    Only the error's first line (SQLAlchemy appends the statement and a link), with
+    the database password masked should a driver repeat the URL.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        text = next(iter(str(exc).splitlines()), "")
+        try:
+            password = make_url(settings.database_url).password
+        except (ArgumentError, ValueError):
+            password = None
+        if password:
+            text = text.replace(str(password), "***")
+        err_console.print(
+            f"[red]error:[/red] cannot {doing}: {type(exc).__name__}: {escape(text)}",
+            soft_wrap=True,  # one line, however narrow the terminal
+        )
+        raise typer.Exit(1) from None
+
+
 #: Control characters (tab and line breaks above all) as spaces: a field of a
 #: tab-separated line must not split it.
 _ONE_LINE = str.maketrans(dict.fromkeys([*map(chr, range(32)), "\x7f"], " "))
@@ -296,16 +323,15 @@ def studies(
     limit: Annotated[int, typer.Option(help="At most this many studies.")] = 100,
 ) -> None:
     """List studies, most urgent first: UID, accession, modality, instances, status, priority."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from node.worklist import list_studies
 
-    try:
-        with _database(_settings(config)) as sessions, sessions() as session:
-            rows = list_studies(session, limit=limit)
-    except SQLAlchemyError as exc:
-        err_console.print(f"[red]error:[/red] cannot read studies: {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
+    settings = _settings(config)
+    with (
+        _database_errors(settings, "read studies"),
+        _database(settings) as sessions,
+        sessions() as session,
+    ):
+        rows = list_studies(session, limit=limit)
     if as_json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
         return
@@ -518,11 +544,13 @@ def db_current(config: ConfigOption = None) -> None:
     from node.db import migrate
     from node.db.engine import make_engine
 
-    engine = make_engine(_settings(config).database_url)
-    try:
-        current, head = migrate.current_revision(engine), migrate.head_revision()
-    finally:
-        engine.dispose()
+    settings = _settings(config)
+    with _database_errors(settings, "read the database revision"):
+        engine = make_engine(settings.database_url)
+        try:
+            current, head = migrate.current_revision(engine), migrate.head_revision()
+        finally:
+            engine.dispose()
     console.print(f"current {current or '(empty)'}; newest {head}")
     raise typer.Exit(0 if current == head else 1)
 
@@ -542,7 +570,12 @@ def exports_list(
         return
     from node.export.deliveries import list_deliveries
 
-    with _database(_settings(config)) as sessions, sessions() as session:
+    settings = _settings(config)
+    with (
+        _database_errors(settings, "read deliveries"),
+        _database(settings) as sessions,
+        sessions() as session,
+    ):
         rows = list_deliveries(session, limit=limit, state=state)
     if as_json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
@@ -590,7 +623,12 @@ def exports_retry(
     """Try one delivery again now (after fixing the destination), with a fresh retry window."""
     from node.export.deliveries import retry
 
-    with _database(_settings(config)) as sessions, sessions.begin() as session:
+    settings = _settings(config)
+    with (
+        _database_errors(settings, "retry the delivery"),
+        _database(settings) as sessions,
+        sessions.begin() as session,
+    ):
         found = retry(session, export_id)
     if not found:
         err_console.print(f"[red]error:[/red] no delivery with ID {export_id}")

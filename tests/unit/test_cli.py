@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from rich.console import Console
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ from node.db import migrate
 from node.db.engine import make_engine, make_sessionmaker
 from node.db.models import Export, ExportState, Study, StudyStatus
 from node.db.types import utcnow
-from tests.nodes import write_config
+from tests.nodes import free_port, write_config
 
 UID = "1.2.826.0.1.3680043.10.1234.77"
 ACCESSION = "[/b]ACC1"
@@ -90,6 +91,22 @@ def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
     return out
 
 
+#: Every command that reads or writes the database.
+DATABASE_COMMANDS = pytest.mark.parametrize(
+    "args",
+    [["studies"], ["db", "current"], ["exports"], ["exports", "retry", "1"]],
+    ids=["studies", "db-current", "exports", "exports-retry"],
+)
+
+
+def _failed_cleanly(result: Result) -> None:
+    """A one-line error and exit 1, not a traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.stderr.startswith("error: cannot "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.usefixtures("sessions")
 @pytest.mark.parametrize(
     ("command", "shown"),
@@ -137,6 +154,39 @@ def test_exports_state_takes_only_real_states(runner: CliRunner, config: Path) -
     delivered = runner.invoke(cli.app, ["exports", "--state", "delivered", "-c", str(config)])
     assert delivered.exit_code == 0, delivered.exception
     assert "No deliveries." in delivered.stdout
+
+
+@DATABASE_COMMANDS
+def test_database_commands_report_a_broken_database_in_one_line(
+    runner: CliRunner, tmp_path: Path, args: list[str]
+) -> None:
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"not a database, " * 256)
+    config = write_config(
+        tmp_path / "node.toml",
+        {
+            "storage": {"data_dir": str(tmp_path / "var")},
+            "database": {"url": f"sqlite:///{broken}"},
+        },
+    )
+    result = runner.invoke(cli.app, [*args, "-c", str(config)])
+    _failed_cleanly(result)
+    assert "DatabaseError" in result.stderr
+
+
+@DATABASE_COMMANDS
+def test_database_commands_report_an_unreachable_server_without_the_password(
+    runner: CliRunner, tmp_path: Path, args: list[str]
+) -> None:
+    password = "hunter2-not-real"  # pragma: allowlist secret
+    url = f"postgresql+psycopg://triage:{password}@127.0.0.1:{free_port()}/triage"
+    config = write_config(tmp_path / "node.toml", {"storage": {"data_dir": str(tmp_path / "var")}})
+    result = runner.invoke(
+        cli.app, [*args, "-c", str(config)], env={"TRIAGE_NODE_DATABASE__URL": url}
+    )
+    _failed_cleanly(result)
+    assert "OperationalError" in result.stderr
+    assert password not in result.output
 
 
 def test_users_commands_print_markup_in_names_literally(runner: CliRunner, config: Path) -> None:
