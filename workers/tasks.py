@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 from celery import shared_task
 from celery.signals import worker_process_init
@@ -15,6 +16,7 @@ from node.db.engine import make_engine, make_sessionmaker
 from node.observability.metrics import TASK_SECONDS
 from workers.celery_app import PROCESS_STUDY, settings_from_environment
 from workers.processing import StudyProcessor
+from workers.storage import InstanceRef, StorageChooser, WorkerStorage, storage_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,30 @@ def _processor() -> StudyProcessor:
 
     settings = settings_from_environment()
     sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings.database_url))
-    return StudyProcessor(settings, sessions, runner(settings.models.weights_dir))
+    storage: StorageChooser
+    try:
+        storage = storage_from_settings(settings)
+    except Exception as exc:  # a configuration error (worker.storage without cluster.*)
+        log.error("worker storage unavailable: %s", exc)
+        storage = UnavailableStorage(exc)
+    return StudyProcessor(settings, sessions, runner(settings.models.weights_dir), storage)
+
+
+class UnavailableStorage:
+    """Stands in for a storage the settings cannot build: each claimed study fails with why.
+
+    Raising while the processor is built would fail the task before its claim: attempts
+    never count, no reason is written, and the supervisor re-sends the study forever.
+    Raised after the claim, the error takes the normal retry-then-fail path instead.
+    """
+
+    kind = "unavailable"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def for_study(self, refs: Sequence[InstanceRef]) -> WorkerStorage:
+        raise self.error.with_traceback(None)
 
 
 @shared_task(name=PROCESS_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
