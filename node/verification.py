@@ -6,12 +6,13 @@ by the admin page's test button for destinations.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node import dicom_socket
+from node import dicom_socket, tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,19 +28,33 @@ def c_echo(
     called_ae_title: str,
     calling_ae_title: str,
     timeout: float = 10.0,
+    tls_context: ssl.SSLContext | None = None,
 ) -> EchoResult:
+    """C-ECHO ``host:port``; ``tls_context`` for a DICOM TLS peer (a destination's ``tls``).
+
+    Without it a TLS-only PACS cannot answer, though exports to it work.
+    """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.connection_timeout = timeout  # pynetdicom's default waits for the OS (~2 min)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae_title, evt_handlers=dicom_socket.HANDLERS)
+    tls_args = None if tls_context is None else (tls_context, host)
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_ae_title,
+        tls_args=tls_args,
+        evt_handlers=dicom_socket.HANDLERS,
+    )
     try:
         if assoc.is_rejected:
             return EchoResult(False, "association rejected")
         if not assoc.is_established:
-            return EchoResult(False, "no association (connection refused or timed out)")
+            # A failed handshake (untrusted certificate, ours refused) says why, as exports do.
+            failure = tls_context.failure if isinstance(tls_context, tls.ClientContext) else None
+            return EchoResult(False, failure or "no association (connection refused or timed out)")
         rsp = assoc.send_c_echo()
         code = int(getattr(rsp, "Status", -1)) if rsp else -1
         if code == 0:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+from fastapi.testclient import TestClient
 
 from node.config import Destination, Settings
 from node.db.models import Role
@@ -25,6 +26,7 @@ from node.export.scu import Item, Outcome, send
 from node.runtime import Node
 from node.tls import TlsError
 from node.users.accounts import Accounts
+from node.web.app import create_app
 from tests.conftest import node_config
 from tests.dicomgen import write_series
 from tests.nodes import free_port
@@ -288,3 +290,36 @@ def _sop_class(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).SOPClassUID)
+
+
+def test_admin_echo_reaches_a_tls_only_destination(pki: Pki, tmp_path: Path) -> None:
+    """The C-ECHO button uses the destination's tls, as its exports do (here: the node itself)."""
+    listener = dicom_tls(pki)
+    pacs = {"name": "PACS", "ae_title": "TRIAGE", "host": "127.0.0.1", "port": listener["port"]}
+    config = node_config(tmp_path, dicom={"plain": False, "tls": listener})
+    config["destinations"] = [
+        {**pacs, "tls": {"ca_certificates": str(pki.ca)}},
+        {**pacs, "name": "PLAIN"},
+        {**pacs, "name": "ROGUE", "tls": {"ca_certificates": str(pki.rogue_ca)}},
+    ]
+    node = Node(Settings.model_validate(config))
+    node.start()
+    try:
+        Accounts(node.sessions).add("admin", "a-long-password", Role.ADMIN)
+        with TestClient(create_app(node)) as client:
+            r = client.post("/api/session", json={"name": "admin", "password": "a-long-password"})
+            assert r.status_code == 200, r.text
+            client.headers["X-CSRF-Token"] = r.json()["csrf_token"]
+
+            def echo(name: str) -> dict[str, Any]:
+                r = client.post(f"/api/destinations/{name}/echo")
+                assert r.status_code == 200, r.text
+                body: dict[str, Any] = r.json()
+                return body
+
+            assert echo("PACS") == {"ok": True, "detail": "C-ECHO success"}
+            assert echo("PLAIN")["ok"] is False  # plain DICOM to the TLS port
+            rogue = echo("ROGUE")
+    finally:
+        node.stop()
+    assert rogue["ok"] is False and "certificate verify failed" in rogue["detail"], rogue
