@@ -11,15 +11,22 @@ re-opens, and its files are kept for a full period from then.
 
 Quarantined files are purged ``retention.quarantine_days`` after they were refused.
 
+A file that cannot be deleted (permissions, I/O error) is not purged: its row loses
+the mark again, the report (and the audit event, if other files went) counts it as
+failed, not as gone, and the next run tries again. A file already missing counts as
+deleted.
+
 Every purge is one audit event (user ``system:retention``) with UIDs and counts, never
 patient data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -54,10 +61,13 @@ _BATCH = 200
 @dataclass(frozen=True, slots=True)
 class PurgedStudy:
     study_instance_uid: str
+    #: Instances whose files are gone (deleted now, or already missing), and their size.
     instances: int
     bytes: int
     #: Files that were already gone (deleted by hand, or a purge interrupted earlier).
     missing_files: int = 0
+    #: Files that could not be deleted: still on disk, not marked purged, tried again.
+    failed_files: int = 0
 
 
 @dataclass(slots=True)
@@ -68,10 +78,17 @@ class PurgeReport:
     studies: list[PurgedStudy] = field(default_factory=list)
     quarantine_files: int = 0
     quarantine_bytes: int = 0
+    #: Quarantined files that could not be deleted (the next run tries again).
+    quarantine_failed: int = 0
 
     @property
     def instances(self) -> int:
         return sum(s.instances for s in self.studies)
+
+    @property
+    def failed_files(self) -> int:
+        """Files still on disk that the policy says are due: the purge is incomplete."""
+        return sum(s.failed_files for s in self.studies) + self.quarantine_failed
 
     @property
     def bytes(self) -> int:
@@ -86,7 +103,9 @@ class PurgeReport:
             "instances": self.instances,
             "quarantine_files": self.quarantine_files,
             "quarantine_bytes": self.quarantine_bytes,
+            "quarantine_failed": self.quarantine_failed,
             "bytes": self.bytes,
+            "failed_files": self.failed_files,
         }
 
 
@@ -112,8 +131,17 @@ class Retention:
     def enabled(self) -> bool:
         return self.settings.instances_days > 0 or self.settings.quarantine_days > 0
 
-    def run(self, *, dry_run: bool = False, now: datetime | None = None) -> PurgeReport:
-        """Purge (or with ``dry_run`` only list) what the policy says is due at ``now``."""
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        now: datetime | None = None,
+        progress: Callable[[PurgedStudy], None] | None = None,
+    ) -> PurgeReport:
+        """Purge (or with ``dry_run`` only list) what the policy says is due at ``now``.
+
+        ``progress`` is called after each study (the CLI shows how far it got).
+        """
         now = now or utcnow()
         days = self.settings.instances_days
         qdays = self.settings.quarantine_days
@@ -123,7 +151,7 @@ class Retention:
             quarantine_cutoff=now - timedelta(days=qdays) if qdays > 0 else None,
         )
         if report.instances_cutoff is not None:
-            self._purge_studies(report, report.instances_cutoff, now, dry_run)
+            self._purge_studies(report, report.instances_cutoff, now, dry_run, progress)
         if report.quarantine_cutoff is not None:
             self._purge_quarantine(report, report.quarantine_cutoff, now, dry_run)
         return report
@@ -147,15 +175,21 @@ class Retention:
         return list(session.scalars(stmt))
 
     def _purge_studies(
-        self, report: PurgeReport, cutoff: datetime, now: datetime, dry_run: bool
+        self,
+        report: PurgeReport,
+        cutoff: datetime,
+        now: datetime,
+        dry_run: bool,
+        progress: Callable[[PurgedStudy], None] | None,
     ) -> None:
         if dry_run:
             with self.sessions() as session:
                 for study_id in self._candidates(session, cutoff, None):
                     uid, files = _unpurged_files(session, study_id)
-                    report.studies.append(
-                        PurgedStudy(uid, len(files), sum(size for _, _, size in files))
-                    )
+                    listed = PurgedStudy(uid, len(files), sum(size for _, _, size in files))
+                    report.studies.append(listed)
+                    if progress is not None:
+                        progress(listed)
             return
         skipped: set[int] = set()
         while True:
@@ -165,10 +199,13 @@ class Retention:
                 return
             for study_id in batch:
                 purged = self._purge_study(study_id, cutoff, now)
-                if purged is None:
+                # Files that failed are unpurged again: not once more in this run.
+                if purged is None or purged.failed_files:
                     skipped.add(study_id)
-                else:
+                if purged is not None:
                     report.studies.append(purged)
+                    if progress is not None:
+                        progress(purged)
 
     def _purge_study(self, study_id: int, cutoff: datetime, now: datetime) -> PurgedStudy | None:
         """Mark the study's files purged (rows locked, conditions checked again), then delete.
@@ -176,6 +213,7 @@ class Retention:
         Marking first and deleting after the commit means an instance that arrives in
         the meantime re-opens the study in its own transaction and is never touched;
         a crash between the two leaves files behind, never rows pointing at nothing.
+        Files that could not be deleted lose the mark again (:meth:`_unmark`).
         """
         with self.sessions.begin() as session:
             study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
@@ -199,9 +237,11 @@ class Retention:
             )
             study.purged_at = now
         missing = 0
+        gone: list[tuple[int, str, int]] = []
+        failed: list[tuple[int, str, int]] = []
         directories: set[Path] = set()
-        for _, rel, _ in files:
-            path = self.store.path(rel)
+        for file in files:
+            path = self.store.path(file[1])
             directories.add(path.parent)
             try:
                 path.unlink()
@@ -209,21 +249,59 @@ class Retention:
                 missing += 1
             except OSError as exc:
                 log.error("retention: cannot delete a file of study=%s: %s", uid, exc.strerror)
+                failed.append(file)
+                continue
+            gone.append(file)
         _remove_empty(directories, self.store.instances_dir)
-        purged = PurgedStudy(uid, len(files), sum(size for _, _, size in files), missing)
+        if failed:
+            self._unmark(study_id, failed)
+        purged = PurgedStudy(uid, len(gone), sum(size for _, _, size in gone), missing, len(failed))
         log.info(
-            "retention: purged study=%s instances=%d bytes=%d", uid, purged.instances, purged.bytes
+            "retention: purged study=%s instances=%d bytes=%d failed_files=%d",
+            uid,
+            purged.instances,
+            purged.bytes,
+            purged.failed_files,
         )
-        self.audit.record(
-            AUDIT_USER,
-            "retention.purge",
-            study_instance_uid=uid,
-            detail=(
-                f"instances={purged.instances} bytes={purged.bytes} "
-                f"missing_files={missing} older_than={self.settings.instances_days}d"
-            ),
-        )
+        if gone:
+            self.audit.record(
+                AUDIT_USER,
+                "retention.purge",
+                study_instance_uid=uid,
+                detail=(
+                    f"instances={purged.instances} bytes={purged.bytes} "
+                    f"missing_files={missing} failed_files={len(failed)} "
+                    f"older_than={self.settings.instances_days}d"
+                ),
+            )
         return purged
+
+    def _unmark(self, study_id: int, failed: list[tuple[int, str, int]]) -> None:
+        """Clear the purge mark of files still on disk, so that the next run retries them.
+
+        Only rows still pointing at that file (an instance restored meanwhile has a new
+        one). The study row is locked first, in the order ingest takes them, and keeps
+        its ``purged_at`` while any other instance of it stays purged.
+        """
+        with self.sessions.begin() as session:
+            study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
+            for instance_id, rel, _ in failed:
+                session.execute(
+                    update(Instance)
+                    .where(
+                        Instance.id == instance_id,
+                        Instance.path == rel,
+                        Instance.purged_at.is_not(None),
+                    )
+                    .values(purged_at=None)
+                )
+            still_purged = session.scalar(
+                select(Instance.id)
+                .where(Instance.study_id == study_id, Instance.purged_at.is_not(None))
+                .limit(1)
+            )
+            if study is not None and still_purged is None:
+                study.purged_at = None
 
     # -- quarantine --------------------------------------------------------------------
     def _purge_quarantine(
@@ -244,9 +322,10 @@ class Retention:
         # Files go by age on disk, recorded or not: a refusal whose database row could
         # not be written (0xA701) still left its bytes and sidecar here.
         oldest = cutoff.timestamp()
-        recorded = {self.store.path(r.path).name for r in rows}
+        recorded = {self.store.path(r.path).name: r.id for r in rows}
         files = 0
         size = 0
+        kept: list[int] = []
         for path in sorted(self.store.quarantine_dir.iterdir()):
             try:
                 stat = path.stat()
@@ -254,13 +333,31 @@ class Retention:
                 continue
             if not path.is_file() or (stat.st_mtime >= oldest and path.name not in recorded):
                 continue
+            if not dry_run:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.error("retention: cannot delete a quarantined file: %s", exc.strerror)
+                    if path.suffix == ".dcm":
+                        report.quarantine_failed += 1
+                        if path.name in recorded:
+                            kept.append(recorded[path.name])
+                    continue
+                if path.suffix == ".dcm":
+                    # The sidecar is listed too: a failure here is reported there.
+                    with contextlib.suppress(OSError):
+                        path.with_suffix(".json").unlink(missing_ok=True)
             if path.suffix == ".dcm":
                 files += 1
                 size += stat.st_size
-            if not dry_run:
-                path.unlink(missing_ok=True)
-                if path.suffix == ".dcm":
-                    path.with_suffix(".json").unlink(missing_ok=True)
+        if kept:
+            # Still on disk: not purged (the file's age brings it back next run).
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(QuarantinedInstance)
+                    .where(QuarantinedInstance.id.in_(kept))
+                    .values(purged_at=None)
+                )
         report.quarantine_files = files
         report.quarantine_bytes = size
         if files and not dry_run:
@@ -269,7 +366,8 @@ class Retention:
                 AUDIT_USER,
                 "retention.quarantine",
                 detail=(
-                    f"files={files} bytes={size} records={len(rows)} "
+                    f"files={files} bytes={size} records={len(rows) - len(kept)} "
+                    f"failed_files={report.quarantine_failed} "
                     f"older_than={self.settings.quarantine_days}d"
                 ),
             )

@@ -33,7 +33,7 @@ from node.db.models import (
 )
 from node.db.types import utcnow
 from node.errors import StudyPurged
-from node.retention import AUDIT_USER, Retention
+from node.retention import AUDIT_USER, PurgedStudy, Retention
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import create_app
@@ -323,8 +323,9 @@ def test_runtime_starts_the_monitor_only_when_a_policy_is_set(
     assert monitor is not None and monitor.interval == 3600.0
 
 
-def test_cli_dry_run_then_run(node: Node, tmp_path: Path) -> None:
-    uid = _receive(node, tmp_path, "f", count=1)
+def _due_study_and_config(node: Node, tmp_path: Path, name: str, count: int) -> tuple[str, Path]:
+    """A finished study old enough to purge now, and a config file for the CLI."""
+    uid = _receive(node, tmp_path, name, count=count)
     _set_status(node, uid, StudyStatus.DONE)
     with node.sessions.begin() as session:
         session.execute(update(Study).values(last_received_at=utcnow() - LATER))
@@ -336,6 +337,11 @@ def test_cli_dry_run_then_run(node: Node, tmp_path: Path) -> None:
             "retention": {"instances_days": 7},
         },
     )
+    return uid, config
+
+
+def test_cli_dry_run_then_run(node: Node, tmp_path: Path) -> None:
+    uid, config = _due_study_and_config(node, tmp_path, "f", count=1)
     runner = CliRunner()
     args = ["retention", "run", "--json", "--config", str(config)]
     dry = runner.invoke(cli_app, [*args, "--dry-run"])
@@ -348,3 +354,120 @@ def test_cli_dry_run_then_run(node: Node, tmp_path: Path) -> None:
     assert real.exit_code == 0, real.output
     assert json.loads(real.output)["instances"] == 1
     assert not any(f.exists() for f in _files(node, uid))
+
+
+def _unlink_fails_for(monkeypatch: pytest.MonkeyPatch, *victims: Path) -> None:
+    """``Path.unlink`` refuses ``victims`` (tests run as root: permissions would not)."""
+    unlink = Path.unlink
+
+    def refusing(self: Path, missing_ok: bool = False) -> None:
+        if self in victims:
+            raise PermissionError(13, "Permission denied", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refusing)
+
+
+def _purged(node: Node, uid: str) -> tuple[bool, list[bool]]:
+    """Whether the study, and each of its instances (by id), is marked purged."""
+    with node.sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        marks = session.scalars(
+            select(Instance.purged_at).where(Instance.study_id == study.id).order_by(Instance.id)
+        ).all()
+    return study.purged_at is not None, [m is not None for m in marks]
+
+
+def test_a_file_that_cannot_be_deleted_is_not_purged_and_the_next_run_retries_it(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uid = _receive(node, tmp_path, "g", count=3)
+    _set_status(node, uid, StudyStatus.DONE)
+    files = _files(node, uid)
+    sizes = {f: f.stat().st_size for f in files}
+    with node.sessions() as session:
+        stuck = node.store.path(
+            session.scalars(select(Instance.path).order_by(Instance.id)).all()[1]
+        )
+    retention = Retention(node.settings.retention, node.sessions, node.store)
+    _unlink_fails_for(monkeypatch, stuck)
+
+    seen: list[PurgedStudy] = []
+    report = retention.run(now=utcnow() + LATER, progress=seen.append)
+    assert seen == report.studies
+    assert (report.instances, report.failed_files) == (2, 1)
+    assert [(s.instances, s.failed_files) for s in report.studies] == [(2, 1)]
+    assert report.bytes == sum(size for f, size in sizes.items() if f != stuck)
+    assert stuck.is_file() and [f for f in files if f.exists()] == [stuck]
+    assert _purged(node, uid) == (True, [True, False, True])
+    with node.sessions() as session:
+        (detail,) = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "retention.purge")
+        ).all()
+    assert detail is not None and "instances=2 " in detail and "failed_files=1 " in detail
+
+    monkeypatch.undo()
+    again = retention.run(now=utcnow() + LATER)
+    assert [(s.instances, s.failed_files) for s in again.studies] == [(1, 0)]
+    assert not stuck.exists()
+    assert _purged(node, uid) == (True, [True, True, True])
+
+
+def test_a_study_none_of_whose_files_could_be_deleted_stays_unpurged(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uid = _receive(node, tmp_path, "h", count=2)
+    _set_status(node, uid, StudyStatus.DONE)
+    files = _files(node, uid)
+    _unlink_fails_for(monkeypatch, *files)
+
+    report = Retention(node.settings.retention, node.sessions, node.store).run(now=utcnow() + LATER)
+    assert (report.instances, report.bytes, report.failed_files) == (0, 0, 2)
+    assert all(f.is_file() for f in files)
+    assert _purged(node, uid) == (False, [False, False])
+    with node.sessions() as session:
+        # Nothing went, so there is nothing to claim.
+        assert (
+            session.scalar(select(AuditEvent.id).where(AuditEvent.action.like("retention%")))
+            is None
+        )
+
+
+def test_a_quarantined_file_that_cannot_be_deleted_is_not_purged(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw_store(node.dicom.port, SHARED_DATA / "dicom" / "broken" / "MR_truncated.dcm")
+    (dcm,) = node.store.quarantine_dir.glob("*.dcm")
+    retention = Retention(node.settings.retention, node.sessions, node.store)
+    _unlink_fails_for(monkeypatch, dcm)
+
+    report = retention.run(now=utcnow() + timedelta(days=31))
+    assert (report.quarantine_files, report.quarantine_failed, report.failed_files) == (0, 1, 1)
+    assert dcm.is_file()
+    with node.sessions() as session:
+        assert session.scalars(select(QuarantinedInstance)).one().purged_at is None
+
+    monkeypatch.undo()
+    assert retention.run(now=utcnow() + timedelta(days=31)).quarantine_files == 1
+    assert list(node.store.quarantine_dir.iterdir()) == []
+
+
+def test_cli_run_exits_1_and_says_how_many_files_could_not_be_deleted(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uid, config = _due_study_and_config(node, tmp_path, "i", count=2)
+    stuck = _files(node, uid)[0]
+    _unlink_fails_for(monkeypatch, stuck)
+    runner = CliRunner()
+
+    result = runner.invoke(cli_app, ["retention", "run", "--json", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    out = json.loads(result.stdout)
+    assert (out["instances"], out["failed_files"]) == (1, 1)
+    assert "1 file(s) could not be deleted" in result.stderr
+
+    monkeypatch.undo()
+    result = runner.invoke(cli_app, ["retention", "run", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "Purged 1 studies (1 instances)" in result.stdout
+    assert not stuck.exists()
