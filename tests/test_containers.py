@@ -395,6 +395,20 @@ def test_compose_has_the_production_topology(compose: dict[str, Any]) -> None:
     assert services["worker-gpu"]["profiles"] == ["gpu"]
 
 
+@pytest.mark.parametrize(
+    ("name", "at_least"), [("node", 90), ("web", 30), ("worker", 60), ("worker-gpu", 60)]
+)
+def test_compose_gives_each_role_time_to_stop_cleanly(
+    compose: dict[str, Any], name: str, at_least: int
+) -> None:
+    """Docker kills after 10 s by default; the node's clean stop takes longer (an export
+    association in flight, the supervisor, the listener), a worker finishes its study."""
+    grace = str(compose["services"][name].get("stop_grace_period", "10s"))
+    minutes, _, rest = grace.rpartition("m")
+    seconds = int(minutes or 0) * 60 + int(rest.rstrip("s") or 0)
+    assert seconds >= at_least, f"{name}: stop_grace_period {grace}"
+
+
 @pytest.mark.parametrize("name", ["migrate", "node", "web", "worker", "worker-gpu"])
 def test_compose_commands_exist(compose: dict[str, Any], name: str) -> None:
     svc = compose["services"][name]
