@@ -590,6 +590,9 @@ class ExportSettings(_Section):
     max_backoff_seconds: float = Field(default=300.0, gt=0)
     #: Seconds to wait for a destination's association, responses and network.
     timeout_seconds: float = Field(default=30.0, gt=0)
+    #: C-STORE status 0x0110 (processing failure) is retried like a temporary failure,
+    #: until a destination has answered it this many times in a row for one object.
+    max_processing_failures: int = Field(default=5, ge=1)
 
 
 class RetentionSettings(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,7 +13,11 @@ from sqlalchemy.orm import Session
 from node.db.dialects import insert_for
 from node.db.models import Export, ExportState, Study
 from node.db.types import utcnow
-from node.export.scu import Delivery, Outcome
+from node.export.scu import PROCESSING_FAILURE, Delivery, Outcome
+
+#: export.max_processing_failures when the caller does not say (config.ExportSettings).
+MAX_PROCESSING_FAILURES = 5
+_STREAK = re.compile(r"\(processing failure\) (\d+) of \d+ in a row")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +131,18 @@ def record(
     retry_for: timedelta,
     initial_backoff: float,
     max_backoff: float,
+    max_processing_failures: int = MAX_PROCESSING_FAILURES,
 ) -> None:
-    """Store the outcome of one attempt and decide the next one."""
+    """Store the outcome of one attempt and decide the next one.
+
+    A temporary failure is retried with exponential backoff within ``retry_for``.
+    Status 0x0110 (processing failure) is retried too, but after
+    ``max_processing_failures`` answers 0x0110 in a row the delivery fails for good:
+    a PACS that keeps failing to process the object will not take it on the next try
+    either, and an admin can still re-arm it (``triage-node exports retry``).
+    """
     now = utcnow()
+    streak = _processing_failures(export) + 1 if delivery.status == PROCESSING_FAILURE else 0
     export.attempts += 1
     export.last_status = delivery.status
     if delivery.outcome is Outcome.DELIVERED:
@@ -142,6 +156,20 @@ def record(
         export.state = ExportState.FAILED
         export.next_attempt_at = None
         return
+    if streak >= max_processing_failures:
+        export.state = ExportState.FAILED
+        export.last_error = (
+            f"gave up after {streak} answers 0x{PROCESSING_FAILURE:04X} in a row: {delivery.detail}"
+        )[:2000]
+        export.next_attempt_at = None
+        return
+    if streak:
+        # The count of answers 0x0110 in a row lives in the delivery's visible record
+        # (last_error, shown by `triage-node exports` and the web pages): the exports
+        # table has no column for it, and the previous answer is all the count needs.
+        export.last_error = (
+            f"{delivery.detail} {streak} of {max_processing_failures} in a row; retrying"
+        )
     if now - export.retry_started_at >= retry_for:
         export.state = ExportState.FAILED
         export.last_error = f"gave up after {export.attempts} attempts: {delivery.detail}"[:2000]
@@ -151,6 +179,14 @@ def record(
     # that often (a day at a 60 s cap) stalled the exporter's whole batch.
     delay = min(max_backoff, initial_backoff * 2 ** min(export.attempts - 1, 60))
     export.next_attempt_at = now + timedelta(seconds=delay)
+
+
+def _processing_failures(export: Export) -> int:
+    """Answers 0x0110 in a row up to the previous attempt (0 when it answered otherwise)."""
+    if export.last_status != PROCESSING_FAILURE or export.attempts == 0:
+        return 0
+    found = _STREAK.search(export.last_error or "")
+    return int(found.group(1)) if found else 1
 
 
 def retry(session: Session, export_id: int) -> bool:

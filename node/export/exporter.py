@@ -82,6 +82,7 @@ class Exporter:
                         retry_for=retry_for,
                         initial_backoff=cfg.initial_backoff_seconds,
                         max_backoff=cfg.max_backoff_seconds,
+                        max_processing_failures=cfg.max_processing_failures,
                     )
                     log.log(
                         logging.INFO if result.outcome is Outcome.DELIVERED else logging.WARNING,

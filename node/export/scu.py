@@ -2,7 +2,9 @@
 
 PS3.4 B.2.3: Success and the Warning statuses (0xB000, 0xB006, 0xB007) mean
 the object is stored. "Refused: Out of Resources" (0xA7xx), a refused or
-broken association and a timeout are temporary: try again later. Any other
+broken association and a timeout are temporary: try again later. So is
+"Processing failure" (0x0110), but only a bounded number of times in a row
+(:func:`node.export.deliveries.record`, ``export.max_processing_failures``). Any other
 failure (0xA9xx data set does not match SOP class, 0xCxxx cannot understand,
 0x0122 SOP class not supported, ...) is permanent: sending the same bytes
 again cannot succeed, so we do not retry in a loop. With ``destination.tls`` the
@@ -46,14 +48,26 @@ class Delivery:
 
 #: PS3.7 C.4.2 "Resource limitation": like 0xA7xx, worth trying again later.
 _RESOURCE_LIMITATION = 0x0213
+#: PS3.7 C.4.2 "Processing failure". For C-STORE a PACS answers it for trouble of its
+#: own (database busy, archive offline, a full spool) as often as for a bad object, and
+#: the same bytes are then accepted minutes later: temporary, but the delivery queue
+#: gives up after export.max_processing_failures of them in a row.
+PROCESSING_FAILURE = 0x0110
 
 
 def classify(status: int) -> Outcome:
     if status == 0x0000 or status in _WARNINGS:
         return Outcome.DELIVERED
-    if 0xA700 <= status <= 0xA7FF or status == _RESOURCE_LIMITATION:
+    if 0xA700 <= status <= 0xA7FF or status in (_RESOURCE_LIMITATION, PROCESSING_FAILURE):
         return Outcome.TEMPORARY
     return Outcome.PERMANENT
+
+
+def status_detail(status: int) -> str:
+    """How an attempt's C-STORE status reads in the delivery's last_error."""
+    if status == PROCESSING_FAILURE:
+        return f"C-STORE status 0x{status:04X} (processing failure)"
+    return f"C-STORE status 0x{status:04X}"
 
 
 def unreadable(exc: Exception, what: str) -> Delivery:
@@ -182,8 +196,7 @@ def _store(assoc: Any, item: Item) -> Delivery:
     if rsp is None or "Status" not in rsp:
         return Delivery(Outcome.TEMPORARY, None, "no response (timeout or abort)")
     code = int(rsp.Status)
-    outcome = classify(code)
-    return Delivery(outcome, code, f"C-STORE status 0x{code:04X}")
+    return Delivery(classify(code), code, status_detail(code))
 
 
 def _transfer_syntax(path: Path) -> str | None:

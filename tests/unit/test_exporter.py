@@ -57,6 +57,8 @@ class Destination:
     #: (transfer syntax the object came in, its pixels) per C-STORE.
     pixels: list[tuple[str, Any]] = field(default_factory=list)
     during_store: Callable[[], object] = lambda: None
+    #: The C-STORE status it answers.
+    status: int = 0x0000
 
     def on_store(self, event: evt.Event) -> int:
         self.during_store()
@@ -64,7 +66,7 @@ class Destination:
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.pixels.append((str(event.context.transfer_syntax), ds.pixel_array))
-        return 0x0000
+        return self.status
 
 
 @pytest.fixture
@@ -278,12 +280,62 @@ def test_missing_result_file_fails_for_good(
         (0xB000, Outcome.DELIVERED),
         (0xA700, Outcome.TEMPORARY),
         (0x0213, Outcome.TEMPORARY),
+        (0x0110, Outcome.TEMPORARY),
         (0xA900, Outcome.PERMANENT),
         (0xC000, Outcome.PERMANENT),
     ],
 )
 def test_status_classes(code: int, outcome: Outcome) -> None:
     assert classify(code) is outcome
+
+
+def _due_now(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        session.get_one(Export, _row(sessions).id).next_attempt_at = utcnow()
+
+
+def test_processing_failure_is_retried_then_given_up_after_its_bound(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """0x0110 from a PACS is often transient (its database busy, a full spool): retried
+    with the backoff, but failed for good after export.max_processing_failures answers."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    exporter.settings.export.max_processing_failures = 3
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)
+    destination.status = 0x0110
+    for attempt in (1, 2):
+        assert exporter.run_once() == 1
+        row = _row(sessions)
+        assert (row.state, row.attempts, row.last_status) == (ExportState.PENDING, attempt, 0x0110)
+        assert row.next_attempt_at is not None and row.next_attempt_at > utcnow()
+        assert f"0x0110 (processing failure) {attempt} of 3 in a row" in (row.last_error or "")
+        _due_now(sessions)
+    assert exporter.run_once() == 1
+    row = _row(sessions)
+    assert (row.state, row.attempts, row.next_attempt_at) == (ExportState.FAILED, 3, None)
+    assert (row.last_error or "").startswith("gave up after 3 answers 0x0110 in a row")
+    assert exporter.run_once() == 0
+    assert len(destination.received) == 3
+
+
+def test_processing_failure_streak_restarts_after_another_answer(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """Only answers 0x0110 in a row count; a transient 0x0110 then Success is delivered."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    exporter.settings.export.max_processing_failures = 2
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)
+    for status in (0x0110, 0xA700, 0x0110):
+        destination.status = status
+        exporter.run_once()
+        assert _row(sessions).state == ExportState.PENDING, hex(status)
+        _due_now(sessions)
+    destination.status = 0x0000
+    exporter.run_once()
+    row = _row(sessions)
+    assert (row.state, row.attempts, row.last_error) == (ExportState.DELIVERED, 4, None)
 
 
 def test_destination_down_past_its_retry_window_gives_up(
