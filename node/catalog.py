@@ -191,6 +191,11 @@ class Catalog:
                 )
                 .with_for_update()
             ).one()
+            # The study counts the instance once, at its size as received: the copy
+            # replaces the purged one's bytes (a sender may have re-encoded it).
+            old_size = conn.execute(
+                select(Instance.size_bytes).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).scalar_one()
             series_id = conn.execute(
                 update(Instance)
                 .where(
@@ -211,7 +216,10 @@ class Catalog:
                 return False
             place()
             reopened = study.status != StudyStatus.RECEIVING
-            values: dict[str, Any] = {"last_received_at": now}
+            values: dict[str, Any] = {
+                "last_received_at": now,
+                "size_bytes": Study.size_bytes + (stored.size_bytes - old_size),
+            }
             if reopened:
                 values.update(_REOPENED, version=study.version + 1)
             still_purged = conn.execute(

@@ -245,10 +245,21 @@ class Pipeline:
                     select(Study.purged_at).where(Study.study_instance_uid == study_instance_uid)
                 )
                 if purged is not None:
+                    # A study's purged_at stays until every image is back: some may be.
+                    kept = session.scalar(
+                        select(Instance.id)
+                        .join(Study, Study.id == Instance.study_id)
+                        .where(
+                            Study.study_instance_uid == study_instance_uid,
+                            Instance.purged_at.is_(None),
+                        )
+                        .limit(1)
+                    )
+                    which = "its images" if kept is None else "some of its images"
                     raise StudyPurged(
                         study_instance_uid,
-                        f"its images were purged by retention at {purged.isoformat()}; "
-                        "send the study again to analyse it",
+                        f"{which} were purged by retention at {purged.isoformat()}; "
+                        "send the whole study again to analyse it",
                     )
                 return None
         status = self.route_or_note(row.id, row.version, study_instance_uid)

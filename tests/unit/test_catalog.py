@@ -319,3 +319,23 @@ def test_instance_inserted_by_another_node_meanwhile_counts_as_duplicate() -> No
             assert duplicates == 1
         for engine in engines:
             engine.dispose()
+
+
+def test_restored_instance_counts_its_new_size_in_the_study(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The study's size is the sum of its instances' sizes, restored ones as re-sent
+    (a sender may re-encode: another transfer syntax, another size)."""
+    catalog = Catalog(sessions)
+    study, series = uid(), uid()
+    for n in (1, 2):
+        catalog.record_instance(header(study, series, n), stored(n), "CT1")
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=utcnow()))
+        session.execute(update(Study).values(status=StudyStatus.DONE, purged_at=utcnow()))
+    copy = StoredFile("instances/again/1.dcm", 5000, "a" * 64)
+    assert catalog.restore_purged(f"{study}.1", copy, place=lambda: None)
+    assert not catalog.restore_purged(f"{study}.1", copy, place=lambda: None)  # a duplicate
+    with sessions() as session:
+        total = session.scalar(select(func.sum(Instance.size_bytes)))
+        assert session.scalar(select(Study.size_bytes)) == total == 5000 + stored(2).size_bytes

@@ -140,6 +140,25 @@ def test_reprocessing_a_purged_study_says_why_it_cannot(pipeline: Pipeline) -> N
     assert pipeline.reprocess(generate_uid(prefix=TEST_ROOT)) is None
 
 
+def test_reprocessing_a_partly_restored_study_says_some_images_are_gone(
+    pipeline: Pipeline,
+) -> None:
+    """Only some purged images were sent again: the message says so, not "its images"."""
+    study_uid, series = generate_uid(prefix=TEST_ROOT), generate_uid(prefix=TEST_ROOT)
+    _receive(pipeline, study_uid, series, 1, write=False)
+    _receive(pipeline, study_uid, series, 2, write=False)
+    with pipeline.sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=utcnow()))
+        first = session.scalars(select(Instance.sop_instance_uid)).first()
+        session.execute(
+            update(Instance).where(Instance.sop_instance_uid == first).values(purged_at=None)
+        )
+        session.execute(update(Study).values(status=StudyStatus.DONE, purged_at=utcnow()))
+    with pytest.raises(StudyPurged, match="some of its images were purged") as raised:
+        pipeline.reprocess(study_uid)
+    assert "send the whole study again" in str(raised.value)
+
+
 def test_reprocess_reports_the_routing_the_supervisor_did_first(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
