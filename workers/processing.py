@@ -5,7 +5,10 @@ study in the database (``queued`` → ``processing`` with a lease owned by this
 run); it writes findings and the final state only if it still holds that lease,
 in one transaction that replaces any findings of the same version. A duplicate
 message, a redelivery after a crash, or a study re-opened meanwhile (new
-version) therefore never yields two results.
+version) therefore never yields two results. While the run works, a heartbeat
+renews the lease (every third of ``pipeline.lease_seconds``), so a slow phase does
+not let the supervisor hand the study out again; a run that lost its lease anyway
+stops before writing any file or row.
 
 Failures: an image whose pixels cannot be read is left out with a note on the study,
 and the study's other images are analysed; when no image the models apply to can be
@@ -21,7 +24,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -63,6 +68,47 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER = "pneumonia-triage"
 SEGMENTER = "lung-seg"
+
+
+class LeaseLost(Exception):
+    """The study is no longer this run's (the lease expired and was handed out again)."""
+
+
+class LeaseHeartbeat:
+    """Renews a study's lease every ``interval`` seconds while a run holds it.
+
+    Renewing only between phases left a slow one (a DICOMweb fetch or upload, a long
+    model run) to outlive the lease, and the supervisor handed the study to a second
+    worker while the first still ran. ``renew`` returns False once the lease is gone:
+    the heartbeat then stops and sets :attr:`lost`, and the run gives up at its next
+    check. A failed renewal (database briefly unreachable) is tried again next beat.
+    """
+
+    def __init__(self, renew: Callable[[], bool], interval: float) -> None:
+        self.renew = renew
+        self.interval = interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                held = self.renew()
+            except Exception as exc:
+                log.warning("lease renewal failed error=%s; trying again", type(exc).__name__)
+                continue
+            if not held:
+                self.lost.set()
+                return
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +160,10 @@ class StudyProcessor:
         #: The current study's instances that could not be read (`_select_frames`).
         self.unreadable: list[UnreadablePixels] = []
         self.lease = timedelta(seconds=settings.pipeline.lease_seconds)
+        #: The current run's (`run`); None between runs.
+        self.heartbeat: LeaseHeartbeat | None = None
+        #: The current run's (study id, lease owner), for checks before writing.
+        self._held: tuple[int, str] | None = None
 
     # -- the whole run -----------------------------------------------------------------
     def run(self, study_id: int, version: int) -> Outcome:
@@ -125,8 +175,17 @@ class StudyProcessor:
                 version,
             )
             return Outcome("skipped")
+        interval = self.lease.total_seconds() / 3
         try:
-            analysis = self._analyse(study_id, version, owner)
+            with LeaseHeartbeat(lambda: self._renew(study_id, owner), interval) as heartbeat:
+                self.heartbeat, self._held = heartbeat, (study_id, owner)
+                try:
+                    analysis = self._analyse(study_id, version, owner)
+                finally:
+                    self.heartbeat, self._held = None, None
+        except LeaseLost:
+            log.warning("study_id=%d version=%d lease lost; stopped", study_id, version)
+            return Outcome("skipped", "lease lost")
         except UnreadablePixels as exc:
             return self._fail(study_id, version, owner, str(exc), permanent=True)
         except Exception as exc:
@@ -161,13 +220,32 @@ class StudyProcessor:
             ).first()
         return claimed is not None
 
-    def _extend(self, study_id: int, owner: str) -> None:
+    def _renew(self, study_id: int, owner: str) -> bool:
+        """Extend the lease by its full length; False if this run no longer holds it."""
         with self.sessions.begin() as session:
-            session.execute(
+            held = session.execute(
                 update(Study)
-                .where(Study.id == study_id, Study.lease_owner == owner)
+                .where(
+                    Study.id == study_id,
+                    Study.lease_owner == owner,
+                    Study.status == StudyStatus.PROCESSING,
+                )
                 .values(lease_until=utcnow() + self.lease)
-            )
+                .returning(Study.id)
+            ).first()
+        return held is not None
+
+    def _hold(self) -> None:
+        """:meth:`_extend` for the current run, if any (a model run is over: files next)."""
+        if self._held is not None:
+            self._extend(*self._held)
+
+    def _extend(self, study_id: int, owner: str) -> None:
+        """Renew the lease before the next phase writes anything; raise if it is lost."""
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise LeaseLost
+        if not self._renew(study_id, owner):
+            raise LeaseLost
 
     # -- analysis ------------------------------------------------------------------------
     def _analyse(self, study_id: int, version: int, owner: str) -> _Analysis:
@@ -212,12 +290,11 @@ class StudyProcessor:
         self._extend(study_id, owner)
         results_dir = f"results/{study_uid}/v{version}"
         key = (study_id, version, results_dir)
+        # Each model run is followed by a check of the lease (`_hold`) before its files.
         if CLASSIFIER in models:
             self._classify(key, per_frame, analysis)
-            self._extend(study_id, owner)
         if SEGMENTER in models:
             self._segment(key, per_frame, analysis)
-            self._extend(study_id, owner)
         try:
             encoded = encode_objects(results_dir, self._result_objects(models, per_frame))
         except (StorageUnavailable, OSError):
@@ -232,6 +309,7 @@ class StudyProcessor:
             )
         else:
             # Not caught: a node that cannot take the files now means "retry later".
+            self._extend(study_id, owner)  # never over the objects of a run that took over
             analysis.objects = store_objects(self._storage(), encoded)
         return analysis
 
@@ -291,6 +369,7 @@ class StudyProcessor:
         study_id, version, results_dir = key
         model = self.runner.classifier
         cls = self.runner.classify([fr.frame.pixels for fr in per_frame])
+        self._hold()
         threshold = float(model.threshold)
         now = utcnow()
         for fr, probs, heatmap in zip(per_frame, cls.probabilities, cls.heatmaps, strict=True):
@@ -332,6 +411,7 @@ class StudyProcessor:
         results_dir = key[2]
         model = self.runner.segmenter
         seg = self.runner.segment([fr.frame.pixels for fr in per_frame])
+        self._hold()
         now = utcnow()
         for fr, mask in zip(per_frame, seg.masks, strict=True):
             area_px = int(mask.sum())
