@@ -10,6 +10,8 @@ shows only one of them.
 
 from __future__ import annotations
 
+import logging
+
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
@@ -21,6 +23,8 @@ from workers.output.errors import OutputError
 from workers.output.identity import SERIES, instance_uid, series_uid
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
 from workers.output.source import header
+
+log = logging.getLogger(__name__)
 
 WARNING = "NOT FOR DIAGNOSIS"
 #: Heatmap opacity at a heat of 1; lower heat shows more of the image underneath.
@@ -39,8 +43,9 @@ def build_heatmap_image(
     number, description = SERIES["sc"]
     source = result.source
     orientation = _patient_orientation(source)
+    view = header(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header(source),
+        ref_dataset=view,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -60,6 +65,11 @@ def build_heatmap_image(
         software_versions=ctx.software_version,
         institution_name=ctx.institution_name,
     )
+    # `from_ref_dataset` copies only the handful of patient and study attributes it
+    # takes as arguments; a PACS that files by Issuer of Patient ID (or checks it) would
+    # see the heatmap under another patient than the SEG and SR, which copy the whole
+    # Patient, General Study and Patient Study modules. Copy them here too.
+    _copy_patient_and_study(sc, view)
     if orientation is None:
         sc["PatientOrientation"].value = None  # Type 2C, empty: unknown (PS3.3 C.7.6.1.1.1)
     if "Laterality" not in sc:
@@ -126,6 +136,19 @@ def _burn_label(rgb: NDArray[np.uint8], text: str) -> NDArray[np.uint8]:
     corner[...] = 0
     corner[mask] = 255
     return out
+
+
+def _copy_patient_and_study(sc: hd.sc.SCImage, view: Dataset) -> None:
+    """The source's Patient and Study IE modules, as highdicom copies them into a SEG."""
+    try:
+        sc.copy_patient_and_study_information(view)
+    except KeyError:
+        # A SOP Class highdicom has no IOD table for: the attributes `from_ref_dataset`
+        # copied (name, ID, birth date, sex, study identity) are all there is.
+        log.warning(
+            "patient/study modules of sop_class_uid=%s not known; copied the basics",
+            view.SOPClassUID,
+        )
 
 
 def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
