@@ -343,6 +343,26 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class WebSession(Base):
+    """One login to the web application, so that it can end on the server.
+
+    The signed cookie carries a random session id; this row holds only its SHA-256
+    (a copy of the table does not let anyone sign in). A session is ended by setting
+    ``revoked_at``: at logout, and for all of a user's sessions when the user is
+    disabled or gets a new password.
+    """
+
+    __tablename__ = "web_sessions"
+
+    #: SHA-256 (hex) of the session id in the cookie.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    #: The user's last request, to the minute (written at most once a minute).
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AuditEvent(Base):
     """One access to patient data or one change to the node, by a user.
 

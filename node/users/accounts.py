@@ -1,4 +1,4 @@
-"""User accounts in the ``users`` table: create, list, disable, authenticate."""
+"""User accounts in the ``users`` table: create, list, disable, set passwords, authenticate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db.models import Role, User
+from node.db.models import Role, User, WebSession
 from node.db.types import utcnow
 from node.errors import NodeError
 from node.users import passwords
@@ -84,12 +84,30 @@ class Accounts:
             return Account.of(user) if user is not None else None
 
     def set_active(self, name: str, active: bool) -> bool:
+        """Enable or disable a user; disabling ends all of their web sessions for good."""
         with self._sessions.begin() as session:
             user = session.scalar(select(User).where(User.name == name))
             if user is None:
                 return False
             user.active = active
+            if not active:
+                _end_sessions(session, user.id)
         log.info("user %s name=%s", "enabled" if active else "disabled", name)
+        return True
+
+    def set_password(self, name: str, password: str) -> bool:
+        """Give a user a new password; their web sessions end (whoever held them)."""
+        try:
+            password_hash = passwords.hash_password(password)
+        except passwords.WeakPassword as exc:
+            raise AccountError(str(exc)) from None
+        with self._sessions.begin() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            if user is None:
+                return False
+            user.password_hash = password_hash
+            _end_sessions(session, user.id)
+        log.info("user password changed name=%s", name)
         return True
 
     def authenticate(self, name: str, password: str) -> Account | None:
@@ -115,3 +133,12 @@ class Accounts:
                     .values(password_hash=new_hash)
                 )
         return account
+
+
+def _end_sessions(session: Session, user_id: int) -> None:
+    """Revoke every live web session of the user (``node.users.web_sessions``)."""
+    session.execute(
+        update(WebSession)
+        .where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )

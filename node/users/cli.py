@@ -1,4 +1,4 @@
-"""``triage-node users``: create, list and disable web accounts."""
+"""``triage-node users``: create, list, disable web accounts and set their passwords."""
 
 from __future__ import annotations
 
@@ -42,28 +42,61 @@ def _accounts(config: Path | None) -> Iterator[tuple[Accounts, AuditTrail]]:
         engine.dispose()
 
 
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
+
+
+def _read_password(password_stdin: bool) -> str:
+    """From standard input, or asked twice (hidden)."""
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@contextmanager
+def _refused() -> Iterator[None]:
+    """An AccountError (name taken, weak password) ends the command with its reason."""
+    try:
+        yield
+    except AccountError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+
 @app.command("add")
 def add(
     name: Annotated[str, typer.Argument(help="Login name.")],
     role: Annotated[Role, typer.Option(help="radiologist or admin.")] = Role.RADIOLOGIST,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
     config: ConfigOption = None,
 ) -> None:
     """Create a user; asks for the password twice (hidden) unless --password-stdin."""
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    password = _read_password(password_stdin)
     with _accounts(config) as (accounts, audit):
-        try:
+        with _refused():
             account = accounts.add(name, password, role)
-        except AccountError as exc:
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
-            raise typer.Exit(1) from None
         audit.record(cli_user(), "user.add", detail=f"{account.name} as {account.role}")
     console.print(f"user [bold]{escape(account.name)}[/bold] added as {account.role}")
+
+
+@app.command("password")
+def password(
+    name: str,
+    password_stdin: PasswordStdin = False,
+    config: ConfigOption = None,
+) -> None:
+    """Set a new password for a user; their open sessions end at once."""
+    new = _read_password(password_stdin)
+    with _accounts(config) as (accounts, audit):
+        with _refused():
+            found = accounts.set_password(name, new)
+        if found:
+            audit.record(cli_user(), "user.password", detail=name)
+    if not found:
+        err_console.print(f"[red]error:[/red] no user {escape(repr(name))}")
+        raise typer.Exit(1)
+    console.print(f"password of [bold]{escape(name)}[/bold] changed; their sessions ended")
 
 
 @app.command("list")
@@ -81,7 +114,7 @@ def list_users(config: ConfigOption = None) -> None:
 
 @app.command("disable")
 def disable(name: str, config: ConfigOption = None) -> None:
-    """Stop a user from logging in (their sessions end at the next request)."""
+    """Stop a user from logging in; their sessions end now, also if enabled again."""
     with _accounts(config) as (accounts, audit):
         found = accounts.set_active(name, False)
         if found:

@@ -1,11 +1,13 @@
 """Who is asking: the session cookie, roles, and CSRF tokens.
 
 The session (a cookie signed by Starlette's SessionMiddleware) holds the user's id,
-a CSRF token, and when it started and was last used. It ends ``web.session_minutes``
-after the last request the user made (the worklist's background polls do not count,
-so an unattended open worklist still logs out) and ``web.session_max_hours`` after
-login however active. The account is read on every request, so disabling a user ends
-their sessions at once. Unsafe requests (POST, PUT, PATCH, DELETE) must echo the
+the id of its ``web_sessions`` row, a CSRF token, and when it started and was last
+used. It ends ``web.session_minutes`` after the last request the user made (the
+worklist's background polls do not count, so an unattended open worklist still logs
+out) and ``web.session_max_hours`` after login however active. The row and the
+account are read on every request (one primary-key lookup), so logging out ends the
+session for every copy of the cookie, and disabling a user or setting a new password
+ends all of theirs at once. Unsafe requests (POST, PUT, PATCH, DELETE) must echo the
 session's CSRF token in the ``X-CSRF-Token`` header or a ``csrf_token`` form field.
 """
 
@@ -16,6 +18,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -31,6 +34,7 @@ from node.users.throttle import Lock, LoginThrottle
 from node.web.context import WebContext, client_address, web_context
 
 SESSION_USER = "uid"
+SESSION_ID = "sid"
 SESSION_CSRF = "csrf"
 SESSION_STARTED = "started"
 SESSION_SEEN = "seen"
@@ -79,32 +83,58 @@ async def check_csrf(request: Request) -> None:
         raise CsrfFailed
 
 
-def log_in(request: Request, account: Account) -> None:
-    """Start a fresh session for ``account`` (new CSRF token: no session fixation)."""
-    request.session.clear()
+def log_in(request: Request, account: Account, ctx: WebContext) -> None:
+    """Start a fresh session for ``account`` (new id and CSRF token: no session fixation).
+
+    A session this browser held before ends on the server too.
+    """
+    now = int(time.time())
+    log_out(request, ctx)
+    request.session[SESSION_ID] = ctx.web_sessions.start(
+        account.id, _at(now), max_age=_max_age(ctx.settings.web)
+    )
     request.session[SESSION_USER] = account.id
     request.session[SESSION_CSRF] = secrets.token_urlsafe(32)
-    request.session[SESSION_STARTED] = request.session[SESSION_SEEN] = int(time.time())
+    request.session[SESSION_STARTED] = request.session[SESSION_SEEN] = now
 
 
-def log_out(request: Request) -> None:
+def log_out(request: Request, ctx: WebContext) -> None:
+    """End the session for every copy of its cookie, not only this browser's."""
+    session_id = request.session.get(SESSION_ID)
+    if isinstance(session_id, str):
+        ctx.web_sessions.revoke(session_id, _at(int(time.time())))
     request.session.clear()
 
 
 def current_user(request: Request, ctx: Annotated[WebContext, Depends(web_context)]) -> Account:
-    user_id = request.session.get(SESSION_USER)
-    if not isinstance(user_id, int) or _expired(request.session, ctx.settings.web):
-        request.session.clear()
-        raise NotAuthenticated
-    account = ctx.accounts.get(user_id)
-    if account is None or not account.active:
+    user_id, session_id = request.session.get(SESSION_USER), request.session.get(SESSION_ID)
+    if (
+        not isinstance(user_id, int)
+        or not isinstance(session_id, str)
+        or _expired(request.session, ctx.settings.web)
+    ):
         request.session.clear()
         raise NotAuthenticated
     now = int(time.time())
-    if request.url.path not in BACKGROUND_PATHS and request.session[SESSION_SEEN] != now:
+    background = request.url.path in BACKGROUND_PATHS
+    account = ctx.web_sessions.account(
+        session_id, user_id, _at(now), max_age=_max_age(ctx.settings.web), seen=not background
+    )
+    if account is None:  # logged out, revoked, or the user disabled
+        request.session.clear()
+        raise NotAuthenticated
+    if not background and request.session[SESSION_SEEN] != now:
         request.session[SESSION_SEEN] = now  # changed: Starlette re-signs the cookie
     request.state.user = account
     return account
+
+
+def _at(timestamp: int) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _max_age(settings: WebSettings) -> timedelta:
+    return timedelta(hours=settings.session_max_hours)
 
 
 def _expired(session: dict[str, Any], settings: WebSettings) -> bool:

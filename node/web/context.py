@@ -14,6 +14,7 @@ from node.config import Settings
 from node.routing.store import RuleStore
 from node.storage import InstanceStore
 from node.users.accounts import Accounts
+from node.users.web_sessions import WebSessions
 from node.web.audit import AuditTrail
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class WebContext:
     store: InstanceStore
     rules: RuleStore
     accounts: Accounts
+    web_sessions: WebSessions
     audit: AuditTrail
     templates: Jinja2Templates
     node: Node
@@ -45,6 +47,7 @@ class WebContext:
             store=node.store,
             rules=node.rules,
             accounts=Accounts(node.sessions, node.reads),
+            web_sessions=WebSessions(node.sessions, node.reads),
             audit=AuditTrail(node.sessions),
             templates=Jinja2Templates(directory=str(TEMPLATES_DIR)),
             node=node,

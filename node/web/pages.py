@@ -75,14 +75,14 @@ async def login(
             next=_safe_next(next),
             error="Wrong user name or password.",
         )
-    auth.log_in(request, account)
+    auth.log_in(request, account, ctx)
     ctx.audit.record(account.name, "login", client_address=client_address(request))
     return RedirectResponse(_safe_next(next), status_code=303)
 
 
 @router.post("/logout")
 def logout(user: auth.User, request: Request, ctx: Context) -> RedirectResponse:
-    auth.log_out(request)
+    auth.log_out(request, ctx)
     ctx.audit.record(user.name, "logout", client_address=client_address(request))
     return RedirectResponse("/login", status_code=303)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -56,5 +57,23 @@ def test_upgrade_gives_existing_studies_an_updated_at(database_url: str) -> None
         with engine.connect() as conn:
             updated = conn.execute(sa.text("SELECT updated_at FROM studies")).scalar_one()
         assert updated is not None
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_0008_and_upgrade_again(database_url: str) -> None:
+    """Tables added after 0008 go with a downgrade and come back with the upgrade."""
+    engine = make_engine(database_url)
+    try:
+        migrate.upgrade(engine)
+        cfg = migrate.alembic_config(engine.url.render_as_string(hide_password=False))
+        with engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, "0008")
+        assert migrate.current_revision(engine) == "0008"
+        assert "web_sessions" not in sa.inspect(engine).get_table_names()
+        migrate.upgrade(engine)
+        assert migrate.is_up_to_date(engine)
+        assert "web_sessions" in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()

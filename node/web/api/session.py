@@ -30,7 +30,7 @@ def log_in(credentials: Credentials, request: Request, ctx: Context) -> SessionO
     if account is None:
         ctx.audit.record(credentials.name, "login.failed", client_address=client_address(request))
         raise HTTPException(status_code=401, detail="wrong name or password")
-    auth.log_in(request, account)
+    auth.log_in(request, account, ctx)
     ctx.audit.record(account.name, "login", client_address=client_address(request))
     return SessionOut(name=account.name, role=account.role, csrf_token=auth.csrf_token(request))
 
@@ -42,5 +42,5 @@ def whoami(user: auth.User, request: Request) -> SessionOut:
 
 @router.delete("", status_code=204)
 def log_out(user: auth.User, request: Request, ctx: Context) -> None:
-    auth.log_out(request)
+    auth.log_out(request, ctx)
     ctx.audit.record(user.name, "logout", client_address=client_address(request))

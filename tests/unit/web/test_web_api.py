@@ -29,11 +29,19 @@ from sqlalchemy import event, select, update
 from sqlalchemy.exc import DBAPIError
 
 from node.config import Settings
-from node.db.models import AuditEvent, Finding, Priority, Role, Study, StudyStatus
+from node.db.models import (
+    AuditEvent,
+    Finding,
+    Priority,
+    Role,
+    Study,
+    StudyStatus,
+    WebSession,
+)
 from node.errors import ConfigError
 from node.runtime import Node
 from node.users.accounts import Accounts
-from node.web.app import create_app
+from node.web.app import SESSION_COOKIE, create_app
 from node.web.audit import AuditRecord, csv_lines
 from node.web.secret import KEY_FILE, MIN_KEY_CHARS, session_secret
 from node.worklist import list_studies, worklist_fingerprint
@@ -208,6 +216,87 @@ def test_disabled_user_loses_the_session(client: TestClient, node: Node) -> None
     assert client.get("/api/worklist").status_code == 200
     Accounts(node.sessions).set_active("rad", False)
     assert client.get("/api/worklist").status_code == 401
+
+
+def _copied_cookie(client: TestClient, node: Node) -> TestClient:
+    """A second browser holding a copy of ``client``'s session cookie (and CSRF token)."""
+    thief = TestClient(create_app(node))
+    thief.cookies.set(SESSION_COOKIE, client.cookies[SESSION_COOKIE])
+    thief.headers["X-CSRF-Token"] = client.headers["X-CSRF-Token"]
+    return thief
+
+
+@pytest.mark.parametrize("how", ["api", "page"])
+def test_logout_ends_a_copied_session_cookie_too(client: TestClient, node: Node, how: str) -> None:
+    """The cookie is signed, not secret from whoever copied it: logging out must end
+    the session on the server, not only clear the browser's copy."""
+    token = login(client, "rad")
+    with _copied_cookie(client, node) as thief:
+        assert thief.get("/api/worklist").status_code == 200
+        if how == "api":
+            assert client.delete("/api/session").status_code == 204
+        else:
+            out = client.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+            assert out.status_code == 303
+        assert thief.get("/api/worklist").status_code == 401
+        assert thief.get("/", follow_redirects=False).status_code == 303
+    login(client, "rad")  # a new login is a new session
+    assert client.get("/api/worklist").status_code == 200
+
+
+def test_disabling_a_user_revokes_their_sessions_for_good(client: TestClient, node: Node) -> None:
+    """Enabling the account again must not bring back the sessions it had."""
+    login(client, "rad")
+    with _copied_cookie(client, node) as other:
+        accounts = Accounts(node.sessions)
+        assert accounts.set_active("rad", False) and accounts.set_active("rad", True)
+        assert client.get("/api/worklist").status_code == 401
+        assert other.get("/api/worklist").status_code == 401
+    login(client, "rad")
+    assert client.get("/api/worklist").status_code == 200
+
+
+def test_a_new_password_ends_the_users_sessions(node: Node) -> None:
+    with TestClient(create_app(node)) as rad, TestClient(create_app(node)) as admin:
+        login(rad, "rad")
+        login(admin, "admin")
+        assert Accounts(node.sessions).set_password("rad", "a-new-password")
+        assert rad.get("/api/worklist").status_code == 401
+        assert admin.get("/api/worklist").status_code == 200
+        new = {"name": "rad", "password": "a-new-password"}  # pragma: allowlist secret
+        assert rad.post("/api/session", json=new).status_code == 200
+
+
+def test_logout_ends_only_that_session(node: Node) -> None:
+    with TestClient(create_app(node)) as desk, TestClient(create_app(node)) as ward:
+        login(desk, "rad")
+        login(ward, "rad")
+        assert desk.delete("/api/session").status_code == 204
+        assert desk.get("/api/worklist").status_code == 401
+        assert ward.get("/api/worklist").status_code == 200
+
+
+def test_a_request_writes_last_seen_at_most_once_a_minute(client: TestClient, node: Node) -> None:
+    """The session lookup is one read; only a user's request a minute after the last
+    recorded one writes (background polls never do)."""
+    t0 = time.time()
+    login(client, "rad")
+
+    def seen() -> datetime:
+        with node.sessions() as session:
+            return session.scalars(select(WebSession.last_seen_at)).one()
+
+    def writes(path: str, at: float) -> int:
+        with mock.patch("time.time", return_value=at):
+            return _count_statements(
+                node, lambda: client.get(path).raise_for_status(), ("UPDATE web_sessions",)
+            )
+
+    first = seen()
+    assert writes("/api/session", t0 + 30) == 0 and seen() == first
+    assert writes("/api/worklist/fingerprint", t0 + 120) == 0 and seen() == first
+    assert writes("/api/session", t0 + 120) == 1 and seen() > first
+    assert writes("/api/session", t0 + 150) == 0
 
 
 def test_worklist_order_filters_and_search(client: TestClient, node: Node) -> None:
@@ -498,13 +587,16 @@ def test_status_and_destinations(client: TestClient, node: Node) -> None:
 _NODE_THREADS = frozenset({"study-completion", "pipeline", "exporter", "worker-watch"})
 
 
-def _count_statements(node: Node, fn: Callable[[], Any]) -> int:
+def _count_statements(node: Node, fn: Callable[[], Any], starts: tuple[str, ...] = ()) -> int:
+    """Statements ``fn`` runs (only those starting with one of ``starts``, if given)."""
     count = 0
 
-    def before(*_: Any) -> None:
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         nonlocal count
         # The node's own loops (completion, pipeline, exporter) poll the same engine.
-        if threading.current_thread().name not in _NODE_THREADS:
+        if threading.current_thread().name not in _NODE_THREADS and (
+            not starts or statement.lstrip().startswith(starts)
+        ):
             count += 1
 
     event.listen(node.engine, "before_cursor_execute", before)

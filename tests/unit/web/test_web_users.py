@@ -80,6 +80,13 @@ def test_users_cli(tmp_path: Path) -> None:
     )
     assert duplicate.exit_code == 1
     assert runner.invoke(app, ["users", "enable", "rad", "-c", str(config)]).exit_code == 0
+    for name, code in (("rad", 0), ("ghost", 1)):
+        changed = runner.invoke(
+            app,
+            ["users", "password", name, "--password-stdin", "-c", str(config)],
+            input="a-new-password\n",
+        )
+        assert changed.exit_code == code, changed.output
 
     engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'triage-node.db'}")
     with make_sessionmaker(engine)() as session:
@@ -94,6 +101,7 @@ def test_users_cli(tmp_path: Path) -> None:
         ("user.add", "rad as radiologist"),
         ("user.disable", "rad"),
         ("user.enable", "rad"),
+        ("user.password", "rad"),
     ]
     assert all(who.startswith("cli:") for _, _, who in events)
 
