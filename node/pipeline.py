@@ -6,7 +6,8 @@ the node process makes the two agree, whatever was lost in between:
 * ``complete`` studies are routed: to ``queued`` (with the rule's models,
   destinations and base priority) or to ``not_routed`` (visible, never dropped);
 * ``queued`` studies without a sent message (new, retry delay over, or a
-  message presumed lost) are sent to the queue of their priority;
+  message the broker lost: older than the lease, its queue empty) are sent to
+  the queue of their priority;
 * ``processing`` studies whose lease expired (the worker died) are queued
   again, or failed after ``pipeline.max_attempts``.
 
@@ -20,7 +21,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -33,6 +34,7 @@ from node.db.models import Export, ExportState, Instance, Priority, Study, Study
 from node.db.types import utcnow
 from node.errors import NodeError, StudyPurged
 from node.export import deliveries
+from node.observability.metrics import queue_depths
 from node.routing.attributes import study_series_attributes
 from node.routing.match import route
 from node.routing.store import RuleStore
@@ -364,9 +366,47 @@ class Pipeline:
                 log.warning(
                     "lease expired study_uid=%s -> %s", study.study_instance_uid, study.status
                 )
+        self._resend_lost(now - lease)
+
+    def _resend_lost(self, sent_before: datetime) -> None:
+        """Send again the queued studies whose message the broker lost.
+
+        A message sent more than a lease ago and not claimed is lost, or still
+        waiting behind a long backlog. Only the first must be sent again (a second
+        message per lease behind every waiting one is what a backlog least needs), and
+        the broker says which: its queues are first in, first out, so while the
+        study's queue holds messages its own may be among them; once the queue is
+        empty it is not. A message lost from a queue that still holds others is
+        re-sent once that queue drains. A broker that cannot count its queues gets
+        every such study re-sent, as before: a duplicate message costs a no-op claim.
+        """
+        from workers.celery_app import queue_for
+
+        with self.sessions() as session:
+            stale = session.execute(
+                select(Study.id, Study.priority).where(
+                    Study.status == StudyStatus.QUEUED, Study.queued_at < sent_before
+                )
+            ).all()
+        if not stale:
+            return
+        queues = {queue_for(row.priority) for row in stale}
+        try:
+            empty = {name for name, n in queue_depths(self.celery, queues).items() if n == 0}
+        except Exception as exc:
+            log.warning("cannot count the broker's queues error=%s", type(exc).__name__)
+            empty = queues
+        lost = [row.id for row in stale if queue_for(row.priority) in empty]
+        if not lost:
+            return
+        with self.sessions.begin() as session:
             session.execute(
                 update(Study)
-                .where(Study.status == StudyStatus.QUEUED, Study.queued_at < now - lease)
+                .where(
+                    Study.id.in_(lost),
+                    Study.status == StudyStatus.QUEUED,
+                    Study.queued_at < sent_before,
+                )
                 .values(queued_at=None)
             )
 
