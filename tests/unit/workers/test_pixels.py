@@ -479,8 +479,9 @@ def test_flat_float_pixel_data_is_refused(write: Write) -> None:
 
 
 def test_low_contrast_image_is_read(write: Write) -> None:
-    # 12 stored grey levels of 4096: faint, but an image; full range stretches it.
-    values = (1000 + np.arange(64 * 64) % 12).astype(np.uint16).reshape(64, 64)
+    # 12 stored grey levels of 4096, a ramp across the frame: faint, but an image (it has
+    # structure larger than a pixel); full range stretches it.
+    values = np.tile(1000 + np.arange(64, dtype=np.uint16) * 12 // 64, (64, 1))
     (frame,) = read_frames(write(build(values, BitsStored=12, HighBit=11)))
     assert contrast(frame.pixels) > 0.9
 
