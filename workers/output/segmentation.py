@@ -128,11 +128,28 @@ def build_segmentation(
         )
     except ValueError as exc:
         raise OutputError(f"highdicom refused the segmentation: {exc}") from exc
+    _fix_dimension_organization_uid(
+        seg, derive_uid(ctx.uid_root, "dimension-organization", sop_instance_uid)
+    )
     if "FrameOfReferenceUID" not in seg:
         # General Image module, Type 2C: required without patient geometry (PS3.3
         # C.7.6.1.1.1); highdicom leaves it out, the source's value is the SEG's.
         seg.PatientOrientation = _patient_orientation(masked[0].source)
     return seg
+
+
+def _fix_dimension_organization_uid(seg: Dataset, uid: str) -> None:
+    """Replace highdicom's random Dimension Organization UID by a derived one.
+
+    highdicom draws a new UID on every build, so re-processing would send a SEG under
+    the same SOP Instance UID whose content differs in more than its creation time
+    (STYLE.md rule 6). The UID only ties the Dimension Index Sequence to the Dimension
+    Organization Sequence (PS3.3 C.7.6.17); both get the derived one.
+    """
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in seg.get(keyword, []):
+            if "DimensionOrganizationUID" in item:
+                item.DimensionOrganizationUID = uid
 
 
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
