@@ -44,6 +44,13 @@ class SchemaOutOfDate(NodeError):
     """The database schema is behind the code and auto-upgrade is off."""
 
 
+#: Time limits of the readiness checks (seconds): together under the 10 s of the
+#: images' HEALTHCHECK, as the checks run side by side.
+DATABASE_CHECK_SECONDS = 3.0
+STORAGE_CHECK_SECONDS = 3.0
+LISTENER_CHECK_SECONDS = 2.0
+BROKER_CHECK_SECONDS = 5.0
+
 Role = Literal["all", "dicom", "web"]
 ROLES: tuple[Role, ...] = ("all", "dicom", "web")
 
@@ -95,6 +102,7 @@ class Node:
         self.pipeline: Pipeline | None = None
         self.supervisor: PipelineSupervisor | None = None
         self.workers: WorkerProcesses | None = None
+        self._checks = health.BoundedChecks()
         if role != "web":
             self._build_dicom_role(config_path, completion_hooks, pipeline=pipeline)
         self._web: WebServer | None = None
@@ -215,17 +223,41 @@ class Node:
         procs = [p for p in self.workers.processes if p is not None]
         return sum(1 for p in procs if p.poll() is None), self.workers.count
 
-    def readiness_problems(self) -> list[str]:
-        """Why this role should not get traffic now (/readyz); empty when ready."""
-        problems = health.database_problems(self.engine)
-        if self.dicom is not None and not self.dicom.listening:
-            problems.append("DICOM listener is not running")
+    def readiness(self) -> list[health.Check]:
+        """This role's readiness checks by name (/readyz), run side by side, each bounded."""
+        store = self.store
+        probes: list[health.Probe] = [
+            ("database", DATABASE_CHECK_SECONDS, lambda: health.database_problems(self.engine)),
+            (
+                "storage",
+                STORAGE_CHECK_SECONDS,
+                lambda: health.storage_problems(
+                    store.tmp_dir, store.free_bytes, self.settings.storage.min_free_bytes
+                ),
+            ),
+        ]
+        if self.dicom is not None:
+            probes.append(("dicom_listener", LISTENER_CHECK_SECONDS, self._listener_problems))
         if self.celery is not None:
-            problems += health.broker_problems(self.celery)
-        problems += health.disk_problems(
-            self.store.free_bytes(), self.settings.storage.min_free_bytes
+            celery = self.celery
+            probes.append(("broker", BROKER_CHECK_SECONDS, lambda: health.broker_problems(celery)))
+        return self._checks.run(probes)
+
+    def readiness_problems(self) -> list[str]:
+        """Why this role should not get traffic now; empty when ready."""
+        return [problem for check in self.readiness() for problem in check.problems]
+
+    def _listener_problems(self) -> list[str]:
+        dicom = self.dicom
+        if dicom is None or not dicom.listening:
+            return ["DICOM listener is not running"]
+        if not self.settings.dicom.plain:
+            # TLS only: a bare connect would be logged as a refused handshake on every
+            # probe; the listener thread serving is what can be said without one.
+            return []
+        return health.listener_problems(
+            self.settings.dicom.host, dicom.port, timeout=LISTENER_CHECK_SECONDS / 2
         )
-        return problems
 
     @property
     def web_url(self) -> str | None:
@@ -266,9 +298,12 @@ class WebServer:
         from node.tls import web_server_context
 
         if node.role == "dicom":
+            from node.observability.readiness import readiness_router
             from node.web.service import create_service_app
 
             app = create_service_app(node)
+            # /readyz by check: ahead of the service router's own
+            app.router.routes[:0] = readiness_router(node).routes
         else:
             from node.web.app import create_app
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.config import WebSettings
 from node.errors import NodeError
+from node.observability.readiness import readiness_router
 from node.users.throttle import Lock, LoginThrottle
 from node.web import auth, pages
 from node.web.api import audit, destinations, rules, session, status, studies, worklist
@@ -138,7 +139,8 @@ def create_app(node: Node) -> FastAPI:
     for module in (session, worklist, studies, audit, rules, destinations, status):
         app.include_router(module.router)
     app.include_router(internal_router(node))  # workers/web role on other hosts (cluster.token)
-    app.include_router(health_router(node))  # /healthz, /readyz, /metrics: no login
+    app.include_router(readiness_router(node))  # /readyz by check: before health_router's
+    app.include_router(health_router(node))  # /healthz, /metrics: no login
     app.include_router(pages.router)
 
     @app.exception_handler(auth.NotAuthenticated)
