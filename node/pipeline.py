@@ -140,8 +140,10 @@ class Pipeline:
 
         A re-opened (or reprocessed) study is routed again: each destination then gets
         only the originals it lacks. One already delivered or still waiting is not queued
-        again (a PACS wants no duplicates, and re-arming would restart its retries); one
-        that failed is, with the new version. Instances purged by retention have no file.
+        again (a PACS wants no duplicates, and re-arming would restart its retries), nor
+        one the destination refused for good (:func:`deliveries.refused_for_good`); one
+        that failed otherwise is, with the new version. Instances purged by retention
+        have no file.
         """
         wanted = [
             d for d in destinations if (dest := self.settings.destination(d)) and dest.send_original
@@ -156,12 +158,16 @@ class Pipeline:
         queued = {
             (row.destination, row.sop_instance_uid)
             for row in session.execute(
-                select(Export.destination, Export.sop_instance_uid).where(
-                    Export.study_id == study_id,
-                    Export.kind == "original",
-                    Export.state != ExportState.FAILED,
-                )
+                select(
+                    Export.destination,
+                    Export.sop_instance_uid,
+                    Export.state,
+                    Export.last_status,
+                    Export.last_error,
+                ).where(Export.study_id == study_id, Export.kind == "original")
             )
+            if row.state != ExportState.FAILED
+            or deliveries.refused_for_good(row.state, row.last_status, row.last_error)
         }
         for name in wanted:
             for inst in instances:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from node.db.dialects import insert_for
 from node.db.models import Export, ExportState, Study
 from node.db.types import utcnow
-from node.export.scu import PROCESSING_FAILURE, Delivery, Outcome
+from node.export.scu import NOT_ACCEPTED, PROCESSING_FAILURE, Delivery, Outcome, classify
 
 #: export.max_processing_failures when the caller does not say (config.ExportSettings).
 MAX_PROCESSING_FAILURES = 5
@@ -91,6 +91,21 @@ def enqueue(
     session.execute(
         stmt.on_conflict_do_update(index_elements=["destination", "sop_instance_uid"], set_=rearm)
     )
+
+
+def refused_for_good(state: str, last_status: int | None, last_error: str | None) -> bool:
+    """Whether the destination itself refused the object for good.
+
+    A failure status (PS3.4 B.2.3; not 0xA7xx, 0x0110 or 0x0213, which are retried) or
+    a SOP class it does not accept: the same bytes would be refused again, so a new
+    version of the study does not send them again (an admin can re-arm one). A
+    delivery that failed here (no file, de-identification) or gave up retrying is not.
+    """
+    if state != ExportState.FAILED:
+        return False
+    if last_status is not None:
+        return classify(last_status) is Outcome.PERMANENT
+    return (last_error or "").startswith(NOT_ACCEPTED)
 
 
 def due(session: Session, now: datetime, limit: int = 100) -> list[Export]:

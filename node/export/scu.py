@@ -155,10 +155,12 @@ def send(
         ae.shutdown()
 
 
+#: How a delivery's last_error starts when the destination took none of its SOP class.
+NOT_ACCEPTED = "destination does not accept SOP class"
+
+
 def _not_accepted(item: Item) -> Delivery:
-    return Delivery(
-        Outcome.PERMANENT, None, f"destination does not accept SOP class {item.sop_class_uid}"
-    )
+    return Delivery(Outcome.PERMANENT, None, f"{NOT_ACCEPTED} {item.sop_class_uid}")
 
 
 def _requested_syntaxes(items: Sequence[Item]) -> dict[str, list[str]]:

@@ -218,3 +218,36 @@ def test_a_late_image_keeps_the_urgency_the_findings_earned(pipeline: Pipeline) 
     study = _study(pipeline, study_uid)
     assert study.version == 3 and study.key_finding == "normal"
     assert study.priority == Priority.ROUTINE
+
+
+def test_a_reopened_study_does_not_resend_originals_a_destination_refused_for_good(
+    pipeline: Pipeline,
+) -> None:
+    """PACS refused a and c for good (a failure status; a SOP class it does not take):
+    the same bytes would be refused again, so a new version sends them no more. b only
+    timed out (a temporary status until the retry window closed): it is sent again."""
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    a, b, c = (_receive(pipeline, study_uid, name) for name in ("a", "b", "c"))
+    _complete(pipeline)
+    outcomes = {
+        a: (0xA900, "C-STORE status 0xA900"),
+        b: (0xA700, "gave up after 9 attempts: C-STORE status 0xA700"),
+        c: (None, "destination does not accept SOP class 1.2.840.10008.5.1.4.1.1.1"),
+    }
+    with pipeline.sessions.begin() as session:
+        for sop_uid, (status, error) in outcomes.items():
+            session.execute(
+                update(Export)
+                .where(Export.sop_instance_uid == sop_uid)
+                .values(state=ExportState.FAILED, last_status=status, last_error=error)
+            )
+        session.execute(update(Study).values(status=StudyStatus.DONE))
+
+    d = _receive(pipeline, study_uid, "d")  # re-opens the study: version 2
+    _complete(pipeline)
+    assert _originals(pipeline) == {
+        a: (ExportState.FAILED, 1),
+        b: (ExportState.PENDING, 2),
+        c: (ExportState.FAILED, 1),
+        d: (ExportState.PENDING, 2),
+    }
