@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -40,6 +40,25 @@ class AuditQuery:
     study_instance_uid: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+
+
+#: The most StudyInstanceUIDs one event lists: the largest page the worklist serves
+#: (API ``limit`` and ``web.page_size`` stop at 500), some 33 kB of detail at most.
+MAX_LISTED_UIDS = 500
+
+
+def listing(filters: str, uids: Sequence[str]) -> str:
+    """The detail of a worklist event: its filters, then the studies shown, in page order.
+
+    A list of studies is a view of patient data like a study page: the trail must say
+    which studies a user saw, not only how they searched.
+    """
+    shown = " ".join(uids[:MAX_LISTED_UIDS])
+    more = len(uids) - MAX_LISTED_UIDS
+    parts = [filters, f"shown {len(uids)}" + (f": {shown}" if shown else "")]
+    if more > 0:
+        parts.append(f"(+{more} more)")
+    return " ".join(p for p in parts if p)
 
 
 class AuditTrail:

@@ -21,6 +21,7 @@ from node.web.api.destinations import destinations
 from node.web.api.rules import Problem, TestResult, active_rules, run_test, validate, versions
 from node.web.api.status import node_dashboard, node_models, switch_model
 from node.web.api.worklist import WorklistParams, flag, item
+from node.web.audit import listing
 from node.web.context import Context, WebContext, client_address
 from node.web.model_catalogue import card
 from node.web.studies import Mark, mark_and_audit, study_detail
@@ -101,6 +102,7 @@ def _worklist_values(ctx: WebContext, params: WorklistParams, offset: int) -> di
     threshold = ctx.settings.pipeline.escalate_threshold
     return {
         "items": [item(r, threshold) for r in rows],
+        "uids": [r.study_instance_uid for r in rows],
         "has_more": more,
         "offset": offset,
         "fingerprint": fingerprint,
@@ -130,7 +132,10 @@ def worklist(
     params = _worklist_params(request)
     values = _worklist_values(ctx, params, offset)
     ctx.audit.record(
-        user.name, "worklist.view", detail=params.describe(), client_address=client_address(request)
+        user.name,
+        "worklist.view",
+        detail=listing(params.describe(), values["uids"]),
+        client_address=client_address(request),
     )
     size = ctx.settings.web.page_size
     return render(
@@ -160,7 +165,7 @@ def worklist_rows(
     ctx.audit.record(
         user.name,
         "worklist.refresh",
-        detail=params.describe(),
+        detail=listing(params.describe(), values["uids"]),
         client_address=client_address(request),
     )
     response = render(ctx, request, "_rows.html", user, **values)

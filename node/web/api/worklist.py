@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from node.db.models import Priority, StudyStatus
 from node.web import auth
+from node.web.audit import listing
 from node.web.context import Context, client_address
 from node.worklist import WorklistFilter, WorklistRow, worklist_fingerprint, worklist_page
 
@@ -95,7 +96,8 @@ class WorklistParams(BaseModel):
 
     def describe(self) -> str:
         """The filters for the audit trail (a search term may be a patient ID: not logged)."""
-        parts = [f"{k}={v}" for k, v in self.model_dump(exclude={"q"}).items() if v]
+        fields = self.model_dump(exclude={"q"}, mode="json")
+        parts = [f"{k}={v}" for k, v in fields.items() if v]
         if self.q:
             parts.append("search")
         return " ".join(parts)
@@ -124,7 +126,10 @@ def worklist(
         rows, more = worklist_page(session, params.to_filter(), limit=size, offset=offset)
         fp = worklist_fingerprint(session)
     ctx.audit.record(
-        user.name, "worklist.api", detail=params.describe(), client_address=client_address(request)
+        user.name,
+        "worklist.api",
+        detail=listing(params.describe(), [r.study_instance_uid for r in rows]),
+        client_address=client_address(request),
     )
     threshold = ctx.settings.pipeline.escalate_threshold
     return WorklistPage(

@@ -42,7 +42,7 @@ from node.errors import ConfigError
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import SESSION_COOKIE, create_app
-from node.web.audit import AuditRecord, csv_lines
+from node.web.audit import MAX_LISTED_UIDS, AuditRecord, csv_lines, listing
 from node.web.secret import KEY_FILE, MIN_KEY_CHARS, session_secret
 from node.worklist import list_studies, worklist_fingerprint
 from tests.conftest import node_config
@@ -398,6 +398,40 @@ def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) ->
     assert ("rad", "study.api", uid) in events
     assert ("rad", "study.view", uid) in events
     assert ("rad", "worklist.api", None) in events
+
+
+def test_worklist_views_audit_the_studies_shown(client: TestClient, node: Node) -> None:
+    """Every view of patient data is audited: a worklist event names the studies on the
+    page it showed (in order), not only the filters."""
+    base = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+    first, second, third = (add_study(node, received=base + timedelta(minutes=m)) for m in range(3))
+    login(client, "rad")
+    client.get("/api/worklist", params={"limit": 2, "status": "done"}).raise_for_status()
+    client.get("/api/worklist", params={"offset": 2, "q": "PID-NONE"}).raise_for_status()
+    client.get("/").raise_for_status()
+    client.get("/worklist/rows", params={"offset": 1}).raise_for_status()
+    with node.sessions() as session:
+        events = session.execute(
+            select(AuditEvent.action, AuditEvent.detail)
+            .where(AuditEvent.action.startswith("worklist."))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert events == [
+        ("worklist.api", f"status=['done'] shown 2: {first} {second}"),
+        ("worklist.api", "search shown 0"),
+        ("worklist.view", f"shown 3: {first} {second} {third}"),
+        ("worklist.refresh", f"shown 2: {second} {third}"),
+    ]
+
+
+def test_a_worklist_event_lists_at_most_a_bounded_number_of_studies() -> None:
+    uids = [f"1.2.826.0.1.3680043.10.1234.{n}" for n in range(MAX_LISTED_UIDS + 7)]
+    detail = listing("modality=CR", uids)
+    assert detail.startswith(f"modality=CR shown {len(uids)}: {uids[0]} ")
+    assert detail.endswith(f"{uids[MAX_LISTED_UIDS - 1]} (+7 more)")
+    assert len(detail) < MAX_LISTED_UIDS * 65 + 100
+    page = listing("", uids[:MAX_LISTED_UIDS])
+    assert page.split(": ", 1)[1].split() == uids[:MAX_LISTED_UIDS]
 
 
 def test_worklist_fingerprint_changes_with_any_write_to_a_study(node: Node) -> None:
