@@ -43,6 +43,15 @@ What is done, and by what:
   - ``D`` on other values: a person name keeps dicognito's dummy; text gets a keyed
     pseudonym (the same value, the same dummy); anything else (an encapsulated document,
     a binary identifier) cannot be given a meaningful dummy, and the object is refused.
+  - Content items (SR Content Sequence, ``D``): the sequence and its tree are kept, so a
+    de-identified SR stays a valid SR with its codes, numbers and references, but every
+    value that can carry free text or a name gets a dummy, at every depth: TextValue
+    (no row of its own; ``CONTENT_ITEM_TEXT``) a keyed pseudonym, PersonName
+    dicognito's dummy, Date, Time and DateTime the patient's offset, UID a keyed UID.
+    The Clean Structured Content Option, which would keep cleaned text, is not claimed.
+    For the node's own SRs this means the TEXT items (algorithm name and version of TID
+    4019, tracking identifiers) arrive as dummies, the same dummy for the same text (the
+    SEG's Algorithm Identification Sequence, not in the table, still names the lung model).
 
   Private attributes are removed at every depth, and so is
   IssuerOfPatientIDQualifiersSequence (not in the table; it qualifies the original
@@ -96,6 +105,15 @@ _DUMMY_TEXT = ("AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT")
 _PATIENT_BIRTH_DATE = tag_for_keyword("PatientBirthDate")
 #: Curve and overlay repeating groups, all of which are removed.
 _REPEATING_GROUPS = (0x5000, 0x6000)
+#: Free text in content items (PS3.3 Table 10-2, Content Item Macro) that the table has no
+#: row of its own for. Content Sequence is D in the Basic Profile (PS3.15 E.1-1): its
+#: content is replaced with dummies, and kept cleaned only under the Clean Structured
+#: Content Option, which is not claimed. The other content item values have rows and get
+#: their own codes (PersonName D: dicognito's dummy; DateTime, Date, Time D: shifted
+#: dates; UID U: a keyed UID); coded and numeric values carry no free text and stay. So a
+#: TEXT item's value gets a keyed dummy, at any depth, in Content Sequence or any other
+#: sequence of content items that is kept.
+CONTENT_ITEM_TEXT = frozenset({tag_for_keyword("TextValue")})
 #: Sequences whose code leaves a choice, and the one made. Other sequences: X/Z, X/D and
 #: X/Z/D remove (an empty Type 3 sequence is not valid), Z empties, D and X/Z/U* keep.
 _SEQUENCES = {
@@ -270,7 +288,7 @@ def _action(element: DataElement) -> str:
         return "X"
     code = BASIC_PROFILE.get(tag)
     if code is None:
-        return "K"
+        return "D" if tag in CONTENT_ITEM_TEXT else "K"
     if code == "X":
         return "X"
     if element.VR == "SQ":

@@ -15,6 +15,13 @@ The codes (PS3.15 E.1.1):
 * ``X/Z/U*``: remove, or empty, or replace the UIDs of the referenced instances (a
   sequence of references).
 
+Content Sequence (0040,A730), the tree of an SR's content items, is ``D`` here, as in the
+current standard (earlier editions had ``X``: remove), with ``C`` (clean) only under the
+Clean Structured Content Option. The tree is therefore kept, and its values that can
+carry free text or a name are replaced with dummies at every depth (node.deid): a
+de-identified SR stays a valid SR, with its codes, numbers and references, but its TEXT
+items, the node's own algorithm name and version among them, arrive as dummies.
+
 Two rows of the table name repeating groups rather than tags: Curve Data (50xx,xxxx)
 and Overlay Data and Comments (60xx,3000) and (60xx,4000), all ``X``; node.deid
 handles those groups. How each code is applied is written in node.deid.

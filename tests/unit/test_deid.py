@@ -10,9 +10,11 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from node.deid import DeidentificationError, Deidentifier
@@ -253,3 +255,90 @@ def test_profile_table_codes() -> None:
     assert BASIC_PROFILE[0x00184000] == "X"  # Acquisition Comments
     assert BASIC_PROFILE[0x00080018] == "U"  # SOP Instance UID
     assert BASIC_PROFILE[0x00082112] == "X/Z/U*"  # Source Image Sequence
+    # Content Sequence: D (a dummy) in PS3.15 2026c, not X as in editions before; kept
+    # cleaned only with the Clean Structured Content Option, which is not claimed.
+    assert BASIC_PROFILE[0x0040A730] == "D"
+
+
+# -- SR content: Content Sequence is D, so free text in content items becomes dummies ----
+
+
+def _report(image: Dataset) -> Dataset:
+    """The node's own SR of `image`, built as workers.output builds it."""
+    result = make_result(image, 1)
+    seg = build_segmentation([result], SEGMENTER, CTX)
+    return build_report([result], CLASSIFIER, SEGMENTER, CTX, seg)
+
+
+def _assert_no_trace(data: bytes, *values: str) -> None:
+    """None of `values`, nor any part of a person name, appears in `data` in any case."""
+    folded = data.lower()
+    parts = {part for value in values for part in [value, *value.split("^")]}
+    found = sorted(part for part in parts if part.lower().encode() in folded)
+    assert not found, f"left in the de-identified bytes: {found}"
+
+
+def _text_values(ds: Dataset) -> list[str]:
+    return [str(e.value) for e in ds.iterall() if e.keyword == "TextValue"]
+
+
+def test_our_sr_leaves_no_text_or_identifier_and_stays_valid(tmp_path: Path) -> None:
+    image = source()
+    sr = _report(image)
+    originals = _text_values(sr)  # TID 4019 algorithm name and version, tracking ids, ...
+    assert "pneumonia-densenet" in originals
+    d = Deidentifier(KEY)
+
+    out = d.deidentify(sr)
+    dummies = _text_values(out)
+    assert len(dummies) == len(originals) and not set(dummies) & set(originals)
+    # Keyed: the same text gets the same dummy, so equal tracking identifiers stay equal.
+    assert [dummies.index(v) for v in dummies] == [originals.index(v) for v in originals]
+    dciodvfy(out, tmp_path / "sr.dcm")
+    _assert_no_trace(
+        (tmp_path / "sr.dcm").read_bytes(),
+        IDENTIFYING["PatientName"],
+        IDENTIFYING["PatientID"],
+        IDENTIFYING["AccessionNumber"],
+        "Zebulon",
+        *(str(image[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")),
+        str(sr.SOPInstanceUID),
+    )
+
+
+def test_names_and_text_nested_in_sr_content_leave_no_trace(tmp_path: Path) -> None:
+    """A report that names the patient in TEXT and PNAME items, two levels down."""
+    image = source()
+    sr = _report(image)
+    name = "Quixotic^Zebulon"
+    prior = generate_uid()
+    note = hd.sr.TextContentItem(
+        name=codes.DCM.Comment,
+        value="Zebulon Quixotic, seen 2024-01-01 at Saint Distinctive: no change",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    note.ContentSequence = [
+        hd.sr.PnameContentItem(
+            name=codes.DCM.PersonObserverName,
+            value=name,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_OBS_CONTEXT,
+        ),
+        hd.sr.UIDRefContentItem(
+            name=codes.DCM.StudyInstanceUID,
+            value=prior,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_OBS_CONTEXT,
+        ),
+    ]
+    sr.ContentSequence[-1].ContentSequence.append(note)
+    assert dciodvfy_errors(sr, tmp_path / "sr-original.dcm") == set()
+    assert name in (tmp_path / "sr-original.dcm").read_bytes().decode("latin-1")
+    d = Deidentifier(KEY)
+
+    out = d.deidentify(sr)
+    dciodvfy(out, tmp_path / "sr.dcm")
+    data = (tmp_path / "sr.dcm").read_bytes()
+    _assert_no_trace(data, name, "Saint Distinctive", prior, IDENTIFYING["PatientID"])
+    assert d.uid(prior).encode() in data  # the reference is kept, under its pseudonym
+    back = pydicom.dcmread(tmp_path / "sr.dcm")
+    names = [e.value for e in back.iterall() if e.keyword == "PersonName"]
+    assert len(names) == 1 and str(names[0]) != name
