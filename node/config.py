@@ -630,9 +630,16 @@ class ClusterSettings(_Section):
     #: HTTP API (DICOMweb WADO-RS, result upload). A secret: environment or token_file.
     token: str = ""
     token_file: Path | None = None
-    #: Base URL of the node (DICOM role) HTTP service, e.g. "http://node:8080".
-    #: Used by workers and the web role when they cannot see the node's storage.
+    #: Base URL of the node's internal API (cluster.internal_port of the DICOM role),
+    #: e.g. "http://node:8081". Used by workers and the web role when they cannot see
+    #: the node's storage.
     node_url: str = ""
+    #: Listener of the internal API (WADO-RS, result upload) of the dicom and all roles,
+    #: apart from the user-facing web.port; HTTPS with web.tls_* like web.port.
+    #: 0: no listener of its own (the dicom role serves the API on its service port,
+    #: the all role on web.port; the web role never serves it).
+    internal_host: str = "127.0.0.1"
+    internal_port: int = Field(default=0, ge=0, le=65535)
 
     _token_file = field_validator("token_file")(_readable_secret)
 
@@ -723,6 +730,15 @@ class Settings(BaseSettings):
             and self.web.host == self.dicom.host
         ):
             raise ValueError("web.port and dicom.port must differ on the same host")
+        return self
+
+    @model_validator(mode="after")
+    def _internal_port_apart(self) -> Settings:
+        """The internal API never shares a port with people's or modalities' traffic."""
+        port = self.cluster.internal_port
+        taken = [self.dicom.port] + ([self.web.port] if self.web.enabled else [])
+        if port and port in taken:
+            raise ValueError("cluster.internal_port must differ from web.port and dicom.port")
         return self
 
     @property

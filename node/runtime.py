@@ -4,8 +4,10 @@
 ports and temporary data directories. A node runs in one of three roles
 (:data:`ROLES`): ``all`` (everything in one process, the default), ``dicom``
 (listener, completion, pipeline supervisor, exporter, retention, embedded workers
-and a service HTTP app with health, metrics and the internal API) or ``web`` (the
-worklist/REST application only). Roles share one database and one broker.
+and a service HTTP app with health and metrics) or ``web`` (the worklist/REST
+application only). The internal API for workers and the web role (WADO-RS, result
+upload) has a listener of its own with ``cluster.internal_port``; the web role never
+serves it. Roles share one database and one broker.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Node:
         if role != "web":
             self._build_dicom_role(config_path, completion_hooks, pipeline=pipeline)
         self._web: WebServer | None = None
+        self._internal: WebServer | None = None
 
     def _build_dicom_role(
         self,
@@ -177,13 +180,32 @@ class Node:
         if self.retention is not None:
             self.retention.start()
         if self.settings.web.enabled:
-            self._web = WebServer(self)
+            self._web = WebServer(self, _user_app(self))
             self._web.start()
+        if self.role != "web" and self.settings.cluster.internal_port:
+            from node.web.internal import create_internal_app
+
+            cluster = self.settings.cluster
+            self._internal = WebServer(
+                self,
+                create_internal_app(self),
+                host=cluster.internal_host,
+                port=cluster.internal_port,
+                name="internal-http",
+            )
+            self._internal.start()
+        elif self.role == "all" and self.settings.cluster.token and self._web is not None:
+            log.warning(
+                "the internal API (WADO-RS, result upload) shares the user-facing web.port; "
+                "set cluster.internal_port to give it a listener of its own"
+            )
         log.info("node started role=%s", self.role)
 
     def stop(self) -> None:
         if self._web is not None:
             self._web.stop()
+        if self._internal is not None:
+            self._internal.stop()
         if self.completion is not None:
             self.completion.stop()
         if self.retention is not None:
@@ -214,6 +236,8 @@ class Node:
                 parts[name] = _thread_alive(part)
         if self._web is not None:
             parts["http"] = self._web.alive
+        if self._internal is not None:
+            parts["internal_http"] = self._internal.alive
         return parts
 
     def worker_processes(self) -> tuple[int, int]:
@@ -261,10 +285,17 @@ class Node:
 
     @property
     def web_url(self) -> str | None:
-        if self._web is None:
-            return None
-        scheme = "https" if self.settings.web.tls_certificate is not None else "http"
-        return f"{scheme}://{self.settings.web.host}:{self._web.port}/"
+        return None if self._web is None else self._web.url
+
+    @property
+    def internal_url(self) -> str | None:
+        """Base URL of the internal API's own listener (cluster.internal_port), if any."""
+        return None if self._internal is None else self._internal.url
+
+    @property
+    def serves_internal_api_on_web_port(self) -> bool:
+        """No internal listener of its own: the dicom and all roles keep the API on web.port."""
+        return self.role != "web" and not self.settings.cluster.internal_port
 
     def __enter__(self) -> Node:
         self.start()
@@ -279,6 +310,30 @@ class Node:
         self.stop()
 
 
+def _user_app(node: Node) -> Any:
+    """The app on web.port: the full application, or the dicom role's service app
+    (readiness, health, metrics; the internal API only without an internal port)."""
+    if node.role != "dicom":
+        from node.web.app import create_app
+
+        return create_app(node)
+    from fastapi import FastAPI
+
+    from node import __version__
+    from node.observability.readiness import readiness_router
+    from node.web.internal import internal_router
+    from node.web.service import health_router
+
+    service = FastAPI(
+        title="triage-node service", version=__version__, openapi_url=None, docs_url=None
+    )
+    for router in (readiness_router(node), health_router(node)):  # /readyz by check first
+        service.include_router(router)
+    if node.serves_internal_api_on_web_port:
+        service.include_router(internal_router(node))
+    return service
+
+
 def _thread_alive(part: object) -> bool:
     """A node component's worker thread is running (they keep it in ``_thread``)."""
     thread = getattr(part, "_thread", None)
@@ -288,39 +343,41 @@ def _thread_alive(part: object) -> bool:
 class WebServer:
     """uvicorn in a thread of the node process (the web app never imports TensorFlow).
 
-    The web and all roles serve the full application; the dicom role serves only
-    the service application (health, metrics, internal API; no pages, no login).
+    One per listener: web.port (the app of the role, :func:`_user_app`) and, with
+    cluster.internal_port, the internal API's own. Both use web.tls_* when set.
     """
 
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self,
+        node: Node,
+        app: Any,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        name: str = "web",
+    ) -> None:
         import uvicorn
 
         from node.tls import web_server_context
 
-        if node.role == "dicom":
-            from node.observability.readiness import readiness_router
-            from node.web.service import create_service_app
-
-            app = create_service_app(node)
-            # /readyz by check: ahead of the service router's own
-            app.router.routes[:0] = readiness_router(node).routes
-        else:
-            from node.web.app import create_app
-
-            app = create_app(node)
         settings = node.settings.web
         # Built here, not in the server thread, so a bad certificate stops the start.
         tls_context = web_server_context(settings)
+        self._scheme = "http" if tls_context is None else "https"
         config = uvicorn.Config(
             app,
-            host=settings.host,
-            port=settings.port,
+            host=settings.host if host is None else host,
+            port=settings.port if port is None else port,
             log_level="warning",
             access_log=False,
             ssl_context_factory=None if tls_context is None else lambda *_: tls_context,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="web", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self._scheme}://{self._server.config.host}:{self.port}/"
 
     @property
     def port(self) -> int:

@@ -138,7 +138,10 @@ def create_app(node: Node) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (session, worklist, studies, audit, rules, destinations, status):
         app.include_router(module.router)
-    app.include_router(internal_router(node))  # workers/web role on other hosts (cluster.token)
+    if node.serves_internal_api_on_web_port:
+        # All-in-one without cluster.internal_port: remote workers find the API here.
+        # The web role never serves it (it holds no instances); see cluster.internal_port.
+        app.include_router(internal_router(node))
     app.include_router(readiness_router(node))  # /readyz by check: before health_router's
     app.include_router(health_router(node))  # /healthz, /metrics: no login
     app.include_router(pages.router)

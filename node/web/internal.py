@@ -6,6 +6,8 @@
 * Result files (``results/...``): ``PUT`` writes them durably and atomically
   into the node's store (idempotent), ``GET`` reads them back.
 
+Served on ``cluster.internal_port`` (:func:`create_internal_app`), or without one by
+the dicom role's service port and an all-in-one node's web.port; never by the web role.
 Every endpoint needs ``Authorization: Bearer <cluster.token>``; with no token
 configured the whole API answers 404 (switched off). No session cookies here:
 these callers are machines, not people.
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -245,6 +247,17 @@ def internal_router(node: Node) -> APIRouter:
         return Response(store.read(rel), media_type="application/octet-stream")
 
     return router
+
+
+def create_internal_app(node: Node) -> FastAPI:
+    """The internal API alone, for its own listener (cluster.internal_port).
+
+    Kept off the user-facing port: its callers are workers and the web role, and
+    nothing on it is meant for browsers (no pages, no OpenAPI document).
+    """
+    app = FastAPI(title="triage-node internal", openapi_url=None, docs_url=None, redoc_url=None)
+    app.include_router(internal_router(node))
+    return app
 
 
 def result_relpath(path: str) -> str:
