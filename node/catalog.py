@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.dialects import insert_for
@@ -112,8 +112,22 @@ class CompletedStudy:
     version: int
 
 
+#: Appended to a re-opened study's key finding until its new version is analysed.
+PREVIOUS_VERSION = " (previous version)"
+
+#: The key finding a re-opened study shows: the previous version's, said so (marked once,
+#: however often the study re-opens before a result). The score, the flag and the urgency
+#: it earned stay, so a possible pneumonia is not hidden while new images arrive; the
+#: worker replaces both with the new version's result, and findings keep every version.
+_KEY_FINDING_OF_PREVIOUS_VERSION = case(
+    (Study.key_finding.endswith(PREVIOUS_VERSION), Study.key_finding),
+    (func.length(Study.key_finding) > 64 - len(PREVIOUS_VERSION), Study.key_finding),
+    else_=Study.key_finding + PREVIOUS_VERSION,
+)
+
 #: A study that had completed (or gone further) and receives again: its version goes up too.
 _REOPENED: dict[str, Any] = {
+    "key_finding": _KEY_FINDING_OF_PREVIOUS_VERSION,
     "status": StudyStatus.RECEIVING,
     "status_reason": None,
     "completed_at": None,

@@ -210,7 +210,8 @@ def test_a_late_image_keeps_the_urgency_the_findings_earned(pipeline: Pipeline) 
     assert _process(pipeline, study_uid, FailingRunner()).state == "failed"
     study = _study(pipeline, study_uid)
     assert study.priority == Priority.URGENT
-    assert study.key_finding == "pneumonia" and study.key_score == pytest.approx(0.9)
+    assert study.key_finding == "pneumonia (previous version)"  # v2 has no result
+    assert study.key_score == pytest.approx(0.9)
 
     _receive(pipeline, study_uid, "third")
     _complete(pipeline)
@@ -251,3 +252,38 @@ def test_a_reopened_study_does_not_resend_originals_a_destination_refused_for_go
         c: (ExportState.FAILED, 1),
         d: (ExportState.PENDING, 2),
     }
+
+
+def test_a_reopened_study_shows_its_key_finding_as_the_previous_versions(
+    pipeline: Pipeline,
+) -> None:
+    """New images re-open a study: until the new version is analysed, the worklist shows
+    the finding it has as the previous version's (the flag and urgency stay: a possible
+    pneumonia is not hidden); the new result replaces it; every version's findings stay."""
+    study_uid = generate_uid(prefix=TEST_ROOT)
+    _receive(pipeline, study_uid, "first")
+    _complete(pipeline)
+    assert _process(pipeline, study_uid).state == "done"
+    assert _study(pipeline, study_uid).key_finding == "pneumonia"
+
+    _receive(pipeline, study_uid, "late")  # version 2, receiving
+    study = _study(pipeline, study_uid)
+    assert (study.version, study.status) == (2, StudyStatus.RECEIVING)
+    assert study.key_finding == "pneumonia (previous version)"
+    assert study.key_score == pytest.approx(0.9)
+    _complete(pipeline)
+    _receive(pipeline, study_uid, "later")  # version 3 before 2 was analysed: marked once
+    _complete(pipeline)
+    study = _study(pipeline, study_uid)
+    assert (study.version, study.status) == (3, StudyStatus.QUEUED)
+    assert study.key_finding == "pneumonia (previous version)"
+    assert study.priority == Priority.URGENT
+
+    assert _process(pipeline, study_uid, NothingFoundRunner()).state == "done"
+    study = _study(pipeline, study_uid)
+    assert study.key_finding == "normal" and study.key_score == pytest.approx(0.1)
+    with pipeline.sessions() as session:
+        versions = session.scalars(
+            select(Finding.study_version).where(Finding.sop_instance_uid.is_(None))
+        ).all()
+    assert sorted(versions) == [1, 3]
