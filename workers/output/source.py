@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+from highdicom import SpecificCharacterSetValues
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
@@ -39,6 +40,15 @@ COPIED_TYPE2: Final = (
 )
 _SEXES: Final = frozenset({"M", "F", "O", ""})
 
+#: Character sets highdicom takes (PS3.3 C.12.1.1.2 defined terms).
+_CHARSETS: Final = frozenset(term.value for term in SpecificCharacterSetValues)
+#: Multi-byte code extensions, never the first of several values (PS3.3 C.12.1.1.2).
+_MULTI_BYTE: Final = frozenset(
+    {"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"}
+)
+#: Unicode in UTF-8: holds every value decoded from any other character set.
+UTF8: Final = "ISO_IR 192"
+
 
 def header(source: Dataset) -> Dataset:
     """Header-only copy of `source` whose copied patient/study values are valid."""
@@ -51,6 +61,8 @@ def header(source: Dataset) -> Dataset:
     if "file_meta" in source.__dict__:
         view.file_meta = source.file_meta
     uid = str(source.SOPInstanceUID)
+    if "SpecificCharacterSet" in view:
+        _normalise_character_set(view, uid)
     for keyword in COPIED_TYPE2:
         if keyword not in view:
             # Type 2: must be present, may be empty when unknown (PS3.5 7.4); many
@@ -70,3 +82,35 @@ def header(source: Dataset) -> Dataset:
             log.warning("emptied invalid %s copied from sop_instance_uid=%s", keyword, uid)
             view[keyword] = type(element)(element.tag, element.VR, None)
     return view
+
+
+def _normalise_character_set(view: Dataset, uid: str) -> None:
+    """Give `view` a Specific Character Set highdicom writes, keeping every value.
+
+    highdicom refuses some values found in the wild and in PS3.5 itself: an empty
+    first value (the default repertoire, as in PS3.5 H.3.1's ``\\ISO 2022 IR 87``),
+    a single code-extension term (``ISO 2022 IR 100``), ``ISO_IR 6``; every object
+    of the study would then fail, the report included. The values were decoded when
+    the source was read, so writing them as the code-extension equivalent, or else
+    as UTF-8, changes their bytes but not one character.
+    """
+    element = view["SpecificCharacterSet"]
+    values = [str(v).strip() for v in (element.value if element.VM > 1 else [element.value])]
+    if element.is_empty or values == [""]:
+        del view.SpecificCharacterSet  # the default repertoire (PS3.5 6.1.2.5.1)
+        return
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"  # what the empty first value means
+    single_ok = len(values) == 1 and values[0] in _CHARSETS and "2022" not in values[0]
+    several_ok = (
+        len(values) > 1
+        and values[0] not in _MULTI_BYTE
+        and all(v in _CHARSETS and v.startswith("ISO 2022") for v in values)
+    )
+    if single_ok or several_ok:
+        normalised: str | list[str] = values[0] if len(values) == 1 else values
+    else:
+        normalised = UTF8
+    if normalised != element.value:
+        log.info("specific character set of sop_instance_uid=%s written as %s", uid, normalised)
+        view.SpecificCharacterSet = normalised
