@@ -221,7 +221,11 @@ def read_frames(
 
 
 def read_instance(
-    path: Path, *, max_pixels: int = 30_000_000, max_frames: int | None = None
+    path: Path,
+    *,
+    max_pixels: int = 30_000_000,
+    max_frames: int | None = None,
+    for_display: bool = False,
 ) -> DecodedInstance:
     """Decode the stored instance at `path` into display-ready frames.
 
@@ -237,6 +241,10 @@ def read_instance(
     Raises `UnreadablePixels`, and nothing else, for any file whose pixels cannot become
     model input: the header or the decoding fails, or no frame is left. A single-frame
     instance keeps its frame's own reason.
+
+    ``for_display`` is for people looking at the image (the web viewer): every frame
+    that decodes is returned, blank and noise-only ones too, because a reader must see
+    a failed exposure as it is; only the model input is judged.
     """
     uid = ""
     ds: Dataset | None = None
@@ -249,7 +257,9 @@ def read_instance(
         is_float = "PixelData" not in ds
         for index, raw in enumerate(iter_pixels(ds, indices=range(nr_frames))):
             try:
-                frames.append(_frame(ds, index, raw, is_float=is_float, uid=uid))
+                frames.append(
+                    _frame(ds, index, raw, is_float=is_float, uid=uid, judge=not for_display)
+                )
             except UnreadablePixels as exc:
                 if nr_frames == 1:
                     raise
@@ -280,11 +290,13 @@ def read_instance(
     return DecodedInstance(uid, frames, skipped)
 
 
-def _frame(ds: Dataset, index: int, raw: NDArray[Any], *, is_float: bool, uid: str) -> ImageFrame:
+def _frame(
+    ds: Dataset, index: int, raw: NDArray[Any], *, is_float: bool, uid: str, judge: bool = True
+) -> ImageFrame:
     """Frame `index` (0-based) of `ds`, decoded as `raw`, through the grayscale pipeline."""
     try:
         view, spacing, spacing_source = _frame_view(ds, index)
-        pixels, voi_source = _display(raw, view, is_float=is_float, uid=uid)
+        pixels, voi_source = _display(raw, view, is_float=is_float, uid=uid, judge=judge)
     except (UnreadablePixels, MemoryError):
         raise
     except Exception as exc:
@@ -469,9 +481,12 @@ def _positive(value: object) -> float | None:
 
 
 def _display(
-    raw: NDArray[Any], view: Dataset, *, is_float: bool, uid: str
+    raw: NDArray[Any], view: Dataset, *, is_float: bool, uid: str, judge: bool = True
 ) -> tuple[NDArray[np.float32], str]:
-    """Modality LUT -> VOI -> [0, 1] -> MONOCHROME1 inversion, for one 2-D frame."""
+    """Modality LUT -> VOI -> [0, 1] -> MONOCHROME1 inversion, for one 2-D frame.
+
+    ``judge``: refuse a frame without contrast or structure (model input only).
+    """
     if raw.ndim != 2:
         raise UnreadablePixels(f"expected a 2-D frame, decoded shape {raw.shape}")
     if is_float:
@@ -490,6 +505,15 @@ def _display(
         else:
             values = apply_modality_lut(raw, view)  # rescale slope and intercept
         unit, source = _voi_unit(values, view, uid)
+    if judge:
+        _judge(unit, source)
+    if str(view.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32), source
+
+
+def _judge(unit: NDArray[Any], source: str) -> None:
+    """Refuse a display frame a model cannot analyse: flat, or noise without structure."""
     span = contrast(unit)
     if span < MIN_CONTRAST:
         raise UnreadablePixels(
@@ -503,9 +527,6 @@ def _display(
             f"blocks {shape:.0%} of its contrast is left, an image keeps at least "
             f"{MIN_STRUCTURE:.0%} ({source})"
         )
-    if str(view.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit.astype(np.float32), source
 
 
 def _voi_unit(values: NDArray[Any], view: Dataset, uid: str) -> tuple[NDArray[Any], str]:

@@ -1,6 +1,6 @@
 """PNG renderings for the browser: a stored image, and the model overlays on top of it.
 
-Pixels come from :func:`workers.pixels.read_frames` (pydicom and numpy only, the
+Pixels come from :func:`workers.pixels.read_instance` (pydicom and numpy only, the
 same grey levels the models saw); overlays from the worker's .npy arrays. Overlays
 are transparent PNGs the page stretches over the image.
 """
@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from node.errors import NodeError
-from workers.pixels import UnreadablePixels, read_frames
+from workers.pixels import UnreadablePixels, read_instance
 
 
 class ImageUnavailable(NodeError):
@@ -29,14 +29,19 @@ def _png(array: NDArray[np.uint8]) -> bytes:
 
 
 def image_png(path: Path, frame: int = 1) -> bytes:
-    """Frame ``frame`` (1-based) of the instance at ``path`` as an 8-bit greyscale PNG."""
+    """Frame ``frame`` (1-based) of the instance at ``path`` as an 8-bit greyscale PNG.
+
+    Every frame is shown as it is, a blank or noise-only exposure too: which frames
+    the models could analyse is not the viewer's question.
+    """
     try:
-        frames = read_frames(path)
+        frames = read_instance(path, for_display=True).frames
     except UnreadablePixels as exc:
         raise ImageUnavailable(f"cannot render image: {exc.reason}") from None
-    if not 1 <= frame <= len(frames):
+    chosen = next((f for f in frames if f.frame_number == frame), None)
+    if chosen is None:
         raise ImageUnavailable(f"no frame {frame} (the image has {len(frames)})")
-    pixels = np.clip(frames[frame - 1].pixels, 0.0, 1.0)
+    pixels = np.clip(chosen.pixels, 0.0, 1.0)
     return _png((pixels * 255.0 + 0.5).astype(np.uint8))
 
 

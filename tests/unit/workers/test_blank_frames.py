@@ -8,6 +8,7 @@ Every real image in ../shared/data must still be read.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import warnings
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from node.web.images import ImageUnavailable, image_png
 from tests.unit.workers.conftest import PATIENT, build
 from workers.pixels import (
     MIN_STRUCTURE,
@@ -189,3 +191,32 @@ def test_no_usable_frame_fails_the_instance_with_the_reasons(write: Write) -> No
 def test_a_single_frame_keeps_its_own_reason(write: Write) -> None:
     with pytest.raises(UnreadablePixels, match=r"^no usable contrast \(blank or failed exposure"):
         read_frames(write(build(np.full((8, 8), 700, np.uint16))))
+
+
+# -- the viewer shows every frame as it is -----------------------------------------------
+
+
+def _png_pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def test_viewer_shows_frames_the_models_skip_at_their_own_numbers(write: Write) -> None:
+    """Frames 2 and 3 are skipped for the models; the viewer's frame 4 is still frame 4."""
+    path, _ = _multi_frame(write, blank={1, 2})
+    shown = read_instance(path, for_display=True)
+    assert [f.frame_number for f in shown.frames] == [1, 2, 3, 4] and not shown.skipped
+    for number in (1, 2, 3, 4):
+        expected = np.clip(shown.frames[number - 1].pixels, 0.0, 1.0) * 255.0 + 0.5
+        assert np.array_equal(_png_pixels(image_png(path, number)), expected.astype(np.uint8))
+    # Frame 4 is a chest-like frame, not the (skipped) noise of frame 2 or 3.
+    assert structure(shown.frames[3].pixels) > MIN_STRUCTURE
+    with pytest.raises(ImageUnavailable, match="no frame 5"):
+        image_png(path, 5)
+
+
+def test_viewer_renders_a_noise_only_exposure(write: Write) -> None:
+    """A failed exposure is refused as model input, but a reader sees it as it is."""
+    path = write(_exposure(_noise((300, 256), 12, "gauss-3"), 12))
+    with pytest.raises(UnreadablePixels):
+        read_frames(path)
+    assert _png_pixels(image_png(path)).shape == (300, 256)
