@@ -23,7 +23,7 @@ from workers.output import (
     AlgorithmInfo,
     ImageResult,
     OutputContext,
-    UnsupportedGeometry,
+    OutputError,
     build_heatmap_image,
     build_report,
     build_segmentations,
@@ -66,18 +66,7 @@ def build_objects(
             if r.lung_mask is not None:
                 by_series[str(r.source.SeriesInstanceUID)].append(r)
         for series_results in by_series.values():
-            try:
-                segs.extend(build_segmentations(series_results, segmenter, ctx))
-            except UnsupportedGeometry:
-                # e.g. an enhanced multi-frame without functional groups: the SR and the
-                # heatmap still report the finding, only the mask cannot be placed.
-                for r in series_results:
-                    try:
-                        segs.extend(build_segmentations([r], segmenter, ctx))
-                    except UnsupportedGeometry as exc:
-                        log.warning(
-                            "no SEG for sop_instance_uid=%s: %s", r.source.SOPInstanceUID, exc
-                        )
+            segs.extend(_segmentations(series_results, segmenter, ctx))
         objects.extend(("seg", seg) for seg in segs)
     if classifier is not None:
         objects.append(("sr", build_report(results, classifier, segmenter, ctx, segs or None)))
@@ -87,6 +76,36 @@ def build_objects(
             if r.heatmap is not None
         )
     return objects
+
+
+def _segmentations(
+    results: Sequence[ImageResult], segmenter: AlgorithmInfo, ctx: OutputContext
+) -> list[Dataset]:
+    """The SEGs of one source series: one for the series if its geometry allows, else
+    one per instance, leaving out (with a log line) an instance whose mask cannot be
+    placed, e.g. an enhanced multi-frame without functional groups, or slices of one
+    series that share a position. The SR and the heatmaps still report the finding:
+    a mask that cannot be placed must not cost the radiologist the report.
+    """
+    by_instance: dict[str, list[ImageResult]] = defaultdict(list)
+    for result in results:
+        by_instance[result.frame.sop_instance_uid].append(result)
+    if len(by_instance) > 1:
+        try:
+            return build_segmentations(results, segmenter, ctx)
+        except OutputError as exc:
+            log.warning(
+                "one SEG per instance for series_instance_uid=%s: %s",
+                results[0].frame.series_instance_uid,
+                exc,
+            )
+    segs: list[Dataset] = []
+    for uid, instance_results in by_instance.items():
+        try:
+            segs.extend(build_segmentations(instance_results, segmenter, ctx))
+        except OutputError as exc:
+            log.warning("no SEG for sop_instance_uid=%s: %s", uid, exc)
+    return segs
 
 
 def encode_objects(

@@ -8,11 +8,13 @@ Derivation Image and Source Image sequences (C.7.6.16.2.6).
 
 Geometry decisions (highdicom 0.28 behaviour, checked against its source):
 
-* **Projection radiographs** (CR, DX: no Image Position/Orientation (Patient)) have no
-  patient coordinate system; highdicom then allows exactly one source frame per SEG,
-  so there is one SEG per source instance (`build_segmentations`). A Frame of
-  Reference UID on such an image is not copied: with no plane geometry to relate it
-  to, highdicom would try to compute plane positions that do not exist.
+* **Projection radiographs** (CR, DX and the like, or any source without Image
+  Position/Orientation (Patient)) have no patient coordinate system; highdicom then
+  allows exactly one source frame per SEG, so there is one SEG per source instance
+  (`build_segmentations`). A Frame of Reference UID on such an image is not copied,
+  nor an Image Position/Orientation (Patient) some devices write although the CR/DX
+  IODs have no Image Plane module: with no plane geometry to relate them to,
+  highdicom would try to compute plane positions that do not exist.
 * **Pixel spacing** is carried into the Pixel Measures macro when the source has a
   usable one; an absent or non-positive Pixel Spacing (seen in the wild as
   ``0\\0``) is left out rather than copied, which the SEG IOD allows when there is
@@ -30,11 +32,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Final
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalIntraOralXRayImageStorageForPresentation,
+    DigitalIntraOralXRayImageStorageForProcessing,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+)
 
 from workers.output import codes
 from workers.output.errors import OutputError, UnsupportedGeometry
@@ -43,6 +55,26 @@ from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
 from workers.output.source import header
 
 SEGMENT_NUMBER = 1
+
+#: Projection radiography SOP Classes (CR, DX, MG, IO; PS3.4 B.5), never 3-D placed.
+PROJECTION_SOP_CLASSES: Final = frozenset(
+    {
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
+        DigitalXRayImageStorageForProcessing,
+        DigitalMammographyXRayImageStorageForPresentation,
+        DigitalMammographyXRayImageStorageForProcessing,
+        DigitalIntraOralXRayImageStorageForPresentation,
+        DigitalIntraOralXRayImageStorageForProcessing,
+    }
+)
+#: What a source without plane geometry must not pass on to highdicom.
+_PATIENT_GEOMETRY: Final = (
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+)
 
 
 def build_segmentations(
@@ -126,8 +158,12 @@ def build_segmentation(
             omit_empty_frames=False,
             transfer_syntax_uid=ExplicitVRLittleEndian,
         )
-    except ValueError as exc:
-        raise OutputError(f"highdicom refused the segmentation: {exc}") from exc
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # highdicom reads what it needs from the source and fails on what it lacks
+        # (e.g. AttributeError for a missing Slice Thickness): these inputs, not a bug.
+        raise OutputError(
+            f"highdicom refused the segmentation: {type(exc).__name__}: {exc}"
+        ) from exc
     _fix_dimension_organization_uid(
         seg, derive_uid(ctx.uid_root, "dimension-organization", sop_instance_uid)
     )
@@ -205,9 +241,16 @@ def _ints(value: object) -> list[int]:
 
 
 def _has_plane_geometry(source: Dataset) -> bool:
-    """Whether the source is placed in the patient coordinate system (PS3.3 C.7.6.2)."""
+    """Whether the source is placed in the patient coordinate system (PS3.3 C.7.6.2).
+
+    Never for a projection radiograph: its IODs have no Image Plane module (PS3.3
+    A.2, A.26), so an Image Position/Orientation (Patient) some devices still write
+    places nothing, and highdicom would build a 3-D SEG from it (or fail: such images
+    have no Slice Thickness). The SEG then overlays by pixel, like any viewer does.
+    """
     return (
-        "FrameOfReferenceUID" in source
+        str(source.get("SOPClassUID", "")) not in PROJECTION_SOP_CLASSES
+        and "FrameOfReferenceUID" in source
         and "ImagePositionPatient" in source
         and "ImageOrientationPatient" in source
     )
@@ -223,7 +266,7 @@ def _source_views(results: Sequence[ImageResult]) -> list[Dataset]:
         source = result.source
         view = header(source)
         if not result.is_multiframe and not _has_plane_geometry(source):
-            for keyword in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
+            for keyword in _PATIENT_GEOMETRY:
                 if keyword in view:
                     delattr(view, keyword)
         if "PixelSpacing" in view and not _usable_spacing(view.PixelSpacing):
