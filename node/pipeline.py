@@ -54,6 +54,27 @@ def escalated(priority: int, key_score: float | None, settings: PipelineSettings
     return priority
 
 
+def worker_lost(
+    study: Study, max_attempts: int, now: datetime, *, message_given_back: bool = False
+) -> None:
+    """The run holding ``study`` is gone: queue it again, or fail it after ``max_attempts``.
+
+    ``message_given_back``: its message is back in the broker (Celery requeues the
+    message of a pool process it lost), so the study counts as sent and the
+    supervisor sends no second one; otherwise it sends one.
+    """
+    if study.attempts >= max_attempts:
+        study.status = StudyStatus.FAILED
+        study.status_reason = f"worker lost during {study.attempts} attempts"
+        study.finished_at = now
+    else:
+        study.status = StudyStatus.QUEUED
+        study.status_reason = f"worker lost during attempt {study.attempts}; queued again"
+        study.queued_at = now if message_given_back else None
+    study.lease_owner = None
+    study.lease_until = None
+
+
 class Pipeline:
     """Routes complete studies and keeps the queue in step with the database."""
 
@@ -357,18 +378,7 @@ class Pipeline:
                 .all()
             )
             for study in expired:
-                if study.attempts >= max_attempts:
-                    study.status = StudyStatus.FAILED
-                    study.status_reason = f"worker lost during {study.attempts} attempts"
-                    study.finished_at = now
-                else:
-                    study.status = StudyStatus.QUEUED
-                    study.status_reason = (
-                        f"worker lost during attempt {study.attempts}; queued again"
-                    )
-                    study.queued_at = None
-                study.lease_owner = None
-                study.lease_until = None
+                worker_lost(study, max_attempts, now)
                 log.warning(
                     "lease expired study_uid=%s -> %s", study.study_instance_uid, study.status
                 )
@@ -464,4 +474,4 @@ class PipelineSupervisor:
             self._thread.join(timeout=10)
 
 
-__all__ = ["Pipeline", "PipelineSupervisor", "Priority", "escalated"]
+__all__ = ["Pipeline", "PipelineSupervisor", "Priority", "escalated", "worker_lost"]

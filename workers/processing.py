@@ -44,7 +44,7 @@ from node.db.models import Finding, Instance, Priority, Series, Study, StudyStat
 from node.db.types import utcnow
 from node.export import deliveries
 from node.model_switches import disabled_models
-from node.pipeline import escalated
+from node.pipeline import escalated, worker_lost
 from workers.inference import ModelRunner
 from workers.output import AlgorithmInfo, ImageResult
 from workers.pixels import ImageFrame, UnreadablePixels, read_frames, robust_unit
@@ -166,8 +166,9 @@ class StudyProcessor:
         self._held: tuple[int, str] | None = None
 
     # -- the whole run -----------------------------------------------------------------
-    def run(self, study_id: int, version: int) -> Outcome:
-        owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    def run(self, study_id: int, version: int, run_id: str | None = None) -> Outcome:
+        """Claim, analyse and record one study version; ``run_id``: the task's id, if any."""
+        owner = run_owner(os.getpid(), run_id or uuid.uuid4().hex[:12])
         if not self._claim(study_id, version, owner):
             log.info(
                 "study_id=%d version=%d not claimable (done, taken or superseded)",
@@ -560,6 +561,41 @@ class StudyProcessor:
             uid = study.study_instance_uid
         log.warning("study %s study_uid=%s version=%d reason=%s", state, uid, version, reason)
         return Outcome(state, reason)
+
+
+def run_owner(pid: int, run_id: str) -> str:
+    """A run's lease owner: its process and its task, so the Celery parent can name it."""
+    return f"{pid}-{run_id}"[:64]
+
+
+def release_lost_run(
+    sessions: sessionmaker[Session], study_id: int, version: int, owner: str, max_attempts: int
+) -> bool:
+    """A run's process died and Celery gave its message back: queue the study again now.
+
+    Only while that run still holds the study (its exact owner, under a row lock): a
+    study handed out again meanwhile is left to its new run. The study is queued with
+    the message counted as sent (the given-back message claims it, at its priority,
+    no second one is sent), or failed after ``pipeline.max_attempts``, as the
+    supervisor does when a lease expires (:func:`node.pipeline.worker_lost`).
+    """
+    with sessions.begin() as session:
+        study = session.execute(
+            select(Study)
+            .where(
+                Study.id == study_id,
+                Study.version == version,
+                Study.status == StudyStatus.PROCESSING,
+                Study.lease_owner == owner,
+            )
+            .with_for_update()
+        ).scalar_one_or_none()
+        if study is None:
+            return False
+        worker_lost(study, max_attempts, utcnow(), message_given_back=True)
+        study_uid, status = study.study_instance_uid, study.status
+    log.warning("worker process lost study_uid=%s version=%d -> %s", study_uid, version, status)
+    return True
 
 
 def _image_finding(

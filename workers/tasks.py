@@ -7,15 +7,18 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
+from celery.exceptions import WorkerLostError
 from celery.signals import worker_process_init
+from celery.worker.request import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.engine import make_engine, make_sessionmaker
 from node.observability.metrics import TASK_SECONDS
 from workers.celery_app import PROCESS_STUDY, settings_from_environment
-from workers.processing import StudyProcessor
+from workers.processing import StudyProcessor, release_lost_run, run_owner
 from workers.storage import InstanceRef, StorageChooser, WorkerStorage, storage_from_settings
 
 log = logging.getLogger(__name__)
@@ -58,12 +61,59 @@ class UnavailableStorage:
         raise self.error.with_traceback(None)
 
 
-@shared_task(name=PROCESS_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
-def process_study(study_id: int, version: int) -> str:
+@functools.cache
+def _parent_sessions() -> sessionmaker[Session]:
+    """The Celery parent's own database access (it runs no study, it only reports lost ones)."""
+    return make_sessionmaker(make_engine(settings_from_environment().database_url))
+
+
+class StudyRequest(Request):  # type: ignore[misc]
+    """A ``process_study`` message in the Celery parent: a pool process lost is reported.
+
+    When the pool process running a study dies (killed, out of memory, a crash in
+    native code), Celery gives the message back, and its redelivery finds the study
+    still leased to the dead run: it would wait for the whole lease (minutes) before
+    the supervisor handed it out again, a STAT study too. The parent knows which
+    process died and which run it held (the lease owner is that process's pid and
+    this message's task id), so it queues the study again at once, and the message
+    Celery gives back claims it, in the queue of its priority (or it fails the study
+    after ``pipeline.max_attempts``). Only that exact run's study is touched; one
+    another run holds meanwhile is not, so nothing is processed twice.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        # billiard may wrap it in an ExceptionWithTraceback, which keeps it as ``exc``.
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WorkerLostError) and self.worker_pid is not None:
+            study_id, version = self.args[:2]
+            try:
+                release_lost_run(
+                    _parent_sessions(),
+                    study_id,
+                    version,
+                    run_owner(self.worker_pid, self.id),
+                    settings_from_environment().pipeline.max_attempts,
+                )
+            except Exception as error:  # the lease still expires; never stop the parent
+                log.error("cannot release a lost run's lease error=%s", type(error).__name__)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+@shared_task(  # type: ignore[untyped-decorator]
+    name=PROCESS_STUDY,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    Request=StudyRequest,
+)
+def process_study(self: Task, study_id: int, version: int) -> str:
     """Process one version of a study; safe to run more than once."""
     start, outcome = time.perf_counter(), "error"
     try:
-        outcome = _processor().run(study_id, version).state
+        outcome = _processor().run(study_id, version, run_id=self.request.id).state
         return outcome
     finally:
         TASK_SECONDS.labels(outcome).observe(time.perf_counter() - start)

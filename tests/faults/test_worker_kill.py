@@ -4,10 +4,10 @@
 Here ``triage-node serve`` runs its own worker on the embedded broker, and two
 different deaths are shown:
 
-* only the Celery pool process running the models dies: the Celery parent gives
-  the message back (``task_reject_on_worker_lost``), its redelivery finds the
-  study still leased and does nothing, and the node's supervisor hands the
-  study out again once the lease has expired;
+* only the Celery pool process running the models dies: the Celery parent queues
+  the study again at once (``workers.tasks.StudyRequest``) and gives the message
+  back (``task_reject_on_worker_lost``), which a new pool process claims: well
+  before the lease would have expired;
 * the whole worker (parent and pool) dies: the node starts a new worker process
   itself, and the supervisor again re-queues the study after the lease.
 
@@ -24,14 +24,16 @@ from pathlib import Path
 
 import psutil
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 
 from node.db.models import StudyStatus
 from tests.faults.conftest import (
+    StudyRecord,
     assert_processed_once,
     assert_stored_once,
     cxr_study,
     fault_config,
+    read_studies,
     send_until_acknowledged,
     sop_uid,
     wait_all_done,
@@ -51,6 +53,20 @@ Modality = ["CR", "DX"]
 BodyPartExamined = "CHEST"
 """
 IMAGES = 6
+#: Long enough to tell a study queued again at once from one waiting for its lease.
+LEASE = 30
+
+
+def wait_worker_lost(engine: Engine, uid: str, timeout: float) -> StudyRecord:
+    """Poll until the study's lost run is noticed: queued again, or claimed again."""
+    deadline = time.monotonic() + timeout
+    study = None
+    while time.monotonic() < deadline:
+        study = read_studies(engine)[uid]
+        if study.attempts >= 2 or "worker lost" in (study.reason or ""):
+            return study
+        time.sleep(0.1)
+    raise AssertionError(f"study {uid} still held by a dead run after {timeout} s: {study}")
 
 
 def celery_parent(node: NodeProcess, timeout: float = 60) -> psutil.Process:
@@ -73,7 +89,7 @@ def test_worker_killed_mid_inference_study_finishes_once(tmp_path: Path) -> None
     cfg = fault_config(
         tmp_path,
         rules=BOTH_MODELS,
-        pipeline={"workers": 1, "lease_seconds": 12, "max_attempts": 5},
+        pipeline={"workers": 1, "lease_seconds": LEASE, "max_attempts": 5},
     )
     config = write_config(tmp_path / "node.toml", cfg)
     port = cfg["dicom"]["port"]
@@ -90,8 +106,12 @@ def test_worker_killed_mid_inference_study_finishes_once(tmp_path: Path) -> None
         assert len(pool) == 1, pool
         pool[0].send_signal(signal.SIGKILL)
         pool[0].wait(timeout=30)
-        study = wait_study_status(engine, first_uid, set(StudyStatus))
-        assert study.status == StudyStatus.PROCESSING, "the kill came after the study was done"
+        # Queued again (or claimed again) at once, long before its lease would expire (a
+        # lease renewed a moment before the kill runs for two thirds of LEASE still).
+        study = wait_worker_lost(engine, first_uid, timeout=LEASE / 3)
+        assert study.attempts >= 2 or study.status != StudyStatus.DONE, (
+            "the kill came after the study was done"
+        )
         wait_all_done(engine, {first_uid})
         assert parent.is_running(), "the Celery parent should have survived its pool process"
 
