@@ -59,4 +59,5 @@ def algorithm_family(family: str) -> Code:
     """Code for an algorithm family name (CID 7162); unknown names become private codes."""
     if family.strip().lower() == ARTIFICIAL_INTELLIGENCE.meaning.lower():
         return ARTIFICIAL_INTELLIGENCE
-    return Code(family.upper().replace(" ", "_")[:16], PRIVATE_SCHEME, family)
+    # Code Value is SH (16 characters), Code Meaning LO (64; PS3.5 6.2).
+    return Code(family.upper().replace(" ", "_")[:16], PRIVATE_SCHEME, family[:64])

@@ -55,6 +55,8 @@ from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
 from workers.output.source import header
 
 SEGMENT_NUMBER = 1
+#: Longest LO value (PS3.5 6.2).
+_LO_MAX = 64
 
 #: Projection radiography SOP Classes (CR, DX, MG, IO; PS3.4 B.5), never 3-D placed.
 PROJECTION_SOP_CLASSES: Final = frozenset(
@@ -189,7 +191,16 @@ def _fix_dimension_organization_uid(seg: Dataset, uid: str) -> None:
 
 
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
-    """Algorithm Identification Sequence for a model (PS3.3 C.8.20.2.1, CID 7162)."""
+    """Algorithm Identification Sequence for a model (PS3.3 C.8.20.2.1, CID 7162).
+
+    Algorithm Name and Version are LO (PS3.5 6.2: 64 characters), which highdicom does
+    not check; a longer one would make an invalid SEG, and cutting it would name
+    another model, so the SEG is refused (the SR, whose TEXT items take any length,
+    still names the model).
+    """
+    for what, value in (("name", algorithm.name), ("version", algorithm.version)):
+        if len(value) > _LO_MAX:
+            raise OutputError(f"algorithm {what} is longer than {_LO_MAX} characters (LO)")
     return hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
         family=codes.algorithm_family(algorithm.family),
