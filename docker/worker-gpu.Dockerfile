@@ -18,11 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     TF_FORCE_GPU_ALLOW_GROWTH=true \
-    TRIAGE_NODE_STORAGE__DATA_DIR=/data \
-    TRIAGE_NODE_WORKER__STORAGE=dicomweb \
-    TRIAGE_NODE_WORKER__HTTP_HOST=0.0.0.0 \
-    TRIAGE_NODE_WORKER__HTTP_PORT=9100 \
-    TRIAGE_NODE_LOGGING__JSON_FORMAT=true
+    TRIAGE_NODE_CONFIG=/etc/triage-node/triage-node.toml
 RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin triage \
     && mkdir -p /data /etc/triage-node && chown triage:triage /data
 WORKDIR /opt/triage-node
@@ -34,12 +30,16 @@ RUN python3 -m pip install . "keras>=3.3" \
     && python3 -I -c "import tensorflow, keras, node, workers, models; print('tensorflow', tensorflow.__version__, 'keras', keras.__version__)" \
     && rm -rf /opt/triage-node
 COPY config.example.toml /etc/triage-node/config.example.toml
+# The default configuration (worker.storage = "dicomweb", the health port); mount your
+# site's file over it. The image sets no TRIAGE_NODE_<SECTION>__<KEY>: the file decides.
+COPY docker/triage-node.toml docker/rules.toml /etc/triage-node/
 # The triage user, numerically: runtimes (Kubernetes runAsNonRoot) can verify it is not root.
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 9100
-HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('TRIAGE_NODE_WORKER__HTTP_PORT', '9100'), timeout=4)"]
+# Readiness of the worker (consuming, broker, database, models) on worker.http_port.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
+    CMD ["triage-node", "health", "--worker"]
 ENTRYPOINT ["triage-node"]
 CMD ["worker", "--queues", "stat,urgent,routine", "--concurrency", "1"]

@@ -515,6 +515,33 @@ def echo(
     raise typer.Exit(0 if result.ok else 1)
 
 
+@app.command()
+def health(
+    config: ConfigOption = None,
+    worker: Annotated[
+        bool, typer.Option("--worker", help="Probe a worker (worker.http_port), not a node.")
+    ] = False,
+    live: Annotated[
+        bool, typer.Option("--live", help="Liveness (/healthz) instead of readiness (/readyz).")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait.")] = 8.0,
+) -> None:
+    """Probe this host's node or worker, as its settings say (HTTPS with web.tls_*).
+
+    The images' HEALTHCHECK: exit 0 when ready (or alive with --live), 1 when not.
+    """
+    from node.observability.healthcheck import ask, target
+
+    try:
+        probe = target(_settings(config), worker=worker, live=live)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    answer = ask(probe, timeout)
+    (console if answer.ok else err_console).print(answer.summary, markup=False)
+    raise typer.Exit(0 if answer.ok else 1)
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     config: ConfigOption = None,

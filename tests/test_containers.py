@@ -7,7 +7,9 @@ No engine runs on these machines, so what can be checked is checked here:
   ``COPY`` sources that exist, no secrets in ``ENV``, and an entrypoint that is a
   ``triage-node`` command which exists (run with ``--help`` as a plain process) and
   whose arguments the command line accepts;
-* the healthcheck one-liners, run as plain processes against a live and a dead port;
+* the healthchecks (``triage-node health``), run as plain processes against a live and a
+  dead port, and against a node serving HTTPS with ``web.tls_*``;
+* the images set no ``TRIAGE_NODE_<SECTION>__<KEY>``, so a site's mounted TOML decides;
 * the compose services: the same commands, secrets only as files, healthchecks behind
   every ``depends_on`` condition, workers without a shared volume, and the
   configuration file they mount accepted by ``triage-node config check``.
@@ -26,16 +28,20 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
+import trustme
 import typer
 import yaml
 
 from node.cli import app
+from node.config import Settings, load_settings
+from node.runtime import Node
 from tests.nodes import CLI, ROOT, free_port
 
 DOCKER = ROOT / "docker"
@@ -268,9 +274,9 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
 # -- healthchecks, run as plain processes -------------------------------------------------
 class _Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        self.send_response(200 if self.path == "/healthz" else 404)
+        self.send_response(200 if self.path in ("/healthz", "/readyz") else 404)
         self.end_headers()
-        self.wfile.write(b"ok")
+        self.wfile.write(b'{"status": "ready", "reasons": []}')
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -284,36 +290,136 @@ def health_server() -> Iterator[int]:
     server.shutdown()
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_healthcheck_passes_on_a_live_endpoint_and_fails_on_a_dead_one(
-    dockerfile: Path, health_server: int
-) -> None:
-    final = parse_dockerfile(dockerfile)[-1]
-    healthcheck = final.last("HEALTHCHECK")
+def healthcheck_argv(dockerfile: Path) -> list[str]:
+    """The image's HEALTHCHECK command: ``triage-node health ...`` in exec form."""
+    healthcheck = parse_dockerfile(dockerfile)[-1].last("HEALTHCHECK")
     assert healthcheck is not None
     argv = Instruction("CMD", healthcheck.args.split("CMD", 1)[1], healthcheck.line).exec_form()
-    assert argv is not None and argv[0] in {"python", "python3"}, (
-        f"{dockerfile.name}: the healthcheck should be a python one-liner in exec form"
+    assert argv is not None and argv[:2] == ["triage-node", "health"], (
+        f"{dockerfile.name}: the healthcheck should be 'triage-node health' in exec form "
+        "(it reads the settings: port, HTTPS)"
     )
+    check_cli_command(argv[1:], f"{dockerfile.name} HEALTHCHECK")
+    return argv
+
+
+def image_environment(dockerfile: Path) -> dict[str, str]:
+    """This process's environment without TRIAGE_NODE_*, plus the image's ENV."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_NODE_")}
-    image_env: dict[str, str] = {}
-    for instruction in final.instructions:
+    for instruction in parse_dockerfile(dockerfile)[-1].instructions:
         if instruction.keyword == "ENV":
-            image_env.update(env_pairs(instruction))
-    port_keys = [k for k in image_env if k.endswith("_PORT") and k in argv[-1]]
-    assert len(port_keys) == 1, f"{dockerfile.name}: which port does the healthcheck use?"
+            env.update(env_pairs(instruction))
+    return env
 
-    def run(port: int) -> int:
-        return subprocess.run(
-            [sys.executable, *argv[1:]],
-            env={**env, port_keys[0]: str(port)},
-            capture_output=True,
-            timeout=60,
-            check=False,
-        ).returncode
 
-    assert run(health_server) == 0
-    assert run(free_port()) != 0
+def site_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
+    """The shipped docker/triage-node.toml with ``sections`` changed: a site's own file."""
+    import tomllib
+
+    data = tomllib.loads((DOCKER / "triage-node.toml").read_text())
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "site.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def run_healthcheck(dockerfile: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK as a plain process, with the image's ENV and ``config``
+    mounted where the image expects its configuration."""
+    argv = healthcheck_argv(dockerfile)
+    env = image_environment(dockerfile)
+    env["TRIAGE_NODE_CONFIG"] = str(config)
+    return subprocess.run(
+        [str(CLI), *argv[1:]], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _probed_port(dockerfile: Path, port: int) -> dict[str, dict[str, Any]]:
+    """The settings that move the port the image's healthcheck probes."""
+    if "--worker" in healthcheck_argv(dockerfile):
+        return {"worker": {"http_host": "127.0.0.1", "http_port": port}}
+    return {"web": {"host": "127.0.0.1", "port": port}}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_healthcheck_passes_on_a_live_endpoint_and_fails_on_a_dead_one(
+    dockerfile: Path, health_server: int, tmp_path: Path
+) -> None:
+    """The port comes from the site's file (an image ENV would override it: none may)."""
+    live = run_healthcheck(
+        dockerfile, site_config(tmp_path, **_probed_port(dockerfile, health_server))
+    )
+    assert live.returncode == 0, live.stdout + live.stderr
+    dead = run_healthcheck(
+        dockerfile, site_config(tmp_path, **_probed_port(dockerfile, free_port()))
+    )
+    assert dead.returncode == 1, dead.stdout + dead.stderr
+
+
+def test_node_healthcheck_follows_web_tls(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    """With web.tls_* the node serves HTTPS only: the healthcheck speaks HTTPS, verifies
+    the configured certificate, and fails against a server presenting another."""
+    ca = trustme.CA()
+    cert, key = tmp_path / "web.pem", tmp_path / "web.key"
+    leaf = ca.issue_cert("triage.example.org")  # a public name: the probe uses 127.0.0.1
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    tls = {"tls_certificate": str(cert), "tls_private_key": str(key)}
+    node = start_node(web={"enabled": True, **tls})
+    assert node.web_url is not None and node.web_url.startswith("https://")
+    port = int(node.web_url.rstrip("/").rsplit(":", 1)[1])
+    dockerfile = DOCKER / "node.Dockerfile"
+    site = {"host": "127.0.0.1", "port": port}
+
+    checked = run_healthcheck(dockerfile, site_config(tmp_path, web=site | tls))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The same port probed as plain HTTP, as the images did before: no answer.
+    plain = run_healthcheck(dockerfile, site_config(tmp_path, web=site))
+    assert plain.returncode == 1
+    # A certificate other than the configured one: refused, not trusted blindly.
+    other = trustme.CA().issue_cert("triage.example.org")
+    other_cert, other_key = tmp_path / "other.pem", tmp_path / "other.key"
+    other_cert.write_bytes(b"".join(blob.bytes() for blob in other.cert_chain_pems))
+    other.private_key_pem.write_to_path(str(other_key))
+    other_key.chmod(0o600)
+    wrong = {"tls_certificate": str(other_cert), "tls_private_key": str(other_key)}
+    refused = run_healthcheck(dockerfile, site_config(tmp_path, web=site | wrong))
+    assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+
+
+# -- configuration precedence ---------------------------------------------------------------
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_leave_settings_to_the_site_file(dockerfile: Path, tmp_path: Path) -> None:
+    """The environment wins over the TOML file (pydantic-settings): an image that set
+    TRIAGE_NODE_<SECTION>__<KEY> would override a site's mounted file without a word."""
+    env = image_environment(dockerfile)
+    baked = sorted(k for k in env if k.startswith("TRIAGE_NODE_") and k != "TRIAGE_NODE_CONFIG")
+    assert not baked, f"{dockerfile.name}: ENV {baked} would override the site's TOML"
+    assert env["TRIAGE_NODE_CONFIG"] == "/etc/triage-node/triage-node.toml"
+    site = site_config(
+        tmp_path,
+        dicom={"port": 104},
+        web={"port": 443},
+        storage={"data_dir": "/srv/triage"},
+        worker={"storage": "shared", "http_port": 9200},
+    )
+    settings = _settings_under(env | {"TRIAGE_NODE_CONFIG": str(site)}, site)
+    assert (settings.dicom.port, settings.web.port, settings.worker.http_port) == (104, 443, 9200)
+    assert (str(settings.storage.data_dir), settings.worker.storage) == ("/srv/triage", "shared")
+
+
+def _settings_under(env: dict[str, str], config: Path) -> Settings:
+    """The settings a process with ``env`` reads from ``config`` (its own environment)."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return load_settings(config)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_hadolint() -> None:
@@ -462,7 +568,7 @@ def test_compose_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
     )
 
 
-def test_workers_share_no_disk_with_the_node(compose: dict[str, Any]) -> None:
+def test_workers_share_no_disk_with_the_node(compose: dict[str, Any], tmp_path: Path) -> None:
     services = compose["services"]
 
     def named_volumes(svc: dict[str, Any]) -> set[str]:
@@ -472,11 +578,42 @@ def test_workers_share_no_disk_with_the_node(compose: dict[str, Any]) -> None:
             if isinstance(v, dict) and v.get("type") == "volume"
         }
 
+    node = _service_settings(services["node"], tmp_path)
     for name in ("worker", "worker-gpu"):
         svc = services[name]
-        assert svc["environment"]["TRIAGE_NODE_WORKER__STORAGE"] == "dicomweb"
+        settings = _service_settings(svc, tmp_path)
+        assert settings.worker.storage == "dicomweb"
         assert not named_volumes(svc) & named_volumes(services["node"]), name
-        assert svc["environment"]["TRIAGE_NODE_CLUSTER__NODE_URL"].startswith("http://node:")
+        # Workers reach the node's internal API on its own port, not the health port.
+        assert settings.cluster.node_url == f"http://node:{node.cluster.internal_port}"
+
+
+def test_internal_api_is_on_its_own_unpublished_port(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    services = compose["services"]
+    node = _service_settings(services["node"], tmp_path)
+    internal = node.cluster.internal_port
+    assert internal and internal not in (node.web.port, node.dicom.port)
+    assert str(internal) in {str(p) for p in services["node"].get("expose", [])}
+    published = {str(p["target"]) for p in services["node"].get("ports", [])}
+    assert str(internal) not in published, "the internal API must not be published"
+    # The web role publishes web.port, where it serves no internal API (the node's is apart).
+    web = _service_settings(services["web"], tmp_path)
+    assert web.cluster.node_url == f"http://node:{internal}"
+
+
+def test_compose_environment_names_files_only(compose: dict[str, Any]) -> None:
+    """Settings are in the mounted TOML; the environment names it and the secret files."""
+    for name, svc in compose["services"].items():
+        keys = [k for k in (svc.get("environment") or {}) if k.startswith("TRIAGE_NODE_")]
+        extra = [k for k in keys if k != "TRIAGE_NODE_CONFIG" and not k.endswith("_FILE")]
+        assert not extra, f"{name}: {extra} would override the site's triage-node.toml"
+
+
+def _service_settings(svc: dict[str, Any], tmp_path: Path) -> Settings:
+    env = _service_environment(svc, tmp_path)
+    return _settings_under(env, Path(env["TRIAGE_NODE_CONFIG"]))
 
 
 def _service_environment(svc: dict[str, Any], tmp_path: Path) -> dict[str, str]:
