@@ -169,11 +169,47 @@ def build_segmentation(
     _fix_dimension_organization_uid(
         seg, derive_uid(ctx.uid_root, "dimension-organization", sop_instance_uid)
     )
+    if plane_positions is not None:
+        _keep_analysed_source_frames(seg, masked)
     if "FrameOfReferenceUID" not in seg:
         # General Image module, Type 2C: required without patient geometry (PS3.3
         # C.7.6.1.1.1); highdicom leaves it out, the source's value is the SEG's.
         seg.PatientOrientation = _patient_orientation(masked[0].source)
     return seg
+
+
+def _keep_analysed_source_frames(seg: Dataset, results: Sequence[ImageResult]) -> None:
+    """Let each SEG frame of a multi-frame source reference only the frame it was made from.
+
+    highdicom finds a SEG frame's source frames by plane position, so when several
+    frames of the source share one (echoes, phases, repeats) every one of them is
+    referenced, and a viewer cannot tell which the mask belongs to (PS3.3
+    C.7.6.16.2.6). The analysed frame at that position is the one.
+    """
+    analysed: dict[tuple[float, ...], set[int]] = defaultdict(set)
+    for result in results:
+        analysed[_source_position(result)].add(result.frame_number)
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        position = tuple(
+            round(float(v), 4) for v in item.PlanePositionSequence[0].ImagePositionPatient
+        )
+        frames = analysed.get(position)
+        if not frames:
+            continue
+        for derivation in item.DerivationImageSequence:
+            refs = derivation.SourceImageSequence
+            kept = [r for r in refs if set(_ints(r.get("ReferencedFrameNumber", []))) & frames]
+            if kept and len(kept) < len(refs):
+                derivation.SourceImageSequence = kept
+
+
+def _source_position(result: ImageResult) -> tuple[float, ...]:
+    """Image Position (Patient) of a multi-frame source's analysed frame, rounded."""
+    item = result.source.PerFrameFunctionalGroupsSequence[result.frame_number - 1]
+    if "PlanePositionSequence" not in item:
+        item = result.source.SharedFunctionalGroupsSequence[0]
+    position = item.PlanePositionSequence[0].ImagePositionPatient
+    return tuple(round(float(v), 4) for v in position)
 
 
 def _fix_dimension_organization_uid(seg: Dataset, uid: str) -> None:

@@ -150,3 +150,22 @@ def test_a_seg_highdicom_refuses_costs_only_the_seg(
     )
     assert sorted(kind for kind, _ in objects) == ["sc", "sr"]
     read_back(next(ds for kind, ds in objects if kind == "sr"), "no-seg-sr")
+
+
+def test_multiframe_seg_references_only_the_analysed_frame(
+    shared_data: object, read_back: ReadBack
+) -> None:
+    """Frames of one source at one position (echoes, phases): the SEG frame names the
+    analysed one, not every frame there."""
+    path = f"{shared_data}/dicom/modalities/multi-frame/eCT_Supplemental.dcm"
+    source = pydicom.dcmread(path)
+    per_frame = source.PerFrameFunctionalGroupsSequence
+    first = per_frame[0].PlanePositionSequence[0].ImagePositionPatient
+    per_frame[1].PlanePositionSequence[0].ImagePositionPatient = list(first)
+    result = with_rectangles(source, frame=2)
+    (seg,) = build_segmentations([result], SEGMENTER, CTX)
+    back = read_back(seg, "same-position-seg")
+    assert_overlays(back, result)
+    derivation = back.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    frames = [int(r.ReferencedFrameNumber) for r in derivation.SourceImageSequence]
+    assert frames == [2]
