@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, SQLColumnExpression, func, or_, select
 from sqlalchemy.orm import Session
 
-from node.db.models import Priority, Study
+from node.db.models import Priority, Study, StudyMark
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,30 @@ class WorklistFilter:
     unread_only: bool = False
 
 
+@dataclass(slots=True)
+class Marks:
+    """Who marked a study read, and who reviewed it, first first."""
+
+    readers: list[str] = field(default_factory=list)
+    reviewers: list[str] = field(default_factory=list)
+
+
+def marks_of(session: Session, study_ids: Collection[int]) -> dict[int, Marks]:
+    """The marks of each of these studies that has any (one statement; none for none)."""
+    out: dict[int, Marks] = {}
+    if not study_ids:
+        return out
+    rows = session.execute(
+        select(StudyMark.study_id, StudyMark.mark, StudyMark.user_name)
+        .where(StudyMark.study_id.in_(study_ids))
+        .order_by(StudyMark.marked_at, StudyMark.id)
+    )
+    for study_id, kind, user_name in rows:
+        marks = out.setdefault(study_id, Marks())
+        (marks.reviewers if kind == "reviewed" else marks.readers).append(user_name)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class WorklistRow:
     """One worklist line: what the web page and the REST API show of a study."""
@@ -129,12 +154,17 @@ class WorklistRow:
     key_score: float | None
     instance_count: int
     read_at: datetime | None
+    #: The first to mark it read / reviewed.
     read_by: str | None
     reviewed_at: datetime | None
     reviewed_by: str | None
+    #: Everyone who marked it read / reviewed, first first.
+    readers: tuple[str, ...] = ()
+    reviewers: tuple[str, ...] = ()
 
 
 _ROW_COLUMNS = (
+    Study.id,
     Study.study_instance_uid,
     Study.patient_name,
     Study.patient_id,
@@ -197,15 +227,19 @@ def worklist_page(
     """One page of the worklist in :func:`list_studies` order, and whether more follow.
 
     One statement, whatever the page or the table size: the page is read with
-    ``limit + 1`` rows instead of a ``COUNT`` over the whole (filtered) table.
+    ``limit + 1`` rows instead of a ``COUNT`` over the whole (filtered) table; one more
+    for the names of the readers when studies on the page have been read.
     """
-    rows = session.execute(
+    found = session.execute(
         select(*_ROW_COLUMNS)
         .where(*_where(query))
         .order_by(*_ORDER)
         .limit(limit + 1)
         .offset(offset)
     ).all()
+    rows, more = found[:limit], len(found) > limit
+    marks = marks_of(session, [r.id for r in rows if r.read_at is not None])
+    none = Marks()
     out = [
         WorklistRow(
             study_instance_uid=r.study_instance_uid,
@@ -225,10 +259,12 @@ def worklist_page(
             read_by=r.read_by,
             reviewed_at=r.reviewed_at,
             reviewed_by=r.reviewed_by,
+            readers=tuple(marks.get(r.id, none).readers),
+            reviewers=tuple(marks.get(r.id, none).reviewers),
         )
-        for r in rows[:limit]
+        for r in rows
     ]
-    return out, len(rows) > limit
+    return out, more
 
 
 def worklist_fingerprint(session: Session) -> str:

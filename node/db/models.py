@@ -121,7 +121,8 @@ class Study(Base):
     key_score: Mapped[float | None] = mapped_column(Float)
 
     # -- reading (set from the worklist / study page) -----------------------------------
-    #: When and by whom (user name) the study was opened and marked read / reviewed.
+    #: When and by whom (user name) the study was first marked read / reviewed; every
+    #: user's mark is a ``StudyMark``.
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     read_by: Mapped[str | None] = mapped_column(String(64))
     reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -211,6 +212,28 @@ class Instance(Base):
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StudyMark(Base):
+    """One user's "read" or "reviewed" mark on a study.
+
+    Every user who marks a study is kept, first first; a user marking it again adds
+    nothing (the unique constraint). ``Study.read_by`` / ``reviewed_by`` name the first.
+    """
+
+    __tablename__ = "study_marks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    #: "read" or "reviewed".
+    mark: Mapped[str] = mapped_column(String(16))
+    user_name: Mapped[str] = mapped_column(String(64))
+    marked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # Also the index that finds a page's marks by study_id.
+        UniqueConstraint("study_id", "mark", "user_name", name="uq_study_marks_study_mark_user"),
+    )
 
 
 class QuarantinedInstance(Base):

@@ -20,10 +20,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import ClusterSettings
-from node.db.models import Export, Finding, Instance, Priority, Series, Study
+from node.db.dialects import insert_for
+from node.db.models import Export, Finding, Instance, Priority, Series, Study, StudyMark
 from node.db.types import utcnow
 from node.storage import InstanceStore
 from node.web.audit import AuditTrail
+from node.worklist import Marks, marks_of
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +110,19 @@ class StudyOut(_Out):
     key_finding: str | None
     key_score: float | None
     read_at: datetime | None
+    #: The first to mark it read / reviewed; ``readers`` / ``reviewers`` name everyone.
     read_by: str | None
     reviewed_at: datetime | None
     reviewed_by: str | None
+    readers: list[str] = []
+    reviewers: list[str] = []
     series: list[SeriesOut]
     findings: list[FindingOut]
     exports: list[ExportOut]
 
 
 def study_detail(session: Session, study_instance_uid: str) -> StudyOut | None:
-    """The study with its series, instances, current findings and deliveries (5 statements)."""
+    """The study with its series, instances, findings, deliveries and marks (6 statements)."""
     study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
     if study is None:
         return None
@@ -137,6 +142,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyOut | None:
     exports = session.scalars(
         select(Export).where(Export.study_id == study.id).order_by(Export.destination, Export.kind)
     ).all()
+    marks = marks_of(session, [study.id]).get(study.id, Marks())
     masks = {f.sop_instance_uid for f in findings if f.mask_path}
     heatmaps = {f.sop_instance_uid for f in findings if f.heatmap_path}
     by_series: dict[int, list[InstanceOut]] = {}
@@ -175,6 +181,8 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyOut | None:
         read_by=study.read_by,
         reviewed_at=study.reviewed_at,
         reviewed_by=study.reviewed_by,
+        readers=marks.readers,
+        reviewers=marks.reviewers,
         series=series_out,
         findings=[FindingOut.model_validate(f) for f in findings],
         exports=[ExportOut.model_validate(e) for e in exports],
@@ -182,17 +190,30 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyOut | None:
 
 
 def mark(session: Session, study_instance_uid: str, what: Mark, user_name: str) -> bool:
-    """Record that ``user_name`` read (or reviewed) the study now; False if no such study."""
-    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    """Record that ``user_name`` read (or reviewed, and so read) the study; False if no
+    such study.
+
+    Every user's mark is kept (a ``StudyMark``; marking again adds nothing); the study's
+    ``read_by`` / ``reviewed_by`` keep the first.
+    """
+    # Locked: of two users marking at once, the first to commit stays read_by.
+    study = session.scalar(
+        select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update()
+    )
     if study is None:
         return False
     now = utcnow()
-    if what == "read":
+    for kind in ("read", "reviewed") if what == "reviewed" else ("read",):
+        session.execute(
+            insert_for(session, StudyMark)
+            .values(study_id=study.id, mark=kind, user_name=user_name, marked_at=now)
+            .on_conflict_do_nothing(index_elements=["study_id", "mark", "user_name"])
+        )
+    if study.read_at is None:
         study.read_at, study.read_by = now, user_name
-    else:
+    if what == "reviewed" and study.reviewed_at is None:
         study.reviewed_at, study.reviewed_by = now, user_name
-        if study.read_at is None:
-            study.read_at, study.read_by = now, user_name
+    study.updated_at = now  # a new name on the worklist: open worklists reload
     return True
 
 

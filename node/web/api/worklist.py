@@ -31,8 +31,11 @@ class WorklistItem(BaseModel):
     key_score: float | None
     #: "high" (>= the escalation threshold), "medium" (>= half of it), "low", or None.
     flag: str | None
+    #: The first to mark it read / reviewed; ``readers`` / ``reviewers`` name everyone.
     read_by: str | None
     reviewed_by: str | None
+    readers: list[str]
+    reviewers: list[str]
 
 
 class WorklistPage(BaseModel):
@@ -71,6 +74,8 @@ def item(row: WorklistRow, threshold: float) -> WorklistItem:
         flag=flag(row.key_score, threshold),
         read_by=row.read_by,
         reviewed_by=row.reviewed_by,
+        readers=list(row.readers),
+        reviewers=list(row.reviewers),
     )
 
 

@@ -400,6 +400,46 @@ def test_mark_read_updates_worklist_and_audit(client: TestClient, node: Node) ->
     assert ("rad", "worklist.api", None) in events
 
 
+def test_a_second_reader_does_not_replace_the_first(node: Node) -> None:
+    """The worklist, the study page and the API show everyone who read a study; the
+    first reader stays first (and in read_by), a repeated mark counts once."""
+    uid = add_study(node)
+    with TestClient(create_app(node)) as rad, TestClient(create_app(node)) as admin:
+        login(rad, "rad")
+        login(admin, "admin")
+        assert rad.post(f"/api/studies/{uid}/read").json()["readers"] == ["rad"]
+        before = rad.get("/api/worklist/fingerprint").json()["fingerprint"]
+        study = admin.post(f"/api/studies/{uid}/read").json()
+        assert rad.get("/api/worklist/fingerprint").json()["fingerprint"] != before
+        assert study["read_by"] == "rad" and study["readers"] == ["rad", "admin"]
+        rad.post(f"/api/studies/{uid}/read").raise_for_status()
+        reviewed = admin.post(f"/api/studies/{uid}/reviewed").json()
+        assert reviewed["readers"] == ["rad", "admin"] and reviewed["reviewers"] == ["admin"]
+        (row,) = rad.get("/api/worklist").json()["items"]
+        assert (row["read_by"], row["readers"], row["reviewers"]) == (
+            "rad",
+            ["rad", "admin"],
+            ["admin"],
+        )
+        assert "read by rad, admin; reviewed by admin" in rad.get(f"/studies/{uid}").text
+        assert "reviewed (admin); read (rad, admin)" in rad.get("/").text
+
+
+def test_many_readers_show_as_the_first_and_a_count(node: Node) -> None:
+    uid = add_study(node)
+    accounts = Accounts(node.sessions)
+    names = ["r1", "r2", "r3", "r4", "r5"]
+    for name in names:
+        accounts.add(name, PASSWORD, Role.RADIOLOGIST)
+        with TestClient(create_app(node)) as reader:
+            login(reader, name)
+            reader.post(f"/api/studies/{uid}/read").raise_for_status()
+    with TestClient(create_app(node)) as rad:
+        login(rad, "rad")
+        assert rad.get("/api/worklist").json()["items"][0]["readers"] == names
+        assert f'title="{", ".join(names)}">r1 +4</span>' in rad.get("/").text
+
+
 def test_worklist_views_audit_the_studies_shown(client: TestClient, node: Node) -> None:
     """Every view of patient data is audited: a worklist event names the studies on the
     page it showed (in order), not only the filters."""
