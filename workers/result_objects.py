@@ -56,8 +56,12 @@ def build_objects(
     classifier: AlgorithmInfo | None,
     segmenter: AlgorithmInfo | None,
     ctx: OutputContext,
+    previous_reports: Sequence[Dataset] = (),
 ) -> list[tuple[str, Dataset]]:
-    """(kind, dataset) for every object the results call for."""
+    """(kind, dataset) for every object the results call for.
+
+    `previous_reports`: the SRs sent for earlier versions of the study (`build_report`).
+    """
     objects: list[tuple[str, Dataset]] = []
     segs: list[Dataset] = []
     if segmenter is not None:
@@ -69,7 +73,10 @@ def build_objects(
             segs.extend(_segmentations(series_results, segmenter, ctx))
         objects.extend(("seg", seg) for seg in segs)
     if classifier is not None:
-        objects.append(("sr", build_report(results, classifier, segmenter, ctx, segs or None)))
+        report = build_report(
+            results, classifier, segmenter, ctx, segs or None, previous_reports=previous_reports
+        )
+        objects.append(("sr", report))
         objects.extend(
             ("sc", build_heatmap_image(r, classifier, ctx))
             for r in results

@@ -67,11 +67,19 @@ def build_report(
     segmenter: AlgorithmInfo | None,
     ctx: OutputContext,
     segmentation: Dataset | Sequence[Dataset] | None,
+    *,
+    previous_reports: Sequence[Dataset] = (),
 ) -> Dataset:
     """The SR for the results of one study (any number of its series) and their SEG(s).
 
     `segmentation` may be one SEG or the list from `build_segmentations` (of several
     series); an image whose lung segment is in none of them gets an image-level group.
+
+    `previous_reports` are the SRs of earlier versions of the study. One with another
+    SOP Instance UID (the study gained images since, so the report covers other
+    frames) stays in PACS next to this one: it is listed in the Predecessor Documents
+    Sequence (PS3.3 C.17.2.3) so a reader sees which report is current. One with
+    this report's UID is the report this one replaces, not a predecessor.
     """
     if not results:
         raise OutputError("no results to report")
@@ -122,6 +130,11 @@ def build_report(
         imaging_measurements=groups,
     )
     evidence = _distinct([header(r.source) for r in ordered]) + list(used_segs.values())
+    predecessors = [
+        p for p in _distinct(previous_reports) if str(p.SOPInstanceUID) != sop_instance_uid
+    ]
+    if any(str(p.StudyInstanceUID) != frames[0].study_instance_uid for p in predecessors):
+        raise OutputError("a previous report of another study cannot be a predecessor")
     number, description = SERIES["sr"]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -139,6 +152,7 @@ def build_report(
         is_final=False,  # preliminary: an AI triage result no one has verified
         is_verified=False,
         coding_schemes=[codes.private_coding_scheme()],
+        previous_versions=predecessors or None,
     )
     return sr
 

@@ -8,12 +8,15 @@ differ, and those do differ, so the replacement is visible.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from tests.unit.output.conftest import CASES, CLASSIFIER, CTX, SEGMENTER, make_result
+from workers.output import build_report
 from workers.result_objects import build_objects
 
 #: What a re-build may change: when the object and its content were made (PS3.3
@@ -61,3 +64,42 @@ def test_rebuilt_objects_differ_only_in_their_times(
         # The replacement is visible: when this instance and its content were made.
         for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate"):
             assert back.get(keyword), f"{kind} lacks {keyword}"
+
+
+def test_report_of_a_grown_study_names_the_report_it_supersedes(
+    sources: dict[str, Dataset], read_back: Callable[[Dataset, str], Dataset]
+) -> None:
+    """Version 2 of a study that gained an image: its report covers other frames, so it
+    has another UID and the version 1 report stays in PACS; the new one says it
+    supersedes it (Predecessor Documents Sequence), a re-run of the same frames does not."""
+    first = make_result(sources["cr-no-spacing"], 1)
+    late = copy.deepcopy(sources["cr-no-spacing"])
+    late.SOPInstanceUID = generate_uid(entropy_srcs=["late-arrival"])
+    late.InstanceNumber = 8
+    v1 = build_report([first], CLASSIFIER, None, CTX, None)
+
+    objects = build_objects(
+        [first, make_result(late, 1)],
+        classifier=CLASSIFIER,
+        segmenter=None,
+        ctx=CTX,
+        previous_reports=[v1],
+    )
+    (v2,) = [ds for kind, ds in objects if kind == "sr"]
+    assert v2.SOPInstanceUID != v1.SOPInstanceUID
+    back = read_back(v2, "v2-sr")
+    (study,) = back.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == v1.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == v1.SeriesInstanceUID
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedSOPSequence] == [v1.SOPInstanceUID]
+
+    rerun = build_report([first], CLASSIFIER, None, CTX, None, previous_reports=[v1, v2])
+    assert rerun.SOPInstanceUID == v1.SOPInstanceUID
+    (study,) = read_back(rerun, "rerun-sr").PredecessorDocumentsSequence
+    uids = [
+        i.ReferencedSOPInstanceUID
+        for s in study.ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    ]
+    assert uids == [v2.SOPInstanceUID]  # never itself
