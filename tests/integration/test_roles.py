@@ -207,6 +207,28 @@ def test_dicom_web_and_worker_roles_share_database_and_broker(
             logs=logs,
         )
 
+        # Readiness names its checks, by role; the images' healthcheck command agrees.
+        checks = httpx.get(service + "readyz", timeout=30).json()["checks"]
+        assert set(checks) == {"database", "storage", "dicom_listener", "broker"}, checks
+        assert set(httpx.get(web + "readyz", timeout=30).json()["checks"]) == {
+            "database",
+            "storage",
+        }
+
+        def healthcheck(*args: str, **env: str) -> int:
+            return subprocess.run(
+                [str(CLI), "health", "--config", str(config), *args],
+                env={**os.environ, **env},
+                capture_output=True,
+                timeout=60,
+                check=False,
+            ).returncode
+
+        assert healthcheck() == 0  # the dicom role's web.port
+        assert healthcheck(TRIAGE_NODE_WEB__PORT=str(web_port)) == 0
+        assert healthcheck("--worker", TRIAGE_NODE_WORKER__HTTP_PORT=str(worker_port)) == 0
+        assert healthcheck(TRIAGE_NODE_WEB__PORT=str(free_port())) == 1
+
         subprocess.run(
             [
                 str(CLI),

@@ -407,6 +407,7 @@ def _config(
     dicom_port: int,
     web_port: int,
     node_url: str,
+    internal_port: int,
     rules: Path,
     pacs: tuple[str, int],
     sender_host: str,
@@ -430,10 +431,27 @@ def _config(
             "retry_backoff_seconds": 0.5,
         },
         "export": {"initial_backoff_seconds": 1.0, "max_backoff_seconds": 4.0},
-        "cluster": {"node_url": node_url},
+        # The node's internal API on a port of its own (the compose file's 8081); web and
+        # workers fetch and upload there, never through a user-facing port.
+        "cluster": {"node_url": node_url, "internal_host": host, "internal_port": internal_port},
         "worker": {"storage": "dicomweb", "http_host": host, "http_port": worker_port},
         "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": pacs[0], "port": pacs[1]}],
     }
+
+
+def _upload_status(base: str, token: str = TOKEN) -> int:
+    """HTTP status of a result upload to ``base`` (an invalid token writes nothing)."""
+    request = urllib.request.Request(
+        f"{base}/internal/v1/files/results/1.2.3/probe.bin",
+        data=b"x",
+        method="PUT",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # nosec B310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
@@ -446,9 +464,11 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     dicom_port, node_http, web_port = free_port(), free_port(), free_port()
+    node_internal = free_port()
     worker_ports = [free_port(), free_port()]
     node_host = network.host("node")
-    node_url = f"http://{node_host}:{node_http}"
+    node_service = f"http://{node_host}:{node_http}"  # /readyz, /metrics
+    node_url = f"http://{node_host}:{node_internal}"  # the internal API
     # The root namespace's servers, as the topology's processes reach them.
     db_url = make_url(database)
     remote_database = db_url.set(
@@ -474,6 +494,7 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
             dicom_port=overrides.get("dicom_port", free_port()),
             web_port=overrides.get("web_port", free_port()),
             node_url=node_url,
+            internal_port=node_internal,
             rules=rules,
             pacs=pacs,
             sender_host=network.peer,
@@ -535,13 +556,18 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
     try:
         node.start()
         wait_for_listener(node_host, dicom_port, [node])
-        wait_http_ok(f"{node_url}/readyz", [node])
+        wait_http_ok(f"{node_service}/readyz", [node])
         web.start()
         for w in workers:
             w.start()
         wait_http_ok(f"http://{network.host('web')}:{web_port}/healthz", [web])
         for i, (w, port) in enumerate(zip(workers, worker_ports, strict=True)):
             wait_http_ok(f"http://{network.host(f'worker{i}')}:{port}/healthz", [w])
+        # The internal API answers on the node's internal port only: neither the web
+        # role's user-facing port nor the node's health port takes a result upload.
+        for base in (f"http://{network.host('web')}:{web_port}", node_service):
+            assert _upload_status(base) in (404, 405), base
+        assert _upload_status(node_url, token="wrong") == 401
 
         studies: dict[str, list[Path]] = {}
         for i in range(STUDIES):
@@ -618,7 +644,7 @@ def test_production_topology_survives_a_worker_kill_and_a_broker_restart(
         assert set(in_pacs) == expected, "PACS holds other objects than the results"
 
         # What the operators' dashboards see.
-        node_metrics = scrape(f"{node_url}/metrics")
+        node_metrics = scrape(f"{node_service}/metrics")
         assert metric(node_metrics, "triage_instances_received_total", result="stored") == STUDIES
         assert metric(node_metrics, "triage_studies", state="done") == STUDIES
         assert metric(
