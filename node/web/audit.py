@@ -109,13 +109,13 @@ def _filtered(query: AuditQuery) -> Select[AuditEvent]:
     if query.study_instance_uid:
         stmt = stmt.where(AuditEvent.study_instance_uid == query.study_instance_uid)
     if query.since:
-        stmt = stmt.where(AuditEvent.time >= _utc(query.since))
+        stmt = stmt.where(AuditEvent.time >= utc(query.since))
     if query.until:
-        stmt = stmt.where(AuditEvent.time < _utc(query.until))
+        stmt = stmt.where(AuditEvent.time < utc(query.until))
     return stmt.order_by(AuditEvent.id.desc())
 
 
-def _utc(time: datetime) -> datetime:
+def utc(time: datetime) -> datetime:
     """A time from a form or URL: without a time zone it is UTC (the column needs aware times)."""
     return time.replace(tzinfo=UTC) if time.tzinfo is None else time
 

@@ -11,6 +11,8 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from node.db.models import Priority, StudyStatus
 from node.errors import RuleError
@@ -404,26 +406,53 @@ def status_page(admin: auth.Admin, ctx: Context, request: Request) -> HTMLRespon
     return render(ctx, request, "admin/status.html", admin, d=node_dashboard(ctx))
 
 
+_AUDIT_FILTERS = ("user", "action", "study_uid", "since", "until", "from", "to")
+
+
 @router.get("/admin/audit", response_class=HTMLResponse)
 def audit_page(
     admin: auth.Admin,
     ctx: Context,
     request: Request,
-    params: Annotated[AuditParams, Query()],
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> HTMLResponse:
+    """The filters come from the form as typed: empty fields mean "any", and a bad
+    date is answered with the form, its input and the reason (not a JSON error)."""
+    form = {k: v for k in _AUDIT_FILTERS if (v := request.query_params.get(k, "").strip())}
+    try:
+        params = AuditParams.model_validate(form)
+    except ValidationError as exc:
+        return render(
+            ctx,
+            request,
+            "admin/audit.html",
+            admin,
+            422,
+            events=[],
+            form=form,
+            offset=0,
+            query="",
+            error="; ".join(_problem(e) for e in exc.errors()),
+        )
     events = ctx.audit.list(params.to_query(), limit=100, offset=offset)
-    query = urlencode(params.model_dump(exclude_none=True, mode="json"))
     return render(
         ctx,
         request,
         "admin/audit.html",
         admin,
         events=events,
-        params=params,
+        form=form,
         offset=offset,
-        query=query,
+        query=urlencode(params.fields()),
+        error=None,
     )
+
+
+def _problem(error: ErrorDetails) -> str:
+    """``from: Input should be a valid date ...``; a check across fields has no name."""
+    where = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 __all__ = ["router", "versions"]

@@ -594,6 +594,50 @@ def test_audit_times_without_a_time_zone_are_utc(client: TestClient, node: Node)
         assert [line.split(",")[1] for line in csv[1:]] == [shown]
 
 
+def test_audit_page_filters_by_date(client: TestClient, node: Node) -> None:
+    """From and to are whole UTC days, both included; the CSV link keeps them."""
+    with node.sessions.begin() as session:
+        for name, day in (("before", 9), ("first", 10), ("last", 11), ("after", 12)):
+            time = datetime(2026, 1, day, 23, 59, tzinfo=UTC)
+            session.add(AuditEvent(time=time, user_name=name, action="test.day"))
+    login(client, "admin")
+    form = client.get("/admin/audit").text
+    assert 'type="date" name="from"' in form and 'type="date" name="to"' in form
+    days = {"action": "test.day", "from": "2026-01-10", "to": "2026-01-11"}
+    page = client.get("/admin/audit", params=days)
+    assert page.status_code == 200
+    shown = [n for n in ("before", "first", "last", "after") if f"<td>{n}</td>" in page.text]
+    assert shown == ["first", "last"]
+    assert 'value="2026-01-10"' in page.text and 'value="2026-01-11"' in page.text
+    link = html.unescape(page.text.split('id="audit-csv" href="')[1].split('"')[0])
+    assert "from=2026-01-10" in link and "to=2026-01-11" in link
+    csv = client.get(link).text.splitlines()
+    assert [line.split(",")[1] for line in csv[1:]] == ["last", "first"]
+    api = client.get("/api/audit", params=days).json()
+    assert [e["user_name"] for e in api] == ["last", "first"]
+    # Empty date fields (the form sends them) mean no bound.
+    empty = client.get("/admin/audit", params={"action": "test.day", "from": "", "to": ""})
+    assert empty.status_code == 200 and "<td>before</td>" in empty.text
+
+
+@pytest.mark.parametrize(
+    ("dates", "message"),
+    [
+        ({"from": "2026-13-01"}, "from: "),
+        ({"to": "yesterday"}, "to: "),
+        ({"from": "2026-01-11", "to": "2026-01-10"}, "from is after to"),
+    ],
+)
+def test_audit_page_refuses_bad_dates_with_the_reason(
+    client: TestClient, dates: dict[str, str], message: str
+) -> None:
+    login(client, "admin")
+    page = client.get("/admin/audit", params={"user": "x", **dates})
+    assert page.status_code == 422 and message in page.text
+    assert 'role="alert"' in page.text and 'value="x"' in page.text  # the form keeps its input
+    assert client.get("/api/audit", params=dates).status_code == 422
+
+
 def test_audit_csv_cells_never_start_a_formula(client: TestClient) -> None:
     """Anyone can put a name in the audit trail by failing to log in; opened in a
     spreadsheet, the export must show it as text, not run it as a formula."""
