@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
+from workers.output.creation import stamp_timezone
 from workers.output.errors import OutputError
 from workers.output.identity import SERIES, instance_uid, series_uid
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
@@ -77,6 +78,7 @@ def build_heatmap_image(
         # empty; we cannot tell whether the source's body part is paired.
         sc.add_new("Laterality", "CS", None)
     sc.BurnedInAnnotation = "YES"
+    stamp_timezone(sc)
     sc.ImageComments = (
         f"{WARNING}. Grad-CAM heatmap of {classifier.name} {classifier.version}, "
         f"pneumonia probability {result.pneumonia_probability:.3f}."

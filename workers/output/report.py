@@ -48,6 +48,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from workers.output import codes
+from workers.output.creation import stamp_timezone
 from workers.output.errors import OutputError
 from workers.output.identity import SERIES, derive_uid, instance_uid, study_series_uid
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
@@ -154,6 +155,7 @@ def build_report(
         coding_schemes=[codes.private_coding_scheme()],
         previous_versions=predecessors or None,
     )
+    stamp_timezone(sr)
     return sr
 
 

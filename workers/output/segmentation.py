@@ -49,6 +49,7 @@ from pydicom.uid import (
 )
 
 from workers.output import codes
+from workers.output.creation import stamp_timezone
 from workers.output.errors import OutputError, UnsupportedGeometry
 from workers.output.identity import SERIES, derive_uid, instance_uid, series_uid
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
@@ -171,6 +172,7 @@ def build_segmentation(
     )
     if plane_positions is not None:
         _keep_analysed_source_frames(seg, masked)
+    stamp_timezone(seg)
     if "FrameOfReferenceUID" not in seg:
         # General Image module, Type 2C: required without patient geometry (PS3.3
         # C.7.6.1.1.1); highdicom leaves it out, the source's value is the SEG's.
