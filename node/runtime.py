@@ -46,13 +46,6 @@ class SchemaOutOfDate(NodeError):
     """The database schema is behind the code and auto-upgrade is off."""
 
 
-#: Time limits of the readiness checks (seconds): together under the 10 s of the
-#: images' HEALTHCHECK, as the checks run side by side.
-DATABASE_CHECK_SECONDS = 3.0
-STORAGE_CHECK_SECONDS = 3.0
-LISTENER_CHECK_SECONDS = 2.0
-BROKER_CHECK_SECONDS = 5.0
-
 Role = Literal["all", "dicom", "web"]
 ROLES: tuple[Role, ...] = ("all", "dicom", "web")
 
@@ -251,20 +244,28 @@ class Node:
         """This role's readiness checks by name (/readyz), run side by side, each bounded."""
         store = self.store
         probes: list[health.Probe] = [
-            ("database", DATABASE_CHECK_SECONDS, lambda: health.database_problems(self.engine)),
+            (
+                "database",
+                health.DATABASE_CHECK_SECONDS,
+                lambda: health.database_problems(self.engine),
+            ),
             (
                 "storage",
-                STORAGE_CHECK_SECONDS,
+                health.STORAGE_CHECK_SECONDS,
                 lambda: health.storage_problems(
                     store.tmp_dir, store.free_bytes, self.settings.storage.min_free_bytes
                 ),
             ),
         ]
         if self.dicom is not None:
-            probes.append(("dicom_listener", LISTENER_CHECK_SECONDS, self._listener_problems))
+            probes.append(
+                ("dicom_listener", health.LISTENER_CHECK_SECONDS, self._listener_problems)
+            )
         if self.celery is not None:
             celery = self.celery
-            probes.append(("broker", BROKER_CHECK_SECONDS, lambda: health.broker_problems(celery)))
+            probes.append(
+                ("broker", health.BROKER_CHECK_SECONDS, lambda: health.broker_problems(celery))
+            )
         return self._checks.run(probes)
 
     def readiness_problems(self) -> list[str]:
@@ -280,7 +281,7 @@ class Node:
             # probe; the listener thread serving is what can be said without one.
             return []
         return health.listener_problems(
-            self.settings.dicom.host, dicom.port, timeout=LISTENER_CHECK_SECONDS / 2
+            self.settings.dicom.host, dicom.port, timeout=health.LISTENER_CHECK_SECONDS / 2
         )
 
     @property

@@ -107,6 +107,7 @@ class WorkerHealth:
         self._thread: threading.Thread | None = None
         self.multiprocess_dir: Path | None = None
         self._storage_problems: list[str] | None = None
+        self._checks = health.BoundedChecks()
 
     # -- Celery signals ---------------------------------------------------------------
     def connect_signals(self) -> None:
@@ -144,17 +145,37 @@ class WorkerHealth:
         return (503 if self.shutting_down.is_set() else 200), info
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
-        reasons: list[str] = []
-        if not self.ready.is_set():
-            reasons.append(
-                "worker is shutting down" if self.shutting_down.is_set() else "not consuming yet"
-            )
-        reasons += health.broker_problems(self.celery)
-        reasons += health.database_problems(self._engine)
-        reasons += self._model_problems()
-        reasons += self.storage_problems()
-        body = {"status": "not ready" if reasons else "ready", "role": "worker"}
-        return (503 if reasons else 200), {**body, "reasons": reasons}
+        """Each check by name; broker and database side by side, each within its limit."""
+        consuming: tuple[str, ...] = ()
+        if self.shutting_down.is_set():
+            consuming = ("worker is shutting down",)
+        elif not self.ready.is_set():
+            consuming = ("not consuming yet",)
+        checks = [health.Check("consuming", consuming)]
+        checks += self._checks.run(
+            [
+                (
+                    "broker",
+                    health.BROKER_CHECK_SECONDS,
+                    lambda: health.broker_problems(self.celery),
+                ),
+                (
+                    "database",
+                    health.DATABASE_CHECK_SECONDS,
+                    lambda: health.database_problems(self._engine),
+                ),
+            ]
+        )
+        checks.append(health.Check("models", tuple(self._model_problems())))
+        checks.append(health.Check("storage", tuple(self.storage_problems())))
+        reasons = [problem for check in checks for problem in check.problems]
+        body = {
+            "status": "not ready" if reasons else "ready",
+            "role": "worker",
+            "checks": {check.name: check.as_json() for check in checks},
+            "reasons": reasons,
+        }
+        return (503 if reasons else 200), body
 
     def _model_problems(self) -> list[str]:
         """Weights gone since start (an unmounted volume), or models a process failed to load."""

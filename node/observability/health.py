@@ -23,6 +23,13 @@ from sqlalchemy import Engine, text
 
 from node.db import migrate
 
+#: Time limits of the readiness checks (seconds). The checks run side by side, so a
+#: probe answers within the longest, under the 10 s of the images' HEALTHCHECK.
+DATABASE_CHECK_SECONDS = 3.0
+STORAGE_CHECK_SECONDS = 3.0
+LISTENER_CHECK_SECONDS = 2.0
+BROKER_CHECK_SECONDS = 5.0
+
 #: (name, seconds it may take, the check): what :meth:`BoundedChecks.run` runs.
 Probe = tuple[str, float, Callable[[], list[str]]]
 
