@@ -43,6 +43,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # How long the parent waits for a dead pool process's result before it reports
+        # the task lost (default 10 s). Results are ignored here, and a lost task's
+        # study is queued again at once (workers.tasks.StudyRequest): 1 s, not 10.
+        "worker_lost_wait": 1.0,
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
