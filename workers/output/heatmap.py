@@ -11,6 +11,8 @@ shows only one of them.
 from __future__ import annotations
 
 import logging
+import math
+from fractions import Fraction
 
 import highdicom as hd
 import numpy as np
@@ -24,6 +26,7 @@ from workers.output.errors import OutputError
 from workers.output.identity import SERIES, instance_uid, series_uid
 from workers.output.results import AlgorithmInfo, ImageResult, OutputContext
 from workers.output.source import header
+from workers.pixels import frame_spacing
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,9 @@ def build_heatmap_image(
         # Type 2C (PS3.3 C.7.3.1.1.1): dciodvfy errors if absent and only warns if
         # empty; we cannot tell whether the source's body part is paired.
         sc.add_new("Laterality", "CS", None)
+    aspect = _pixel_aspect_ratio(result)
+    if aspect is not None:
+        sc.PixelAspectRatio = aspect
     sc.BurnedInAnnotation = "YES"
     stamp_timezone(sc)
     sc.ImageComments = (
@@ -151,6 +157,29 @@ def _copy_patient_and_study(sc: hd.sc.SCImage, view: Dataset) -> None:
             "patient/study modules of sop_class_uid=%s not known; copied the basics",
             view.SOPClassUID,
         )
+
+
+def _pixel_aspect_ratio(result: ImageResult) -> list[int] | None:
+    """Pixel Aspect Ratio (row:column) of the source frame when it is not 1:1.
+
+    An SC has no pixel spacing, so without it a viewer shows the heatmap of a
+    non-square-pixel image distorted against the image itself; it is Type 1C in the
+    Image Pixel module exactly then (PS3.3 C.7.6.3.1.7).
+    """
+    spacing, _ = frame_spacing(result.source, result.frame_number)
+    if spacing is None:
+        stated = result.source.get("PixelAspectRatio")
+        try:
+            ratio = [int(v) for v in stated] if stated is not None else []
+        except (TypeError, ValueError):
+            return None
+        usable = len(ratio) == 2 and all(v > 0 for v in ratio) and ratio[0] != ratio[1]
+        return ratio if usable else None
+    rows, columns = spacing
+    if math.isclose(rows, columns, rel_tol=1e-6):
+        return None
+    exact = (Fraction(str(rows)) / Fraction(str(columns))).limit_denominator(1000)
+    return [exact.numerator, exact.denominator]
 
 
 def _patient_orientation(source: Dataset) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ from tests.unit.output.conftest import (
     make_result,
     synthetic_cr,
 )
-from workers.output import ImageResult, build_segmentations
+from workers.output import ImageResult, build_heatmap_image, build_segmentations
 from workers.result_objects import build_objects
 
 ReadBack = Callable[[Dataset, str], Dataset]
@@ -169,3 +169,14 @@ def test_multiframe_seg_references_only_the_analysed_frame(
     derivation = back.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     frames = [int(r.ReferencedFrameNumber) for r in derivation.SourceImageSequence]
     assert frames == [2]
+
+
+def test_heatmap_of_non_square_pixels_keeps_their_aspect(read_back: ReadBack) -> None:
+    """The SC has no pixel spacing: Pixel Aspect Ratio keeps a 0.15 x 0.125 mm pixel
+    from being shown square, i.e. the heatmap distorted against its image."""
+    result = with_rectangles(radiograph("pa", orientation=["L", "F"]))
+    sc = read_back(build_heatmap_image(result, CLASSIFIER, CTX), "non-square-sc")
+    assert [int(v) for v in sc.PixelAspectRatio] == [6, 5]  # row : column
+    assert (sc.Rows, sc.Columns) == (result.source.Rows, result.source.Columns)
+    square = read_back(build_heatmap_image(make_result(synthetic_cr(), 1), CLASSIFIER, CTX), "sq")
+    assert "PixelAspectRatio" not in square
