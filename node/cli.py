@@ -138,12 +138,18 @@ _PARTS = {
     "supervisor": "routing and queueing",
     "exporter": "exporter",
     "retention": "retention",
+    "internal_http": "internal API listener",
 }
 
 
 def _role_summary(node: Node) -> str:
     """The role and what runs in it, from the node's actual components."""
-    http = "HTTP service (health, metrics, internal API)" if node.role == "dicom" else "web app"
+    if node.role != "dicom":
+        http = "web app"
+    elif node.serves_internal_api_on_web_port:
+        http = "HTTP service (health, metrics, internal API)"
+    else:
+        http = "HTTP service (health, metrics)"
     parts = [http if name == "http" else _PARTS.get(name, name) for name in node.components()]
     _, workers = node.worker_processes()
     if workers:
@@ -161,6 +167,29 @@ def _broker_text(settings: Settings) -> str:
     broker = make_url(pipeline.broker_url.replace("redis://", "redis+x://", 1))
     where = f"{broker.host or ''}:{broker.port or ''}".strip(":")
     return f"{pipeline.broker_url.split(':', 1)[0]} at {where}"
+
+
+def _http_rows(grid: Table, settings: Settings, node: Node) -> None:
+    """The banner's rows for the web port, the internal API and the health endpoints."""
+    url = node.web_url
+    if url is None:
+        web = "disabled"
+    elif node.role == "dicom":
+        web = f"{url}  (service only: no pages; the worklist runs in 'serve --role web')"
+    else:
+        from node.users.accounts import Accounts
+
+        web = f"{url}  (worklist; REST API docs at {url}docs)"
+        if not Accounts(node.sessions).list():
+            web += "\nno accounts yet: triage-node users add NAME --role admin"
+    grid.add_row("Web", web)
+    if node.internal_url is not None:
+        grid.add_row("Internal API", f"{node.internal_url}  (workers and the web role; token)")
+    if url is not None:
+        grid.add_row(
+            "Health",
+            f"{url}healthz, {url}readyz" + (f", {url}metrics" if settings.web.metrics else ""),
+        )
 
 
 def _show_running(settings: Settings, node: Node) -> bool:
@@ -187,23 +216,7 @@ def _show_running(settings: Settings, node: Node) -> bool:
         grid.add_row("Accepts", ", ".join(str(c) for c in d.allowed_callers) or "(nobody)")
     else:
         grid.add_row("DICOM", "not in this role ('serve --role dicom' runs the listener)")
-    url = node.web_url
-    if url is None:
-        web = "disabled"
-    elif node.role == "dicom":
-        web = f"{url}  (service only: no pages; the worklist runs in 'serve --role web')"
-    else:
-        from node.users.accounts import Accounts
-
-        web = f"{url}  (worklist; REST API docs at {url}docs)"
-        if not Accounts(node.sessions).list():
-            web += "\nno accounts yet: triage-node users add NAME --role admin"
-    grid.add_row("Web", web)
-    if url is not None:
-        grid.add_row(
-            "Health",
-            f"{url}healthz, {url}readyz" + (f", {url}metrics" if settings.web.metrics else ""),
-        )
+    _http_rows(grid, settings, node)
     if node.pipeline is not None:
         grid.add_row(
             "Pipeline",

@@ -1,17 +1,16 @@
-"""HTTP endpoints for machines: liveness, readiness, Prometheus metrics; the DICOM role's app.
+"""HTTP endpoints for machines: liveness and Prometheus metrics.
 
-``/healthz`` (liveness) and ``/readyz`` (readiness) answer load balancers and
-orchestrators; ``/metrics`` answers Prometheus (``web.metrics``). None needs a
-login and none reveals patient data: component names, reasons, counts. The
-DICOM role serves them with the internal API (token-authenticated, for workers
-and the web role) and nothing else: no pages, no login, no REST API for people.
+``/healthz`` (liveness) answers load balancers and orchestrators, ``/metrics``
+Prometheus (``web.metrics``); readiness (``/readyz``, each check by name) is
+:mod:`node.observability.readiness`. None needs a login and none reveals patient
+data: component names, reasons, counts.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from node import __version__
@@ -21,14 +20,13 @@ from node.observability.metrics import (
     exposition,
     node_registry,
 )
-from node.web.internal import internal_router
 
 if TYPE_CHECKING:
     from node.runtime import Node
 
 
 def health_router(node: Node) -> APIRouter:
-    """/healthz, /readyz and (when ``web.metrics``) /metrics of ``node``'s role."""
+    """/healthz and (when ``web.metrics``) /metrics of ``node``'s role."""
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
@@ -48,13 +46,6 @@ def health_router(node: Node) -> APIRouter:
             body["workers"] = {"running": running, "configured": configured}
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @router.get("/readyz")
-    def readyz() -> JSONResponse:
-        """Readiness: database at the current schema, listener, broker, disk (by role)."""
-        reasons = node.readiness_problems()
-        body = {"status": "not ready" if reasons else "ready", "role": node.role}
-        return JSONResponse({**body, "reasons": reasons}, status_code=503 if reasons else 200)
-
     if node.settings.web.metrics:
         registry = node_registry(
             NodeCollector(node.sessions, node.store.free_bytes, node.celery),
@@ -69,17 +60,3 @@ def health_router(node: Node) -> APIRouter:
             return Response(exposition(registry), media_type=CONTENT_TYPE)
 
     return router
-
-
-def create_service_app(node: Node) -> FastAPI:
-    """The DICOM role's HTTP app: health, metrics and the internal API only."""
-    app = FastAPI(
-        title="triage-node service",
-        version=__version__,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.include_router(health_router(node))
-    app.include_router(internal_router(node))
-    return app

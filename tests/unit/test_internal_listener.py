@@ -88,3 +88,22 @@ def test_internal_port_must_differ_from_the_others(tmp_path: Path) -> None:
     cfg["web"]["enabled"] = True
     with pytest.raises(ValueError, match="internal_port"):
         Settings.model_validate(cfg)
+
+
+def test_start_banner_names_the_internal_listener(
+    nodes: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator sees where the internal API listens, and the dicom role's web port
+    is not described as serving it any more."""
+    from rich.console import Console
+
+    from node import cli
+
+    node = nodes("dicom", cluster={"internal_port": free_port()})
+    out = Console(width=200, record=True)
+    monkeypatch.setattr(cli, "console", out)
+    cli._show_running(node.settings, node)
+    text = out.export_text()
+    assert f"Internal API  {node.internal_url}" in text
+    assert "internal API listener" in text and "internal_http" not in text
+    assert "HTTP service (health, metrics)," in text
