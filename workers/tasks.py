@@ -61,12 +61,6 @@ class UnavailableStorage:
         raise self.error.with_traceback(None)
 
 
-@functools.cache
-def _parent_sessions() -> sessionmaker[Session]:
-    """The Celery parent's own database access (it runs no study, it only reports lost ones)."""
-    return make_sessionmaker(make_engine(settings_from_environment().database_url))
-
-
 class StudyRequest(Request):  # type: ignore[misc]
     """A ``process_study`` message in the Celery parent: a pool process lost is reported.
 
@@ -87,18 +81,28 @@ class StudyRequest(Request):  # type: ignore[misc]
         # billiard may wrap it in an ExceptionWithTraceback, which keeps it as ``exc``.
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         if isinstance(exc, WorkerLostError) and self.worker_pid is not None:
-            study_id, version = self.args[:2]
             try:
-                release_lost_run(
-                    _parent_sessions(),
-                    study_id,
-                    version,
-                    run_owner(self.worker_pid, self.id),
-                    settings_from_environment().pipeline.max_attempts,
-                )
+                self._release_lost_run()
             except Exception as error:  # the lease still expires; never stop the parent
                 log.error("cannot release a lost run's lease error=%s", type(error).__name__)
         return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    def _release_lost_run(self) -> None:
+        study_id, version = self.args[:2]
+        settings = settings_from_environment()
+        # An engine of its own, disposed at once: the parent forks the next pool
+        # processes, and they must not inherit its pooled database connections.
+        engine = make_engine(settings.database_url)
+        try:
+            release_lost_run(
+                make_sessionmaker(engine),
+                study_id,
+                version,
+                run_owner(self.worker_pid, self.id),
+                settings.pipeline.max_attempts,
+            )
+        finally:
+            engine.dispose()
 
 
 @shared_task(  # type: ignore[untyped-decorator]

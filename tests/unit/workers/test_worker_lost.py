@@ -43,14 +43,11 @@ def pipeline(
     """A supervisor on a real embedded broker; the Celery parent on the test database."""
     settings = Settings.model_validate(node_config(tmp_path, pipeline={"max_attempts": 3}))
     monkeypatch.setattr(tasks, "settings_from_environment", lambda: settings)
-    monkeypatch.setattr(tasks, "make_engine", lambda url: None)
-    monkeypatch.setattr(tasks, "make_sessionmaker", lambda engine: sessions)
-    tasks._parent_sessions.cache_clear()
+    monkeypatch.setattr(tasks, "make_engine", lambda url: sessions.kw["bind"])
     celery = make_celery(settings)
     yield Pipeline(
         settings, sessions, InstanceStore(settings.storage.data_dir), RuleStore(sessions), celery
     )
-    tasks._parent_sessions.cache_clear()
 
 
 def _dead_pid() -> int:
