@@ -2,8 +2,8 @@
 
 The product's guarantee does not rest on the broker keeping messages: the
 database is the record, and the node's supervisor re-sends a queued study
-whose message is presumed lost (``pipeline.lease_seconds`` after sending) and
-retries sending while the broker is unreachable. So the private Redis here
+whose message is lost (not claimed ``pipeline.lease_seconds`` after sending, and
+its queue in the broker empty) and retries sending while the broker is unreachable. So the private Redis here
 runs without persistence (``--appendonly no --save ""``) and is killed -9:
 the message it held is really gone.
 
