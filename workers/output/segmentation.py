@@ -172,6 +172,7 @@ def build_segmentation(
     )
     if plane_positions is not None:
         _keep_analysed_source_frames(seg, masked)
+    _drop_guessed_slice_spacing(seg, [r.source for r in masked])
     stamp_timezone(seg)
     if "FrameOfReferenceUID" not in seg:
         # General Image module, Type 2C: required without patient geometry (PS3.3
@@ -212,6 +213,31 @@ def _source_position(result: ImageResult) -> tuple[float, ...]:
         item = result.source.SharedFunctionalGroupsSequence[0]
     position = item.PlanePositionSequence[0].ImagePositionPatient
     return tuple(round(float(v), 4) for v in position)
+
+
+def _drop_guessed_slice_spacing(seg: Dataset, sources: Sequence[Dataset]) -> None:
+    """Leave out a Spacing Between Slices highdicom made up for a one-frame SEG.
+
+    highdicom derives it from the frames' positions, and from a single position it
+    answers 1.0 mm: a spacing no source stated, which a viewer building a volume from
+    the SEG would use. It is Type 3 in the Pixel Measures macro (PS3.3 C.7.6.16.2.1).
+    """
+    if int(seg.NumberOfFrames) != 1 or any(_states_slice_spacing(s) for s in sources):
+        return
+    for item in seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence", []):
+        if "SpacingBetweenSlices" in item:
+            del item.SpacingBetweenSlices
+
+
+def _states_slice_spacing(source: Dataset) -> bool:
+    """Whether the source gives a Spacing Between Slices, at the root or in its groups."""
+    if "SpacingBetweenSlices" in source:
+        return True
+    for group in source.get("SharedFunctionalGroupsSequence", []):
+        for measures in group.get("PixelMeasuresSequence", []):
+            if "SpacingBetweenSlices" in measures:
+                return True
+    return False
 
 
 def _fix_dimension_organization_uid(seg: Dataset, uid: str) -> None:

@@ -1,7 +1,8 @@
 """The source instance as the output builders hand it to highdicom.
 
 highdicom reads only the header of a source (patient, study, geometry, UIDs), so the
-builders pass a header-only copy: no pixel data is copied or decoded. highdicom copies
+builders pass a header-only copy: no pixel data is copied or decoded, and nothing
+highdicom changes in it reaches the source. highdicom copies
 the Patient and General Study modules verbatim (PS3.3 C.7.1.1, C.7.2.1) and refuses, or
 writes an invalid object, when a source value breaks its VR (seen in the wild:
 de-identification tools that put a hash in Patient's Birth Date or a 56-character
@@ -11,6 +12,7 @@ study still files by Study Instance UID. Only the keyword is logged, never the v
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Final
 
@@ -57,7 +59,10 @@ def header(source: Dataset) -> Dataset:
     view = Dataset()
     for element in source:
         if element.keyword not in _PIXEL_KEYWORDS:
-            view.add(element)
+            # A copy: highdicom writes into what it is given (e.g. a Spacing Between
+            # Slices into the source's shared Pixel Measures item), and the source is
+            # shared by every object built from it.
+            view.add(copy.deepcopy(element))
     if "file_meta" in source.__dict__:
         view.file_meta = source.file_meta
     uid = str(source.SOPInstanceUID)

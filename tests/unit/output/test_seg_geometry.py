@@ -180,3 +180,28 @@ def test_heatmap_of_non_square_pixels_keeps_their_aspect(read_back: ReadBack) ->
     assert (sc.Rows, sc.Columns) == (result.source.Rows, result.source.Columns)
     square = read_back(build_heatmap_image(make_result(synthetic_cr(), 1), CLASSIFIER, CTX), "sq")
     assert "PixelAspectRatio" not in square
+
+
+def test_building_objects_leaves_the_source_untouched(sources: dict[str, Dataset]) -> None:
+    """The source dataset serves every object of the study: what highdicom writes into
+    its input (a Spacing Between Slices in the shared Pixel Measures) must not reach it."""
+    source = sources["ct-multiframe"]
+    before = copy.deepcopy(source)
+    build_objects(
+        [with_rectangles(source, frame=2)], classifier=CLASSIFIER, segmenter=SEGMENTER, ctx=CTX
+    )
+    assert source == before
+
+
+def test_one_frame_seg_states_no_slice_spacing_its_source_does_not(
+    shared_data: object, read_back: ReadBack
+) -> None:
+    """From one position highdicom guesses 1.0 mm; only a spacing the source states
+    (MR2_UNCR: 6.6 mm) belongs in the SEG."""
+    for name, stated in (("ct/ELSCINT1_JP2vsJ2K.dcm", None), ("mr/MR2_UNCR.dcm", 6.6)):
+        source = pydicom.dcmread(f"{shared_data}/dicom/modalities/{name}")
+        (seg,) = build_segmentations([with_rectangles(source)], SEGMENTER, CTX)
+        back = read_back(seg, f"spacing-{name.split('/')[0]}")
+        measures = back.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        spacing = measures.get("SpacingBetweenSlices")
+        assert (None if spacing is None else float(spacing)) == stated, name
