@@ -37,6 +37,12 @@ images, but with Measurement Method (TID 300) 99TRIAGE DETPLANE saying so.
 
 The observer is the device (TID 1004) named by the output context. The private
 scheme is declared in the Coding Scheme Identification Sequence.
+
+Re-processing the same frames with the same models gives the same SOP Instance UID:
+the object replaces the earlier one, and differs from it only in its creation and
+content times. A study that gained images gets a report with another UID; the
+reports of its earlier versions are then named in the Predecessor Documents
+Sequence when the caller passes them (`previous_reports`).
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ def _group(
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
 ):
-    """TID 1410 group on the lung segment when there is one, else TID 1501."""
+    """TID 1411 group on the lung segment when there is one, else TID 1501."""
     source = result.source
     frame_numbers = [result.frame_number] if result.is_multiframe else None
     tracking = hd.sr.TrackingIdentifier(
