@@ -193,6 +193,8 @@ def _keep_analysed_source_frames(seg: Dataset, results: Sequence[ImageResult]) -
     for result in results:
         analysed[_source_position(result)].add(result.frame_number)
     for item in seg.PerFrameFunctionalGroupsSequence:
+        if "PlanePositionSequence" not in item or "DerivationImageSequence" not in item:
+            continue
         position = tuple(
             round(float(v), 4) for v in item.PlanePositionSequence[0].ImagePositionPatient
         )
