@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import AuditEvent
@@ -107,12 +107,36 @@ def _filtered(query: AuditQuery) -> Select[AuditEvent]:
     if query.action:
         stmt = stmt.where(AuditEvent.action == query.action)
     if query.study_instance_uid:
-        stmt = stmt.where(AuditEvent.study_instance_uid == query.study_instance_uid)
+        stmt = stmt.where(_concerns(query.study_instance_uid))
     if query.since:
         stmt = stmt.where(AuditEvent.time >= utc(query.since))
     if query.until:
         stmt = stmt.where(AuditEvent.time < utc(query.until))
     return stmt.order_by(AuditEvent.id.desc())
+
+
+#: Events that list the studies shown in their detail (:func:`listing`), not in the
+#: StudyInstanceUID column: a filter by study must find them too ("who saw study X").
+LISTING_ACTIONS = ("worklist.view", "worklist.refresh", "worklist.api")
+
+
+def _concerns(study_instance_uid: str) -> ColumnElement[bool]:
+    """Events about one study: its own column, or a worklist listing that showed it.
+
+    The UID is matched as a whole word of the listing (space before, space or the end
+    after), so 1.2.3 does not find 1.2.34; LIKE's wildcards in the filter are escaped.
+    """
+    word = study_instance_uid.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return or_(
+        AuditEvent.study_instance_uid == study_instance_uid,
+        and_(
+            AuditEvent.action.in_(LISTING_ACTIONS),
+            or_(
+                AuditEvent.detail.like(f"% {word} %", escape="\\"),
+                AuditEvent.detail.like(f"% {word}", escape="\\"),
+            ),
+        ),
+    )
 
 
 def utc(time: datetime) -> datetime:

@@ -42,7 +42,14 @@ from node.errors import ConfigError
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import SESSION_COOKIE, create_app
-from node.web.audit import MAX_LISTED_UIDS, AuditRecord, csv_lines, listing
+from node.web.audit import (
+    MAX_LISTED_UIDS,
+    AuditQuery,
+    AuditRecord,
+    AuditTrail,
+    csv_lines,
+    listing,
+)
 from node.web.secret import KEY_FILE, MIN_KEY_CHARS, session_secret
 from node.worklist import list_studies, worklist_fingerprint
 from tests.conftest import node_config
@@ -472,6 +479,25 @@ def test_a_worklist_event_lists_at_most_a_bounded_number_of_studies() -> None:
     assert len(detail) < MAX_LISTED_UIDS * 65 + 100
     page = listing("", uids[:MAX_LISTED_UIDS])
     assert page.split(": ", 1)[1].split() == uids[:MAX_LISTED_UIDS]
+
+
+def test_audit_by_study_finds_the_worklist_listings_that_showed_it(node: Node) -> None:
+    """ "Who saw study X" must include everyone whose worklist page showed it, though a
+    listing names its studies in the detail, not the StudyInstanceUID column."""
+    trail = AuditTrail(node.sessions)
+    trail.record("ann", "worklist.view", detail="shown 2: 1.2.3 1.2.34")
+    trail.record("bob", "worklist.api", detail="modality=CR shown 1: 1.2.34")
+    trail.record("cy", "study.view", study_instance_uid="1.2.3")
+    trail.record("dan", "rules.save", detail="shown 1: 1.2.3")  # not a listing
+    trail.record("eve", "worklist.refresh", detail="shown 3: 1.2.5 1.2.3 (+2 more)")
+    trail.record("fay", "worklist.api", detail="shown 1: 1.2.3")
+
+    def who(uid: str) -> list[str]:
+        return [r.user_name for r in trail.list(AuditQuery(study_instance_uid=uid))]
+
+    assert who("1.2.3") == ["fay", "eve", "cy", "ann"]
+    assert who("1.2.34") == ["bob", "ann"]
+    assert who("1.2._") == [] and who("1.2%") == []  # LIKE wildcards are literal
 
 
 def test_worklist_fingerprint_changes_with_any_write_to_a_study(node: Node) -> None:
