@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -36,16 +37,44 @@ _VALUE_QUOTING_WARNINGS = (
 )
 
 
+#: Loggers of libraries that put attribute values in their messages: pydicom's
+#: ``warn_and_log`` sends every validation warning ("Invalid value for VR DA:
+#: '<birth date>'") to its logger as well as to :mod:`warnings`.
+_VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom")
+_QUOTED = re.compile("'[^']*'|\"[^\"]*\"")
+
+
+class RedactQuotedValues(logging.Filter):
+    """Replace every quoted string in a library's log message by ``'…'``.
+
+    What the message is about (the VR, the length, the tag) stays; the value, which
+    may be a patient's name, ID or birth date, does not reach any handler.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _QUOTED.sub("'…'", message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def silence_value_warnings() -> None:
-    """Drop warnings that would copy attribute values (possibly PHI) into logs.
+    """Keep attribute values (possibly PHI) that libraries quote out of the logs.
 
     The node and the workers validate what they need themselves; pydicom's
-    reading validation is switched off in both (see node.ingest.scp).
+    reading validation is switched off in both (see node.ingest.scp). Warnings that
+    quote values are dropped; the same libraries' log records have their quoted
+    values redacted (idempotent: safe to call in every process).
     """
     import warnings
 
     for pattern in _VALUE_QUOTING_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in _VALUE_QUOTING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQuotedValues) for f in logger.filters):
+            logger.addFilter(RedactQuotedValues())
 
 
 def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None:
