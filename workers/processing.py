@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
 from node.config import Settings
-from node.db.models import Finding, Instance, Priority, Series, Study, StudyStatus
+from node.db.models import Export, Finding, Instance, Priority, Series, Study, StudyStatus
 from node.db.types import utcnow
 from node.export import deliveries
 from node.model_switches import disabled_models
@@ -297,7 +297,10 @@ class StudyProcessor:
         if SEGMENTER in models:
             self._segment(key, per_frame, analysis)
         try:
-            encoded = encode_objects(results_dir, self._result_objects(models, per_frame))
+            objects = self._result_objects(
+                models, per_frame, self._previous_reports(study_id, version)
+            )
+            encoded = encode_objects(results_dir, objects)
         except (StorageUnavailable, OSError):
             # Re-reading the sources failed: the node (or its disk) is unreachable now, not
             # the objects unbuildable. Like any storage fault: retry later (run()).
@@ -434,8 +437,45 @@ class StudyProcessor:
                 )
             )
 
+    def _previous_reports(self, study_id: int, version: int) -> list[Dataset]:
+        """The SRs earlier versions of the study sent (or are sending) to destinations.
+
+        The new report lists those with another UID as predecessors, so a PACS that
+        holds both shows which one is current. A file retention has removed (or one
+        that cannot be read) is left out: the new report then stands alone.
+        """
+        with self.sessions() as session:
+            paths = session.scalars(
+                select(Export.path)
+                .where(
+                    Export.study_id == study_id,
+                    Export.kind == "sr",
+                    Export.study_version < version,
+                )
+                .distinct()
+            ).all()
+        reports: list[Dataset] = []
+        storage = self._storage()
+        for path in sorted(paths):
+            try:
+                reports.append(dcmread(io.BytesIO(storage.read_result(path))))
+            except StorageUnavailable:
+                raise  # the node is unreachable: retry the study later, as for its images
+            except Exception as exc:  # gone (retention), or not DICOM: the report stands alone
+                log.warning(
+                    "study_id=%d version=%d: previous report %s not read (%s)",
+                    study_id,
+                    version,
+                    path,
+                    type(exc).__name__,
+                )
+        return reports
+
     def _result_objects(
-        self, models: list[str], per_frame: list[_FrameResult]
+        self,
+        models: list[str],
+        per_frame: list[_FrameResult],
+        previous_reports: list[Dataset] | None = None,
     ) -> list[tuple[str, Dataset]]:
         """The study's SEG, SR and heatmap objects; reads each source again through storage."""
         sources: dict[str, Dataset] = {}
@@ -470,7 +510,13 @@ class StudyProcessor:
             else None
         )
         ctx = output_context(self.settings.results, __version__)
-        return build_objects(results, classifier=classifier, segmenter=segmenter, ctx=ctx)
+        return build_objects(
+            results,
+            classifier=classifier,
+            segmenter=segmenter,
+            ctx=ctx,
+            previous_reports=previous_reports or (),
+        )
 
     def _save(self, folder: str, frame: ImageFrame, kind: str, array: NDArray[np.generic]) -> str:
         """Store a heatmap or mask as .npy, atomically, under ``results/``; return its path."""

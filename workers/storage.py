@@ -67,6 +67,9 @@ class WorkerStorage(Protocol):
     def write_result(self, relative_path: str, data: bytes) -> None:
         """Store a result file at ``relative_path`` (under ``results/``) on the node."""
 
+    def read_result(self, relative_path: str) -> bytes:
+        """A result file written earlier (e.g. an earlier version's report)."""
+
 
 class SharedStorage:
     """Today's behaviour: the node's instance store on a shared or local disk."""
@@ -85,6 +88,9 @@ class SharedStorage:
 
     def write_result(self, relative_path: str, data: bytes) -> None:
         self.store.write(relative_path, data)
+
+    def read_result(self, relative_path: str) -> bytes:
+        return self.store.read(relative_path)
 
 
 class InstanceCache:
@@ -269,10 +275,14 @@ class DicomwebStorage:
         self._retrying(f"upload {relative_path}", put)
 
     def read_result(self, relative_path: str) -> bytes:
+        """The result file; FileNotFoundError when the node has none (e.g. purged)."""
+
         def get() -> bytes:
             response = self._session.get(
                 f"{self.base_url}/internal/v1/files/{relative_path}", timeout=self.timeout_seconds
             )
+            if response.status_code == 404:
+                raise FileNotFoundError(relative_path)
             response.raise_for_status()
             return response.content
 

@@ -107,3 +107,22 @@ def test_start_banner_names_the_internal_listener(
     assert f"Internal API  {node.internal_url}" in text
     assert "internal API listener" in text and "internal_http" not in text
     assert "HTTP service (health, metrics)," in text
+
+
+def test_a_worker_reads_back_a_result_and_learns_when_one_is_gone(
+    nodes: Callable[..., Node], tmp_path: Path
+) -> None:
+    """An earlier version's report is read back through the internal API; one that
+    retention removed is FileNotFoundError (the new report stands alone), not a node
+    outage that would retry the study."""
+    from workers.storage import DicomwebStorage, InstanceCache
+
+    node = nodes("dicom", cluster={"internal_port": free_port()})
+    assert node.internal_url is not None
+    storage = DicomwebStorage(
+        node.internal_url.rstrip("/"), TOKEN, InstanceCache(tmp_path / "cache", 1 << 20)
+    )
+    storage.write_result(RESULT, b"DICM-report")
+    assert storage.read_result(RESULT) == b"DICM-report"
+    with pytest.raises(FileNotFoundError):
+        storage.read_result("results/1.2.3/sr/gone.dcm")

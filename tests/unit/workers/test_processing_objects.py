@@ -23,7 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.db.models import Finding, Study, StudyStatus
+from node.db.models import Export, ExportState, Finding, Study, StudyStatus
+from node.db.types import utcnow
 from tests.conftest import node_config
 from tests.unit.output.conftest import synthetic_cr, two_ellipses
 from tests.unit.pipeline.studies import queued_study
@@ -74,6 +75,11 @@ class FileStorage:
 
     def write_result(self, relative_path: str, data: bytes) -> None:
         self.results[relative_path] = data
+
+    def read_result(self, relative_path: str) -> bytes:
+        if relative_path not in self.results:
+            raise FileNotFoundError(relative_path)
+        return self.results[relative_path]
 
     def for_study(self, refs: Sequence[InstanceRef]) -> WorkerStorage:
         return self
@@ -325,3 +331,80 @@ def test_lung_area_is_in_the_patient_plane_or_says_it_is_not(
     (area,) = _area_items(storage)
     assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(lung.lung_area_mm2)
     assert _methods(area) == methods
+
+
+def _sr_sent(
+    sessions: sessionmaker[Session], study_id: int, storage: FileStorage, version: int
+) -> str:
+    """Record the version's SR as exported to a PACS (what the worker's _finish enqueues)."""
+    (path,) = [p for p in storage.results if p.endswith(".dcm") and p.split("/")[-2] == "sr"]
+    sr = dcmread(BytesIO(storage.results[path]))
+    now = utcnow()
+    with sessions.begin() as session:
+        session.add(
+            Export(
+                study_id=study_id,
+                study_version=version,
+                destination="PACS",
+                kind="sr",
+                sop_instance_uid=str(sr.SOPInstanceUID),
+                sop_class_uid=str(sr.SOPClassUID),
+                path=path,
+                state=ExportState.DELIVERED,
+                attempts=1,
+                created_at=now,
+                retry_started_at=now,
+                delivered_at=now,
+            )
+        )
+    return str(sr.SOPInstanceUID)
+
+
+def _requeue(sessions: sessionmaker[Session], study_id: int, version: int) -> None:
+    with sessions.begin() as session:
+        study = session.get(Study, study_id)
+        assert study is not None
+        study.version, study.status = version, StudyStatus.QUEUED
+
+
+def test_a_later_versions_report_names_the_report_pacs_already_has(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """A study that gains an image gets a report with a new UID; the one PACS holds from
+    v1 is listed as its predecessor, so a reader sees which report is current."""
+    files = _two_series_study(tmp_path)
+    processor, storage, study_id = _processor(tmp_path, sessions, files=files[:1])
+    assert processor.run(study_id, 1).state == "done"
+    v1_uid = _sr_sent(sessions, study_id, storage, 1)
+
+    processor._select_frames = lambda refs, models: (  # type: ignore[method-assign]
+        [_FrameResult(f, ref) for ref, path in files for f in read_frames(path)],
+        [],
+    )
+    _requeue(sessions, study_id, 2)
+    assert processor.run(study_id, 2).state == "done"
+    (v2_path,) = [p for p in storage.results if "/v2/sr/" in p]
+    v2 = dcmread(BytesIO(storage.results[v2_path]))
+    assert str(v2.SOPInstanceUID) != v1_uid
+    referenced = [
+        item.ReferencedSOPInstanceUID
+        for study in v2.PredecessorDocumentsSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    ]
+    assert referenced == [v1_uid]
+
+
+def test_a_previous_report_that_is_gone_leaves_the_new_one_standing_alone(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    files = _two_series_study(tmp_path)
+    processor, storage, study_id = _processor(tmp_path, sessions, files=files[:1])
+    assert processor.run(study_id, 1).state == "done"
+    _sr_sent(sessions, study_id, storage, 1)
+    storage.results.clear()  # retention purged v1's results
+
+    _requeue(sessions, study_id, 2)
+    assert processor.run(study_id, 2).state == "done"
+    (v2_path,) = [p for p in storage.results if "/v2/sr/" in p]
+    assert "PredecessorDocumentsSequence" not in dcmread(BytesIO(storage.results[v2_path]))
