@@ -572,7 +572,8 @@ class ResultsSettings(_Section):
     uid_root: str = "1.2.826.0.1.3680043.8.498."
     #: Names written into the objects (Manufacturer, device observer, station).
     device_name: str = Field(default="triage-node", max_length=64)
-    institution_name: str | None = None
+    #: Institution Name (LO: at most 64 characters) of every object; none when unset.
+    institution_name: str | None = Field(default=None, max_length=64)
 
     @field_validator("uid_root")
     @classmethod

@@ -62,6 +62,15 @@ def test_invalid_ae_titles_are_refused(title: str) -> None:
         load_settings(dicom={"ae_title": title})
 
 
+@pytest.mark.parametrize("key", ["device_name", "institution_name"])
+def test_names_written_into_objects_fit_their_vr(key: str) -> None:
+    """LO holds 64 characters: a longer name would make every SEG, SR and heatmap
+    invalid (highdicom refuses it, so the study's objects would not be built)."""
+    assert getattr(load_settings(results={key: "H" * 64}).results, key) == "H" * 64
+    with pytest.raises(ConfigError, match=f"results.{key}"):
+        load_settings(results={key: "H" * 65})
+
+
 def test_allowed_caller_forms() -> None:
     s = load_settings(
         dicom={
