@@ -47,7 +47,7 @@ from node.model_switches import disabled_models
 from node.pipeline import escalated, worker_lost
 from workers.inference import ModelRunner
 from workers.output import AlgorithmInfo, ImageResult
-from workers.pixels import ImageFrame, UnreadablePixels, read_frames, robust_unit
+from workers.pixels import ImageFrame, UnreadablePixels, read_instance, robust_unit
 from workers.result_objects import (
     ResultObject,
     build_objects,
@@ -359,12 +359,17 @@ class StudyProcessor:
                     skipped.append(f"{header.SOPInstanceUID}: {reasons[0]}")
                     continue
                 try:
-                    frames = read_frames(path)
+                    decoded = read_instance(path)
                 except UnreadablePixels as exc:
                     exc.sop_instance_uid = exc.sop_instance_uid or ref.sop_uid
                     unreadable.append(exc)
                     continue
-                per_frame.extend(_FrameResult(frame, ref) for frame in frames)
+                # A blank frame of a multi-frame instance: the others are analysed, and
+                # the study says which frame was not, and why.
+                skipped.extend(
+                    f"{ref.sop_uid} frame {s.frame_number}: {s.reason}" for s in decoded.skipped
+                )
+                per_frame.extend(_FrameResult(frame, ref) for frame in decoded.frames)
         return per_frame, skipped
 
     def _classify(

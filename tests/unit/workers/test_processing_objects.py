@@ -408,3 +408,37 @@ def test_a_previous_report_that_is_gone_leaves_the_new_one_standing_alone(
     assert processor.run(study_id, 2).state == "done"
     (v2_path,) = [p for p in storage.results if "/v2/sr/" in p]
     assert "PredecessorDocumentsSequence" not in dcmread(BytesIO(storage.results[v2_path]))
+
+
+class _TakesAll:
+    """A model selector that takes every image (the chest models take no multi-frame)."""
+
+    def why_not(self, header: Dataset) -> None:
+        return None
+
+
+def test_a_blank_frame_of_a_multi_frame_image_is_named_on_the_study(
+    tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other frames are analysed; the radiologist is told which frame was not, and why."""
+    monkeypatch.setattr(processing, "selector_for", lambda model: _TakesAll())
+    ds = synthetic_cr()
+    good = ds.pixel_array
+    stack = np.stack([good, np.full_like(good, 2048), good])
+    ds.set_pixel_data(stack, "MONOCHROME2", 12, generate_instance_uid=False)
+    files = _files(tmp_path, ds)
+    processor, _, study_id = _processor(tmp_path, sessions, files=files)
+    _selecting(processor, files)
+    assert processor.run(study_id, 1).state == "done"
+    reason = _study(sessions, study_id).status_reason or ""
+    assert reason.startswith(f"1 image(s) not analysed: {ds.SOPInstanceUID} frame 2: ")
+    assert "no usable contrast" in reason
+    with sessions() as session:
+        frames = session.scalars(
+            select(Finding.frame_number).where(
+                Finding.study_id == study_id,
+                Finding.kind == "classification",
+                Finding.frame_number.is_not(None),
+            )
+        ).all()
+    assert sorted(frames) == [1, 3]
