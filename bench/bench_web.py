@@ -40,8 +40,9 @@ from harness import write_json as save_json
 from rich.table import Table
 from sqlalchemy import insert, text
 
+sys.path.insert(0, str(REPO))  # the PostgreSQL helper of the tests, not a copy of it
 from node.config import Settings
-from node.db.models import Finding, Priority, Role, Study, StudyStatus
+from node.db.models import Finding, Priority, Role, Study, StudyMark, StudyStatus
 from node.runtime import Node
 from node.users.accounts import Accounts
 from tests.nodes import postgres_database
@@ -159,9 +160,21 @@ def bulk_insert(node: Node, n: int, seed: int = 7) -> float:
             break
         studies = []
         findings = []
+        marks = []
         for row, scored in batch:
             row["id"] = next_id
             studies.append(row)
+            if row["read_by"]:
+                # As the web app records a read: the first reader on the study, every
+                # reader in study_marks (what the worklist shows).
+                marks.append(
+                    {
+                        "study_id": next_id,
+                        "mark": "read",
+                        "user_name": row["read_by"],
+                        "marked_at": row["read_at"],
+                    }
+                )
             if scored:
                 for sop in (None, f"{row['study_instance_uid']}.1.1"):
                     findings.append(
@@ -182,6 +195,8 @@ def bulk_insert(node: Node, n: int, seed: int = 7) -> float:
             conn.execute(insert(Study.__table__), studies)
             if findings:
                 conn.execute(insert(Finding.__table__), findings)
+            if marks:
+                conn.execute(insert(StudyMark.__table__), marks)
     with node.engine.begin() as conn:
         if node.engine.dialect.name == "postgresql":
             conn.execute(text("SELECT setval('studies_id_seq', (SELECT max(id) FROM studies))"))
