@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("node", "workers", "models")
 
@@ -59,3 +61,22 @@ def test_node_process_never_imports_tensorflow() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+BENCHMARKS = sorted(p.name for p in (ROOT / "bench").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_each_benchmark_starts_as_the_readme_runs_it(script: str) -> None:
+    """`.venv/bin/python bench/<script> --help` from the repository root: the imports
+    (the tests' helpers included) resolve, so the one-command benchmarks stay runnable."""
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
