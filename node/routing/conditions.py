@@ -13,13 +13,15 @@
 An attribute may hold several values (``ImageType = DERIVED\\PRIMARY``): a condition
 on text holds if it holds for one of the values or for the whole backslash-joined
 value. CS values compare ignoring case in equality, any-of and wildcards; a regular
-expression follows its own flags. Ages (AS) are compared in years, dates (DA) and
-times (TM) as the numbers they spell (``20240131``).
+expression follows its own flags. Leading and trailing spaces are padding (PS3.5 6.2),
+in the rule as in the header. Ages (AS) are compared in years, dates (DA) as
+``YYYYMMDD`` and times (TM) as ``HHMMSS`` numbers (:func:`as_number`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +42,9 @@ _REGEX = re.compile(r"^/(?P<pattern>.*)/(?P<flags>[A-Za-z]*)$", re.DOTALL)
 _REGEX_FLAGS = {"i": re.IGNORECASE}
 _EMPTY_TEXT = "empty string; use {present = false} for an absent or empty attribute"
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
+_TIME = re.compile(r"^(?P<hms>\d{2}|\d{4}|\d{6})(?P<fraction>\.\d{0,6})?$")
+_OLD_TIME = re.compile(r"^\d{2}:\d{2}(:\d{2}(\.\d{0,6})?)?$")
+_OLD_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
 FORMS = (
@@ -75,13 +80,26 @@ def _absent(values: tuple[str, ...] | None) -> Outcome:
     return Outcome(False, "absent" if values is None else "empty")
 
 
-def as_number(value: str, *, age: bool = False) -> float | None:
-    """A DICOM value as a number; AS ages (``045Y``, ``006M``) in years."""
+def as_number(value: str, *, vr: str = "") -> float | None:
+    """A DICOM value as the number a range compares (PS3.5 6.2).
+
+    AS ages (``045Y``, ``006M``) in years; TM times as ``HHMMSS.FFFFFF``, so the
+    shorter ``HHMM`` and ``HH`` forms (``1830`` is 18:30) and the ACR-NEMA
+    ``HH:MM:SS`` read as the same time; DA dates as ``YYYYMMDD``, the ACR-NEMA
+    ``YYYY.MM.DD`` too.
+    """
     text = value.strip()
-    if age:
+    if vr == "AS":
         m = _AGE.match(text)
         if m:
             return int(m.group(1)) * _DAYS_PER[m.group(2)] / _DAYS_PER["Y"]
+    elif vr == "TM":
+        m = _TIME.match(text.replace(":", "") if _OLD_TIME.match(text) else text)
+        if m is None:
+            return None
+        text = m.group("hms").ljust(6, "0") + (m.group("fraction") or "")
+    elif vr == "DA" and _OLD_DATE.match(text):
+        text = text.replace(".", "")
     try:
         return float(text)
     except ValueError:
@@ -103,6 +121,9 @@ def check_regex(pattern: str, flags: str) -> None:
 
 
 def check_bounds(low: float | None, high: float | None) -> None:
+    for key, bound in (("min", low), ("max", high)):
+        if bound is not None and math.isnan(bound):
+            raise _problem(f"{key} must be a number, not nan (it would never match)")
     if low is None and high is None:
         raise _problem("a range needs min, max or both")
     if low is not None and high is not None and low > high:
@@ -122,9 +143,13 @@ class ConditionBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
-        """Test ``values`` (``None``: attribute absent). ``fold``: compare ignoring case."""
+        """Test ``values`` (``None``: attribute absent).
+
+        ``fold``: compare ignoring case; ``vr``: the attribute's VR, which says how a
+        value reads as a number (:func:`as_number`).
+        """
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -145,12 +170,13 @@ class Equals(ConditionBase):
     @field_validator("value")
     @classmethod
     def _not_empty(cls, value: str) -> str:
-        if value == "":
+        # Padding is no part of a value (PS3.5 6.2); stored values are compared stripped.
+        if value.strip() == "":
             raise _problem(_EMPTY_TEXT)
-        return value
+        return value.strip()
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
         if values is None or not _has_value(values):
             return _absent(values)
@@ -169,12 +195,12 @@ class Wildcard(ConditionBase):
     @field_validator("pattern")
     @classmethod
     def _not_empty(cls, pattern: str) -> str:
-        if pattern == "":
+        if pattern.strip() == "":
             raise _problem("empty wildcard pattern")
-        return pattern
+        return pattern.strip()
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
         if values is None or not _has_value(values):
             return _absent(values)
@@ -201,7 +227,7 @@ class Regex(ConditionBase):
         return self
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
         if values is None or not _has_value(values):
             return _absent(values)
@@ -230,11 +256,12 @@ class Range(ConditionBase):
         return self
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
         if values is None or not _has_value(values):
             return _absent(values)
-        numbers = [n for v in values if (n := as_number(v, age=age)) is not None]
+        age = vr == "AS"
+        numbers = [n for v in values if (n := as_number(v, vr=vr)) is not None]
         if not numbers:
             return Outcome(False, f"'{_show(values)}' is not a number")
         hit = any(
@@ -281,12 +308,12 @@ class AnyOf(ConditionBase):
         return options
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
         if values is None or not _has_value(values):
             return _absent(values)
         for option in self.options:
-            if option.evaluate(values, fold=fold, age=age).matched:
+            if option.evaluate(values, fold=fold, vr=vr).matched:
                 return Outcome(True, f"'{_show(values)}' is one of {self._list()}")
         return Outcome(False, f"'{_show(values)}' is none of {self._list()}")
 
@@ -315,7 +342,7 @@ class Presence(ConditionBase):
     present: bool
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
         has = _has_value(values)
         state = "present" if has else ("absent" if values is None else "empty")
@@ -333,9 +360,9 @@ class Not(ConditionBase):
     condition: Condition
 
     def evaluate(
-        self, values: tuple[str, ...] | None, *, fold: bool = False, age: bool = False
+        self, values: tuple[str, ...] | None, *, fold: bool = False, vr: str = ""
     ) -> Outcome:
-        inner = self.condition.evaluate(values, fold=fold, age=age)
+        inner = self.condition.evaluate(values, fold=fold, vr=vr)
         return Outcome(not inner.matched, f"not ({inner.reason})")
 
     def describe(self) -> str:
@@ -363,10 +390,12 @@ def _scalar(value: Any) -> Equals | Wildcard | Regex | Range:
     if isinstance(value, bool):
         raise _problem(f"{value!r} is not a condition; use {{present = {str(value).lower()}}}")
     if isinstance(value, int | float):
+        if math.isnan(value):
+            raise _problem("nan is not a number a value can equal; it would never match")
         return Range(min=float(value), max=float(value))
     if not isinstance(value, str):
         raise _problem(f"unsupported value {value!r}; write one of: {FORMS}")
-    if value == "":
+    if value.strip() == "":
         raise _problem(_EMPTY_TEXT)
     if value.startswith("/"):
         m = _REGEX.match(value)

@@ -81,7 +81,7 @@ def _check(keyword: str, rule: Rule, series: SeriesAttributes) -> Outcome:
     return rule.match[keyword].evaluate(
         series.get(keyword),
         fold=keywords.is_case_insensitive(keyword),
-        age=keywords.vr_of(keyword) == "AS",
+        vr=keywords.vr_of(keyword),
     )
 
 

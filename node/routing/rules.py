@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -28,7 +29,16 @@ from node import tomldoc
 from node.db.models import Priority
 from node.errors import RuleError
 from node.routing import keywords
-from node.routing.conditions import CONDITION, Condition, ConditionBase, parse_condition
+from node.routing.conditions import (
+    CONDITION,
+    AnyOf,
+    Condition,
+    ConditionBase,
+    Equals,
+    Not,
+    as_number,
+    parse_condition,
+)
 
 #: Models a rule may ask for. The worker issue extends this when it adds a model;
 #: ``models.registry`` holds the same names (a test keeps them in step).
@@ -42,6 +52,8 @@ PriorityName = Literal["stat", "urgent", "routine"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]\s*(#.*)?$")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+#: DICOM range matching of dates and times (PS3.4 C.2.2.2.5): ``A-B``, ``-B``, ``A-``.
+_DICOM_RANGE = re.compile(r"^(?P<low>[\d.:]*)-(?P<high>[\d.:]*)$")
 
 
 def _keyword(value: str) -> str:
@@ -65,7 +77,7 @@ class Rule(BaseModel):
     name: str
     description: str = ""
     #: A disabled rule stays in the document (and in ``explain``) but never matches.
-    enabled: bool = True
+    enabled: StrictBool = True
     priority: PriorityName
     models: tuple[str, ...] = Field(min_length=1)
     destinations: tuple[str, ...] = ()
@@ -110,6 +122,8 @@ class Rule(BaseModel):
                 raise PydanticCustomError("destination", "empty destination name")
             if known is not None and name not in known:
                 raise PydanticCustomError("unknown_destination", f"unknown destination {name!r}")
+        if len(set(v)) != len(v):
+            raise PydanticCustomError("duplicate_destination", "a destination is listed twice")
         return v
 
 
@@ -205,7 +219,47 @@ def _unsuitable_conditions(text: str, rules: list[Any]) -> list[tuple[int, str]]
             elif condition.uses_numbers() and not keywords.is_numeric(key):
                 message = f"a number or range needs a numeric attribute; {key} has VR {vr}"
                 found.append(_problem(text, loc, message))
+            elif vr in ("DA", "TM") and (hint := _range_text(condition, vr)):
+                found.append(_problem(text, loc, hint))
     return found
+
+
+def _texts(condition: ConditionBase) -> list[str]:
+    if isinstance(condition, Equals):
+        return [condition.value]
+    if isinstance(condition, AnyOf):
+        return [t for option in condition.options for t in _texts(option)]
+    if isinstance(condition, Not):
+        return _texts(condition.condition)
+    return []
+
+
+def _range_text(condition: ConditionBase, vr: str) -> str | None:
+    """Why a DICOM range written as text (``"20240101-20240131"``) is refused, or ``None``.
+
+    It would be compared as one value and never be equal to a stored date or time.
+    """
+    for value in _texts(condition):
+        m = _DICOM_RANGE.match(value)
+        if m is None or not (m["low"] or m["high"]):
+            continue
+        bounds = [
+            f"{key} = {_bound(m[part], vr)}"
+            for key, part in (("min", "low"), ("max", "high"))
+            if m[part]
+        ]
+        return (
+            f"'{value}' is DICOM range matching, which a rule writes as a range: "
+            "{" + ", ".join(bounds) + "}"
+        )
+    return None
+
+
+def _bound(text: str, vr: str) -> str:
+    number = as_number(text, vr=vr)
+    if number is None:
+        return text
+    return str(int(number)) if number.is_integer() else f"{number}"
 
 
 def _message(kind: str, loc: Sequence[str | int], msg: str) -> str:

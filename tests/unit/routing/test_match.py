@@ -64,6 +64,17 @@ def matches(match: str, **values: str | tuple[str, ...] | None) -> bool:
         ("PatientAge = {max = 1}", {"PatientAge": "006M"}, True),
         ("PatientAge = {min = 18}", {"PatientAge": "unknown"}, False),
         ("StudyDate = {min = 20240101}", {"StudyDate": "20240131"}, True),
+        # TM may be HHMM or HH (PS3.5 6.2): 1830 is 18:30, not 00:18:30
+        ("StudyTime = {min = 180000}", {"StudyTime": "1830"}, True),
+        ("StudyTime = {min = 180000}", {"StudyTime": "18"}, True),
+        ("StudyTime = {max = 70000}", {"StudyTime": "0930"}, False),
+        ("StudyTime = {min = 180000}", {"StudyTime": "183000.250"}, True),
+        ("StudyTime = {min = 180000}", {"StudyTime": "18:30:00"}, True),  # ACR-NEMA form
+        ("StudyDate = {min = 20240101}", {"StudyDate": "2024.01.31"}, True),
+        # padding is not part of a value (PS3.5 6.2), in the rule as in the header
+        ('BodyPartExamined = "CHEST "', {"BodyPartExamined": "CHEST"}, True),
+        ('Modality = [" CR", "DX"]', {"Modality": "CR"}, True),
+        ('CallingAETitle = "CR* "', {"CallingAETitle": "CR1"}, True),
         # presence
         ("BodyPartExamined = {present = true}", {"BodyPartExamined": "CHEST"}, True),
         ("BodyPartExamined = {present = true}", {"BodyPartExamined": ()}, False),

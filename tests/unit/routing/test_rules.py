@@ -247,3 +247,32 @@ def test_shipped_documents_are_valid() -> None:
     }
     assert {"AnyOf", "Equals", "Wildcard", "Presence", "Range", "Not"} <= kinds
     assert {"Regex", "Range"} <= inner
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        # A quoted boolean was read as true ("no" too): a rule meant off stayed on.
+        ('enabled = "no"', "line 6: rule[0].enabled: Input should be a valid boolean"),
+        ('destinations = ["pacs", "pacs"]', "line 6: rule[0].destinations: a destination is"),
+        ("match = {SliceThickness = nan}", "line 6: rule[0].match.SliceThickness: nan is not"),
+        ("match = {SliceThickness = {max = nan}}", "line 6: rule[0].match.SliceThickness: max"),
+        # DICOM range matching (PS3.4 C.2.2.2.5) written as text compared as one date.
+        ('match = {StudyDate = "20240101-20240131"}', "line 6: rule[0].match.StudyDate: "),
+        ('match = {StudyTime = ["-0700"]}', "line 6: rule[0].match.StudyTime: "),
+        ('match = {BodyPartExamined = "   "}', "line 6: rule[0].match.BodyPartExamined: empty"),
+    ],
+)
+def test_values_that_never_mean_what_they_say_are_refused(line: str, expected: str) -> None:
+    with pytest.raises(RuleError) as caught:
+        parse_rules(_RULE + line + "\n")
+    (problem,) = caught.value.problems
+    assert problem.startswith(expected), problem
+
+
+def test_a_date_range_written_as_dicom_text_says_how_to_write_it() -> None:
+    with pytest.raises(RuleError) as caught:
+        parse_rules(_RULE + 'match = {StudyDate = "20240101-20240131"}\n')
+    assert "{min = 20240101, max = 20240131}" in caught.value.problems[0]
+    # An offset in a DT (date time) value is not a range.
+    assert parse_rules(_RULE + 'match = {AcquisitionDateTime = "20240101120000-0500"}\n')
