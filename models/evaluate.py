@@ -54,7 +54,9 @@ def classification_metrics(
         "sensitivity": sens,
         "specificity": spec,
         "precision": prec,
-        "f1": ratio(2 * prec * sens, prec + sens),
+        # From the counts, not from precision and recall: with no true positive but some
+        # positives or positive calls F1 is 0, where the harmonic mean would give 0/0 or NaN.
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
         "kappa": ratio(acc - p_yes, 1.0 - p_yes),
         "confusion_matrix": [[tn, fp], [fn, tp]],
         "n": n,
