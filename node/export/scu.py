@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from node import dicom_socket, tls
@@ -89,6 +89,14 @@ class Item:
     sop_instance_uid: str
 
 
+#: PS3.8 9.3.2.2: an A-ASSOCIATE-RQ carries at most 128 presentation contexts.
+MAX_CONTEXTS = 128
+#: What every destination must take (PS3.5 10.1); pynetdicom converts between the two.
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+Context = tuple[str, tuple[str, ...]]
+
+
 def send(
     destination: Destination,
     items: Sequence[Item],
@@ -96,14 +104,65 @@ def send(
     calling_ae_title: str,
     timeout: float,
 ) -> list[Delivery]:
-    """Send ``items`` over one association; one :class:`Delivery` per item, in order."""
+    """Send ``items``; one :class:`Delivery` per item, in order.
+
+    One association, or several when the items need more than :data:`MAX_CONTEXTS`
+    presentation contexts (many SOP classes times transfer syntaxes).
+    """
+    results: list[Delivery] = []
+    for batch in _batches(items):
+        results.extend(
+            _send_batch(destination, batch, calling_ae_title=calling_ae_title, timeout=timeout)
+        )
+    return results
+
+
+def _batches(items: Sequence[Item]) -> list[list[tuple[Item, list[Context]]]]:
+    """``items`` with the contexts each needs, in order, cut where 128 would be exceeded."""
+    batches: list[list[tuple[Item, list[Context]]]] = []
+    proposed: set[Context] = set()
+    for item in items:
+        needed = _contexts(item)
+        if not batches or len(proposed | set(needed)) > MAX_CONTEXTS:
+            batches.append([])
+            proposed = set()
+        batches[-1].append((item, needed))
+        proposed.update(needed)
+    return batches
+
+
+def _contexts(item: Item) -> list[Context]:
+    """The object's own transfer syntax alone, then the uncompressed ones together.
+
+    A context offering several syntaxes gets only one of them accepted, chosen by
+    the destination (PS3.8 9.3.3.2): offered together, a JPEG object's own syntax
+    could lose to Implicit VR and be decompressed for nothing, and objects of one
+    SOP class in two compressed syntaxes could not both go as they are.
+    """
+    own = _transfer_syntax(item.path)
+    contexts: list[Context] = []
+    if own and own not in _UNCOMPRESSED:
+        contexts.append((item.sop_class_uid, (own,)))
+    contexts.append((item.sop_class_uid, _UNCOMPRESSED))
+    return contexts
+
+
+def _send_batch(
+    destination: Destination,
+    batch: Sequence[tuple[Item, list[Context]]],
+    *,
+    calling_ae_title: str,
+    timeout: float,
+) -> list[Delivery]:
+    """Send ``batch`` over one association."""
+    items = [item for item, _ in batch]
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
     # connection_timeout too: pynetdicom leaves the TCP connect unbounded, and a PACS
     # behind a firewall that drops packets then held the exporter ~2 minutes per send.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    for sop_class, tsuids in list(_requested_syntaxes(items).items())[:128]:
-        ae.add_requested_context(sop_class, tsuids)
+    for sop_class, syntaxes in dict.fromkeys(cx for _, needed in batch for cx in needed):
+        ae.add_requested_context(sop_class, list(syntaxes))
     context: tls.ClientContext | None = None
     try:
         if destination.tls is not None:
@@ -141,14 +200,7 @@ def send(
                 "no association (refused, aborted or timed out)"
             )
             return [Delivery(Outcome.TEMPORARY, None, detail)] * len(items)
-        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-        results: list[Delivery] = []
-        for item in items:
-            if item.sop_class_uid not in accepted:
-                results.append(_not_accepted(item))
-                continue
-            results.append(_store(assoc, item))
-        return results
+        return [_store(assoc, item) for item in items]
     finally:
         if assoc.is_established:
             assoc.release()
@@ -159,38 +211,50 @@ def send(
 NOT_ACCEPTED = "destination does not accept SOP class"
 
 
-def _not_accepted(item: Item) -> Delivery:
-    return Delivery(Outcome.PERMANENT, None, f"{NOT_ACCEPTED} {item.sop_class_uid}")
-
-
-def _requested_syntaxes(items: Sequence[Item]) -> dict[str, list[str]]:
-    """Per SOP class: each file's own transfer syntax, then the uncompressed ones."""
-    syntaxes: dict[str, list[str]] = {}
-    for item in items:
-        tsuid = _transfer_syntax(item.path)
-        wanted = syntaxes.setdefault(item.sop_class_uid, [])
-        for ts in (tsuid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts and ts not in wanted:
-                wanted.append(ts)
-    return syntaxes
+def _not_accepted(item: Item, in_syntax: str = "") -> Delivery:
+    what = f"{NOT_ACCEPTED} {item.sop_class_uid} ({UID(item.sop_class_uid).name}){in_syntax}"
+    return Delivery(Outcome.PERMANENT, None, what)
 
 
 def _store(assoc: Any, item: Item) -> Delivery:
+    accepted = {
+        UID(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == item.sop_class_uid
+    }
+    if not accepted:
+        return _not_accepted(item)
     try:
         ds = dcmread(item.path)
         tsuid = ds.file_meta.TransferSyntaxUID
-        accepted = {
-            cx.transfer_syntax[0]
-            for cx in assoc.accepted_contexts
-            if cx.abstract_syntax == item.sop_class_uid
-        }
-        if tsuid.is_compressed and tsuid not in accepted:
-            # The destination took only uncompressed syntaxes for this SOP class. A
-            # lossless change of encoding keeps the instance's identity; for a lossy
-            # source the pixels are already what they are, and decoding changes nothing.
-            ds.decompress(generate_instance_uid=False)
     except Exception as exc:
         return unreadable(exc, "cannot prepare object")
+    if tsuid not in accepted:
+        if not accepted.intersection(_UNCOMPRESSED):
+            return _not_accepted(item, f" in {tsuid.name} or uncompressed")
+        if not tsuid.is_little_endian:
+            # pydicom leaves the byte order of OB/OW/OF/OD/OL/OV/UN values to its
+            # caller (dcmwrite), and pynetdicom would encode them unchanged: wrong
+            # pixels at the PACS. Sending the same file again cannot help.
+            return _not_accepted(
+                item, f" in {tsuid.name} (retired; its byte order is not converted here)"
+            )
+        if tsuid.is_compressed:
+            # The destination took only uncompressed syntaxes for this SOP class. A
+            # lossless change of encoding keeps the instance's identity; for a lossy
+            # source the pixels are already what they are, and decoding changes nothing
+            # (Lossy Image Compression stays "01"). Deflate is undone by pynetdicom.
+            try:
+                ds.decompress(generate_instance_uid=False)
+            except Exception as exc:
+                # No decoder here for this syntax, or pixel data it cannot decode: the
+                # next attempt would fail the same way.
+                return Delivery(
+                    Outcome.PERMANENT,
+                    None,
+                    f"cannot decompress {tsuid.name} for a destination that takes only "
+                    f"uncompressed {UID(item.sop_class_uid).name}: {type(exc).__name__}: {exc}",
+                )
     try:
         rsp = assoc.send_c_store(ds)
     except Exception as exc:

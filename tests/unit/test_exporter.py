@@ -22,10 +22,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
+    RLELossless,
     generate_uid,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
@@ -476,3 +478,89 @@ def test_a_destination_that_never_answers_the_connect_is_given_up_on_in_time(
     finally:
         for s in (*fillers, listener):
             s.close()
+
+
+def _originals(exporter: Exporter, sessions: sessionmaker[Session], *files: Path) -> list[str]:
+    """``files`` queued as originals of one study (copied into the store as received)."""
+    uids = []
+    for index, source in enumerate(files):
+        ds = dcmread(source, stop_before_pixels=True)
+        rel = f"instances/original-{index}.dcm"
+        exporter.store.path(rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, exporter.store.path(rel))
+        uid = str(ds.SOPInstanceUID)
+        _queue(sessions, 1, rel, uid, sop_class=str(ds.SOPClassUID))
+        uids.append(uid)
+    return uids
+
+
+def test_compressed_originals_go_in_their_own_syntax_where_the_destination_takes_it(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    start_destination: Callable[..., Destination],
+    shared_data: Path,
+) -> None:
+    """One context per SOP class listing every syntax let the PACS pick one for all:
+    it preferred Implicit VR, so a JPEG 2000 and an RLE MR both went decompressed
+    (lossy pixels inflated), though it took both compressed syntaxes."""
+    syntaxes = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000, RLELossless]
+    peer = start_destination([build_context(MRImageStorage, syntaxes)])
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    folder = shared_data / "dicom/transfer-syntaxes"
+    uids = _originals(
+        exporter,
+        sessions,
+        folder / "jpeg2000__MR2_J2KI.dcm",
+        folder / "rle-lossless__MR_small_RLE.dcm",
+    )
+    exporter.run_once()
+    with sessions() as session:
+        states = set(session.scalars(select(Export.state)))
+    assert states == {ExportState.DELIVERED}
+    assert peer.received == uids
+    assert [syntax for syntax, _ in peer.pixels] == [JPEG2000, RLELossless]
+
+
+def test_big_endian_original_the_destination_refuses_fails_once_with_the_reason(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    start_destination: Callable[..., Destination],
+    shared_data: Path,
+) -> None:
+    """Explicit VR Big Endian (retired) to a PACS taking MR in little endian only:
+    pynetdicom found no context and every attempt failed "send failed: ValueError",
+    retried for a day. Its OW/UN values cannot be converted safely: failed for good."""
+    peer = start_destination(
+        [build_context(MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    )
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    source = shared_data / "dicom/transfer-syntaxes/explicit-vr-big-endian__MR_small_expb.dcm"
+    _originals(exporter, sessions, source)
+    exporter.run_once()
+    row = _row(sessions)
+    assert (row.state, row.attempts, peer.received) == (ExportState.FAILED, 1, [])
+    assert "does not accept SOP class" in (row.last_error or "")
+    assert "Explicit VR Big Endian" in (row.last_error or "")
+    assert deliveries.refused_for_good(row.state, row.last_status, row.last_error)
+
+
+def test_more_than_128_contexts_go_over_several_associations(
+    tmp_path: Path, start_destination: Callable[..., Destination]
+) -> None:
+    """PS3.8 allows 128 presentation contexts per association: objects of 130 SOP
+    classes were cut to the first 128 classes and the rest failed as "not accepted"."""
+    peer = start_destination(AllStoragePresentationContexts)
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts][:130]
+    items = []
+    for index, sop_class in enumerate(classes):
+        ds = ct_instance(generate_uid(prefix=TEST_ROOT), generate_uid(prefix=TEST_ROOT), 1)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        items.append(Item(path, sop_class, str(ds.SOPInstanceUID)))
+    destination = config.Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=peer.port)
+    outcomes = send(destination, items, calling_ae_title="TRIAGE", timeout=10.0)
+    assert [o.outcome for o in outcomes] == [Outcome.DELIVERED] * len(items), {
+        o.detail for o in outcomes
+    }
+    assert peer.received == [item.sop_instance_uid for item in items]
