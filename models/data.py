@@ -116,6 +116,32 @@ def split_by_patient(
     return fit, tune
 
 
+def resampling_units(items: Sequence[LabelledImage]) -> list[int]:
+    """Bootstrap unit of each item: its patient, with byte-identical files joined into one.
+
+    Images of one patient are correlated, so a confidence interval must resample patients,
+    not images. A file byte-identical to one of another "patient" (`val/` has such a pair,
+    NORMAL2-IM-0095 and -0096) is the same exposure, so the two patients form one unit.
+    """
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    keys = []
+    for it in items:
+        a, b = find(f"patient:{it.patient}"), find(f"sha256:{sha256_file(it.path)}")
+        if a != b:
+            parent[b] = a
+        keys.append(f"patient:{it.patient}")
+    roots: dict[str, int] = {}
+    return [roots.setdefault(find(k), len(roots)) for k in keys]
+
+
 #: Seed of the `val/` adapt/report split; changing it changes which images a card reports on.
 VAL_SPLIT_SEED = 20240715
 
@@ -222,6 +248,24 @@ def list_segmentation(data_dir: Path) -> list[MaskedImage]:
             raise FileNotFoundError(f"no mask for {image.name}")
         pairs.append(MaskedImage(image, mask))
     return pairs
+
+
+def segmentation_units(data_dir: Path, items: Sequence[MaskedImage]) -> list[int]:
+    """Bootstrap unit of each image: its source case (`source_url_or_id` in manifest.csv).
+
+    Several images of the lung set are one patient (e.g. admission and day 3 of one
+    Radiopaedia case); without a manifest row an image is its own unit.
+    """
+    manifest = data_dir / "manifest.csv"
+    source: dict[str, str] = {}
+    if manifest.is_file():
+        with manifest.open(newline="") as handle:
+            source = {row["file"]: row["source_url_or_id"] for row in csv.DictReader(handle)}
+    cases: dict[str, int] = {}
+    return [
+        cases.setdefault(source.get(it.image.name, f"image:{it.image.name}"), len(cases))
+        for it in items
+    ]
 
 
 def lungs_holdout(items: Sequence[MaskedImage], every: int = 5, offset: int = 2) -> set[str]:

@@ -3,7 +3,7 @@
 Pure NumPy so the numbers in a model card can be recomputed without a TF install.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +71,27 @@ def bootstrap_ci(
     n_boot: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
+    units: Sequence[int] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs: resample case indices, recompute, take the quantiles."""
+    """Percentile bootstrap CIs: resample independent units, recompute, take the quantiles.
+
+    `units[i]` is the resampling unit of case i (e.g. its patient): whole units are drawn
+    with replacement and every case of a drawn unit goes in (cluster bootstrap). Images of
+    one patient are not independent, so resampling them one by one would understate the
+    uncertainty. Without `units` every case is its own unit.
+    """
     rng = np.random.default_rng(seed)
+    if units is None:
+        members = [np.array([i], dtype=np.int64) for i in range(n)]
+    else:
+        if len(units) != n:
+            raise ValueError(f"{len(units)} units for {n} cases")
+        _, unit_index = np.unique(np.asarray(units), return_inverse=True)
+        members = [np.flatnonzero(unit_index == u) for u in range(int(unit_index.max()) + 1)]
     samples: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(n_boot):
-        stats = statistic(rng.integers(0, n, n))
+        drawn = rng.integers(0, len(members), len(members))
+        stats = statistic(np.concatenate([members[u] for u in drawn]))
         for k in keys:
             samples[k].append(float(stats[k]))
     out = {}

@@ -17,6 +17,8 @@ from models import data as data_mod
 from models.evaluate import bootstrap_ci, calibration, classification_metrics, dice_iou
 from models.inference import PNEUMONIA, load_classifier, load_segmenter
 
+#: Seed of every card's bootstrap: the same report gives the same interval.
+BOOTSTRAP_SEED = 0
 CI_KEYS = ["accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "kappa"]
 T = TypeVar("T")
 
@@ -66,7 +68,11 @@ def evaluate_classifier_dir(
         return classification_metrics(labels[idx], probs[idx], clf.threshold)
 
     cal = calibration(labels, probs)
-    report["ci95"] = bootstrap_ci(stat, len(labels), CI_KEYS, n_boot=n_boot)
+    units = data_mod.resampling_units(items)
+    report["ci95"] = bootstrap_ci(
+        stat, len(labels), CI_KEYS, n_boot=n_boot, seed=BOOTSTRAP_SEED, units=units
+    )
+    report["bootstrap"] = _bootstrap_info("patient", units, n_boot)
     report["calibration"] = {"brier": cal.brier, "ece": cal.ece, "reliability": cal.table}
     report["threshold"] = clf.threshold
     report["model"] = {"name": clf.name, "version": clf.version}
@@ -104,13 +110,28 @@ def evaluate_segmenter_dir(
     def stat(idx: np.ndarray[Any, Any]) -> dict[str, Any]:
         return {"dice": dice_arr[idx].mean(), "iou": iou_arr[idx].mean()}
 
+    units = data_mod.segmentation_units(data_dir, items)
     return {
         "dice": float(dice_arr.mean()),
         "iou": float(iou_arr.mean()),
         "n": len(items),
-        "ci95": bootstrap_ci(stat, len(items), ["dice", "iou"], n_boot=n_boot),
+        "ci95": bootstrap_ci(
+            stat, len(items), ["dice", "iou"], n_boot=n_boot, seed=BOOTSTRAP_SEED, units=units
+        ),
+        "bootstrap": _bootstrap_info("case", units, n_boot),
         "per_image": {n: {"dice": d, "iou": i} for n, d, i in zip(names, dices, ious, strict=True)},
         "model": {"name": seg.name, "version": seg.version},
+    }
+
+
+def _bootstrap_info(unit: str, units: Sequence[int], n_boot: int) -> dict[str, Any]:
+    """How the 95% CIs were made: percentile bootstrap, what was resampled, how often."""
+    return {
+        "method": "percentile",
+        "unit": unit,
+        "units": len(set(units)),
+        "resamples": n_boot,
+        "seed": BOOTSTRAP_SEED,
     }
 
 

@@ -66,6 +66,9 @@ def test_evaluate_pneumonia_report_split_scores_only_the_report_half(pneumonia_d
     # 59 NORMAL + 88 PNEUMONIA images (108 patients) of the 310 in val/.
     assert report["n"] == 147
     assert sum(report["confusion_matrix"][0]) == 59
+    # CIs resample the 108 patients (107 units: two NORMAL "patients" share a byte-identical
+    # image), not the 147 images.
+    assert report["bootstrap"]["unit"] == "patient" and report["bootstrap"]["units"] == 107
 
 
 def test_train_adapt_needs_init_weights(tmp_path: Path) -> None:

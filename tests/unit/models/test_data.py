@@ -149,3 +149,33 @@ def test_validation_split_is_patient_level_disjoint_and_fixed(pneumonia_dir: Pat
         held = len({i.patient for i in parts.report if i.label == label})
         assert abs(held - total / 2) <= 1
     assert data.split_validation(items) == parts
+
+
+def test_resampling_units_are_patients_joined_by_identical_bytes(pneumonia_dir: Path) -> None:
+    val = pneumonia_dir / "val"
+    names = [
+        ("NORMAL", "IM-0033-0001.jpeg"),
+        ("NORMAL", "IM-0033-0001-0001.jpeg"),  # same patient
+        ("NORMAL", "NORMAL2-IM-0095-0001.jpeg"),
+        ("NORMAL", "NORMAL2-IM-0096-0001.jpeg"),  # another name, byte-identical to -0095
+        ("PNEUMONIA", "person139_bacteria_661.jpeg"),
+        ("PNEUMONIA", "person139_bacteria_662.jpeg"),  # same patient
+        ("PNEUMONIA", "person140_bacteria_667.jpeg"),
+    ]
+    items = [data.LabelledImage(val / c / n, int(c == "PNEUMONIA")) for c, n in names]
+    units = data.resampling_units(items)
+    assert units[0] == units[1] and units[2] == units[3] and units[4] == units[5]
+    assert len(set(units)) == 4
+
+
+def test_segmentation_units_join_images_of_one_case(lungs_dir: Path) -> None:
+    items = data.list_segmentation(lungs_dir)
+    unit = dict(
+        zip([it.image.name for it in items], data.segmentation_units(lungs_dir, items), strict=True)
+    )
+    # Admission and day 3 of one Radiopaedia case: one patient.
+    assert (
+        unit["covid-19-pneumonia-rapidly-progressive-3-days.png"]
+        == unit["covid-19-pneumonia-rapidly-progressive-admission.png"]
+    )
+    assert unit["ARDSSevere.png"] != unit["acute-respiratory-distress-syndrome-ards.png"]
