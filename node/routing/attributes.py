@@ -1,4 +1,4 @@
-"""What rules see of a study: the header of one stored instance per series.
+"""What rules see of a study: the headers of its stored images, grouped by series.
 
 Headers are read with ``stop_before_pixels`` (pixel data is never needed to route).
 Values are kept as text, one string per value, as a rule compares them.
@@ -57,12 +57,13 @@ def study_series_attributes(
 ) -> list[SeriesAttributes]:
     """One :class:`SeriesAttributes` per series of the study, in the order received.
 
-    Each comes from the first stored instance of the series that can be read (the
-    next ones are tried if a file is unreadable); ``CallingAETitle`` is the AE that
-    sent the study. A series whose files retention purged is left out (a late
-    instance can re-open a purged study; it is routed on what is still here).
-    Raises :class:`StorageError` when no instance of a kept series reads, or when
-    nothing is left.
+    Every stored image of a series is read (in the order received): image-level
+    attributes such as ViewPosition or ImageType differ between the images of one
+    series, and a rule matches when one image meets it. An image whose file cannot
+    be read is skipped; ``CallingAETitle`` is the AE that sent the study. A series
+    whose files retention purged is left out (a late instance can re-open a purged
+    study; it is routed on what is still here). Raises :class:`StorageError` when
+    no image of a kept series reads, or when nothing is left.
     """
     study = session.get(Study, study_id)
     if study is None:
@@ -81,17 +82,16 @@ def study_series_attributes(
         ).all()
         if not paths:
             continue
-        ds: Dataset | None = None
+        headers: list[dict[str, tuple[str, ...]]] = []
         last_error = "no instances"
         for rel in paths:
             try:
-                ds = _read(store.path(rel))
-                break
+                headers.append(dataset_values(_read(store.path(rel)), study.calling_ae_title))
             except (OSError, InvalidDicomError, ValueError) as exc:
                 last_error = f"{rel}: {type(exc).__name__}"
-        if ds is None:
+        if not headers:
             raise StorageError(f"cannot read a header of series {series_uid}: {last_error}")
-        out.append(SeriesAttributes(series_uid, dataset_values(ds, study.calling_ae_title)))
+        out.append(SeriesAttributes(series_uid, headers[0], tuple(headers[1:])))
     if not out:
         raise StorageError("no instance of the study is stored (none received, or all purged)")
     return out
@@ -100,9 +100,10 @@ def study_series_attributes(
 def file_series_attributes(path: Path, calling_ae_title: str = "") -> list[SeriesAttributes]:
     """Attributes of a DICOM file, or of each series in a folder of DICOM files.
 
-    For a folder, files that are not DICOM are skipped and the first file read of
-    each series stands for it. Raises ``OSError`` or ``InvalidDicomError`` for a file
-    that cannot be read, ``FileNotFoundError`` for a folder without DICOM files.
+    For a folder, files that are not DICOM are skipped and every file read of a
+    series counts, as every stored image does for a study. Raises ``OSError`` or
+    ``InvalidDicomError`` for a file that cannot be read, ``FileNotFoundError`` for a
+    folder without DICOM files.
     """
     if not path.is_dir():
         ds = _read(path)
@@ -111,15 +112,14 @@ def file_series_attributes(path: Path, calling_ae_title: str = "") -> list[Serie
                 str(ds.get("SeriesInstanceUID", "")), dataset_values(ds, calling_ae_title)
             )
         ]
-    by_series: dict[str, SeriesAttributes] = {}
+    by_series: dict[str, list[dict[str, tuple[str, ...]]]] = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         try:
             ds = _read(file)
         except (InvalidDicomError, OSError, ValueError):
             continue
         uid = str(ds.get("SeriesInstanceUID", ""))
-        if uid not in by_series:
-            by_series[uid] = SeriesAttributes(uid, dataset_values(ds, calling_ae_title))
+        by_series.setdefault(uid, []).append(dataset_values(ds, calling_ae_title))
     if not by_series:
         raise FileNotFoundError(f"no DICOM files under {path}")
-    return list(by_series.values())
+    return [SeriesAttributes(uid, h[0], tuple(h[1:])) for uid, h in by_series.items()]

@@ -140,7 +140,9 @@ def _explanation_tree(explanations: list[RuleExplanation]) -> Tree:
         branch = tree.add(f"rule[{rx.index}] [bold]{escape(rx.rule_name)}[/bold]: {state}")
         for sx in rx.series:
             mark = "[green]✓[/green]" if sx.matched else "[red]✗[/red]"
-            node = branch.add(f"{mark} series {escape(sx.series_instance_uid or '(no UID)')}")
+            image = f" (image {sx.instance + 1} of {sx.instances})" if sx.instances > 1 else ""
+            uid = escape(sx.series_instance_uid or "(no UID)")
+            node = branch.add(f"{mark} series {uid}{image}")
             if not sx.conditions:
                 node.add("[dim]no conditions: matches every series[/dim]")
             for c in sx.conditions:

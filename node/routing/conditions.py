@@ -55,7 +55,7 @@ FORMS = (
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Whether a condition held for one series' values, and why, in words."""
+    """Whether a condition held for one image's values, and why, in words."""
 
     matched: bool
     reason: str

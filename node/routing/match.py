@@ -1,7 +1,7 @@
 """Applying rules to a study: the routing decision, and an explanation of it.
 
-A rule matches a study when at least one of its series meets every condition of
-the rule; the decision names all series that do (the worker analyses those).
+A rule matches a study when one image of one of its series meets every condition
+of the rule; the decision names all series that do (the worker analyses those).
 Rules are tried in order and the first enabled rule that matches decides. No
 match is a result too (``None``): the caller records the study as not routed.
 """
@@ -16,20 +16,31 @@ from node.routing import keywords
 from node.routing.conditions import Outcome
 from node.routing.rules import Rule, RuleSet
 
+Header = Mapping[str, tuple[str, ...]]
+
 
 @dataclass(frozen=True, slots=True)
 class SeriesAttributes:
-    """What rules can see of one series: its header attributes and the sending AE.
+    """What rules can see of one series: its images' header attributes and the sending AE.
 
     ``values`` maps DICOM keywords (and ``CallingAETitle``) to the element's values
     as text, one string per value; an element present without a value maps to ``()``.
+    It is the first image's header; ``more`` holds the series' other images, which
+    may differ in image-level attributes (ViewPosition, ImageType, ...).
     """
 
     series_instance_uid: str
-    values: Mapping[str, tuple[str, ...]] = field(hash=False)
+    values: Header = field(hash=False)
+    more: tuple[Header, ...] = field(default=(), hash=False)
 
     def get(self, keyword: str) -> tuple[str, ...] | None:
+        """``keyword`` in the first image's header."""
         return self.values.get(keyword)
+
+    @property
+    def instances(self) -> tuple[Header, ...]:
+        """Every image's header, first image first."""
+        return (self.values, *self.more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +70,11 @@ class ConditionResult:
 class SeriesExplanation:
     series_instance_uid: str
     matched: bool
+    #: For the image shown: the first that meets every condition, else the first.
     conditions: tuple[ConditionResult, ...]
+    #: Which image of the series ``conditions`` are about (0: the first), of how many.
+    instance: int = 0
+    instances: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,23 +85,31 @@ class RuleExplanation:
     rule_name: str
     description: str
     enabled: bool
-    #: At least one series meets every condition (whether or not the rule is enabled).
+    #: One image of a series meets every condition (whether or not the rule is enabled).
     matched: bool
     #: This rule decides the study: the first enabled rule that matched.
     chosen: bool
     series: tuple[SeriesExplanation, ...]
 
 
-def _check(keyword: str, rule: Rule, series: SeriesAttributes) -> Outcome:
+def _check(keyword: str, rule: Rule, header: Header) -> Outcome:
     return rule.match[keyword].evaluate(
-        series.get(keyword),
+        header.get(keyword),
         fold=keywords.is_case_insensitive(keyword),
         vr=keywords.vr_of(keyword),
     )
 
 
 def series_matches(rule: Rule, series: SeriesAttributes) -> bool:
-    return all(_check(keyword, rule, series).matched for keyword in rule.match)
+    """One image of the series meets every condition of ``rule``.
+
+    Conditions hold together on one image, as a C-FIND identifier does (PS3.4
+    C.2.2.3): a lateral image never makes a PA image of the same series match.
+    """
+    return any(
+        all(_check(keyword, rule, header).matched for keyword in rule.match)
+        for header in series.instances
+    )
 
 
 def route(rule_set: RuleSet, series: Sequence[SeriesAttributes]) -> RoutingDecision | None:
@@ -106,23 +129,39 @@ def route(rule_set: RuleSet, series: Sequence[SeriesAttributes]) -> RoutingDecis
     return None
 
 
-def _explain_series(rule: Rule, series: SeriesAttributes) -> SeriesExplanation:
+def _explain_header(rule: Rule, header: Header) -> tuple[ConditionResult, ...]:
     results = []
     for keyword, condition in rule.match.items():
-        outcome = _check(keyword, rule, series)
+        outcome = _check(keyword, rule, header)
         results.append(
             ConditionResult(
                 keyword=keyword,
                 condition=condition.describe(),
-                values=series.get(keyword),
+                values=header.get(keyword),
                 matched=outcome.matched,
                 reason=outcome.reason,
             )
         )
+    return tuple(results)
+
+
+def _explain_series(rule: Rule, series: SeriesAttributes) -> SeriesExplanation:
+    """Why the series matched (its first matching image), or why not (its first image)."""
+    headers = series.instances
+    first = _explain_header(rule, headers[0])
+    shown, results = 0, first
+    if not all(r.matched for r in first):
+        for index, header in enumerate(headers[1:], start=1):
+            candidate = _explain_header(rule, header)
+            if all(r.matched for r in candidate):
+                shown, results = index, candidate
+                break
     return SeriesExplanation(
         series_instance_uid=series.series_instance_uid,
         matched=all(r.matched for r in results),
-        conditions=tuple(results),
+        conditions=results,
+        instance=shown,
+        instances=len(headers),
     )
 
 

@@ -81,7 +81,7 @@ class Rule(BaseModel):
     priority: PriorityName
     models: tuple[str, ...] = Field(min_length=1)
     destinations: tuple[str, ...] = ()
-    #: Keyword -> condition; all must hold for one series. Empty: every study matches.
+    #: Keyword -> condition; all must hold for one image. Empty: every study matches.
     match: dict[Keyword, Condition] = Field(default_factory=dict)
 
     @property

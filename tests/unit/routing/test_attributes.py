@@ -47,15 +47,22 @@ def _store_instance(store: InstanceStore, catalog: Catalog, data: bytes, ae: str
     return catalog.record_instance(header, store.write(rel, data), ae).study_id
 
 
-def _lateral_copy(source: Path) -> bytes:
-    """The same study with a second series: a lateral view under new UIDs."""
+def _copy(source: Path, *, new_series: bool = False, **changes: str) -> bytes:
+    """Another image of the study (new SOP Instance UID, maybe in a new series)."""
     ds = pydicom.dcmread(source)
-    ds.SeriesInstanceUID = generate_uid(prefix=TEST_ROOT)
+    if new_series:
+        ds.SeriesInstanceUID = generate_uid(prefix=TEST_ROOT)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=TEST_ROOT)
-    ds.ViewPosition = "LL"
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _lateral_copy(source: Path) -> bytes:
+    """The same study with a second series: a lateral view under new UIDs."""
+    return _copy(source, new_series=True, ViewPosition="LL")
 
 
 def test_study_attributes_come_from_stored_headers(
@@ -118,3 +125,30 @@ def test_file_and_folder_attributes(tmp_path: Path, shared_data: Path) -> None:
     empty.mkdir()
     with pytest.raises(FileNotFoundError):
         file_series_attributes(empty)
+
+
+def test_a_series_matches_when_any_of_its_images_does(
+    sessions: sessionmaker[Session], tmp_path: Path, shared_data: Path
+) -> None:
+    """A lateral and a PA image in one series: the lateral arriving first did not
+    make the study "not routed" (only the first image of a series was read)."""
+    chest = shared_data / "dicom/modalities/cr/RG1_UNCR.dcm"
+    store = InstanceStore(tmp_path / "var", fsync=False)
+    catalog = Catalog(sessions)
+    study_id = _store_instance(store, catalog, _copy(chest, ViewPosition="LL"), "CR_ROOM1")
+    _store_instance(store, catalog, _copy(chest, ViewPosition="PA"), "CR_ROOM1")
+
+    with sessions() as session:
+        (series,) = study_series_attributes(session, store, study_id)
+    assert [h.get("ViewPosition") for h in series.instances] == [("LL",), ("PA",)]
+    decision = route(parse_rules(PA_ONLY), [series])
+    assert decision is not None
+    assert decision.series_instance_uids == (series.series_instance_uid,)
+
+    # The rule tester reads a folder the same way.
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(_copy(chest, ViewPosition="LL"))
+    (folder / "b.dcm").write_bytes(_copy(chest, ViewPosition="PA"))
+    (from_folder,) = file_series_attributes(folder, "CR_ROOM1")
+    assert route(parse_rules(PA_ONLY), [from_folder]) is not None

@@ -221,3 +221,25 @@ def test_explain_agrees_with_route() -> None:
         decision = route(rules, study)
         chosen = [r.rule_name for r in explain(rules, study) if r.chosen]
         assert chosen == ([decision.rule_name] if decision else [])
+
+
+def test_one_image_of_a_series_must_meet_every_condition() -> None:
+    """Conditions hold together on one image: a PA image and a separate ORIGINAL
+    image of one series do not make a PA ORIGINAL image."""
+    rules = one_rule('ViewPosition = "PA"\nImageType = "ORIGINAL"')
+    first = {"ViewPosition": ("LL",), "ImageType": ("ORIGINAL", "PRIMARY")}
+    second = {"ViewPosition": ("PA",), "ImageType": ("DERIVED", "PRIMARY")}
+    mixed = SeriesAttributes("7.1", first, (second,))
+    assert route(rules, [mixed]) is None
+    third = {"ViewPosition": ("PA",), "ImageType": ("ORIGINAL", "PRIMARY")}
+    study = [SeriesAttributes("7.1", first, (second, third))]
+    decision = route(rules, study)
+    assert decision is not None and decision.series_instance_uids == ("7.1",)
+    # The tester shows the image that matched, and agrees with routing.
+    (rx,) = explain(rules, study)
+    assert rx.chosen
+    (sx,) = rx.series
+    assert sx.matched and (sx.instance, sx.instances) == (2, 3)
+    assert [c.values for c in sx.conditions] == [("PA",), ("ORIGINAL", "PRIMARY")]
+    (rx,) = explain(rules, [mixed])
+    assert not rx.matched and (rx.series[0].instance, rx.series[0].instances) == (0, 2)
