@@ -111,6 +111,54 @@ class NoStore:
         await self._app(scope, receive, send_no_store)
 
 
+#: What a page of the node may load and run: its own files only. No inline script or
+#: style (the pages have none: app.js wires each page up), no plugins, no <base>, no
+#: forms to other sites, and no framing by any site (clickjacking of admin buttons).
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+#: FastAPI's /docs and /redoc load Swagger UI / ReDoc from a CDN with an inline script:
+#: they hold no patient data, and get only the directives that do not break them.
+DOCS_POLICY = "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+_DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers without CSP level 2
+    "X-Content-Type-Options": "nosniff",
+    # Same-origin links keep their Referer (the login form's return path needs it); a
+    # worklist URL with a patient ID searched for never goes to another site.
+    "Referrer-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+class SecurityHeaders:
+    """The headers above, and the right Content-Security-Policy, on every response.
+
+    Set for all routes (pages, API, static files, error pages) so no handler can
+    forget them; like :class:`NoStore`, they replace what a handler set.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        policy = DOCS_POLICY if scope["path"] in _DOCS_PATHS else PAGE_POLICY
+
+        async def send_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.update(SECURITY_HEADERS)
+                headers["Content-Security-Policy"] = policy
+            await send(message)
+
+        await self._app(scope, receive, send_headers)
+
+
 def create_app(node: Node) -> FastAPI:
     app = FastAPI(
         title="triage-node",
@@ -127,6 +175,7 @@ def create_app(node: Node) -> FastAPI:
         audit=_login_locked,
     )
     app.add_middleware(NoStore)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(node.settings),
