@@ -155,7 +155,9 @@ def choose_threshold(scores: FloatArray, labels: IntArray) -> float:
     """Threshold maximising Youden's J (sensitivity + specificity - 1) on the tune split.
 
     The midpoint of the best plateau is taken, so a tune set that separates perfectly does
-    not push the threshold to the edge of one class.
+    not push the threshold to the edge of one class. When separate plateaus tie, the lowest
+    one wins (the most sensitive: a missed pneumonia costs a triage list more than a false
+    alarm); the midpoint of the outer ends could fall between them, where J is lower.
     """
     scores = np.asarray(scores, dtype=float)
     labels = np.asarray(labels).astype(int)
@@ -164,7 +166,10 @@ def choose_threshold(scores: FloatArray, labels: IntArray) -> float:
     pos, neg = labels == 1, labels == 0
     j = np.array([(scores[pos] >= t).mean() + (scores[neg] < t).mean() - 1.0 for t in mids])
     best = np.flatnonzero(j >= j.max() - 1e-12)
-    return float((mids[best[0]] + mids[best[-1]]) / 2.0)
+    # The first run of consecutive best intervals: one plateau, with J at its maximum inside.
+    gaps = np.flatnonzero(np.diff(best) > 1)
+    last = best[gaps[0]] if len(gaps) else best[-1]
+    return float((mids[best[0]] + mids[last]) / 2.0)
 
 
 def dice_iou(pred: NDArray[np.bool_], truth: NDArray[np.bool_]) -> tuple[float, float]:

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.evaluate import bootstrap_ci, classification_metrics, dice_iou, roc_auc
+from models.evaluate import (
+    bootstrap_ci,
+    choose_threshold,
+    classification_metrics,
+    dice_iou,
+    roc_auc,
+)
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -130,3 +136,34 @@ def test_bootstrap_is_seeded_and_percentile() -> None:
     rng = np.random.default_rng(5)
     means = [values[rng.integers(0, 10, 10)].mean() for _ in range(300)]
     assert a["mean"] == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+
+
+def _youden(scores: np.ndarray, labels: np.ndarray, t: float) -> float:
+    return float((scores[labels == 1] >= t).mean() + (scores[labels == 0] < t).mean() - 1.0)
+
+
+def test_threshold_reaches_the_best_youden_j_when_two_plateaus_tie() -> None:
+    # J = 0.5 for t in (0.3, 0.5] and for t in (0.6, 0.7]; between them J = 0. The midpoint
+    # of the outer ends (0.525) used to be returned: J 0, the worst threshold available.
+    scores = np.array([0.3, 0.5, 0.6, 0.7])
+    labels = np.array([0, 1, 0, 1])
+    t = choose_threshold(scores, labels)
+    assert _youden(scores, labels, t) == pytest.approx(0.5)
+    assert 0.3 < t <= 0.5  # the tie goes to the lower threshold: more sensitive, for triage
+
+
+def test_threshold_always_reaches_the_best_youden_j() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        labels = rng.integers(0, 2, 12)
+        labels[:2] = [0, 1]
+        scores = rng.integers(0, 10, 12) / 10.0
+        grid = np.unique(np.concatenate([[0.0, 1.0], scores]))
+        best = max(_youden(scores, labels, m) for m in (grid[:-1] + grid[1:]) / 2)
+        t = choose_threshold(scores, labels)
+        assert _youden(scores, labels, t) == pytest.approx(best)
+
+
+def test_threshold_is_the_middle_of_a_single_best_plateau() -> None:
+    scores = np.array([0.1, 0.2, 0.8, 0.9])  # separable: J = 1 for t in (0.2, 0.8]
+    assert choose_threshold(scores, np.array([0, 0, 1, 1])) == pytest.approx(0.5)
