@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -153,13 +154,24 @@ def _record(e: AuditEvent) -> AuditRecord:
 CSV_HEADER = ("time", "user", "action", "StudyInstanceUID", "detail", "client_address")
 #: A spreadsheet reads a cell starting with one of these as a formula (OWASP CSV injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: A ';' before one of them (spaces or quotes between): where ';' is the list separator
+#: (Excel in de, fr, nl, ... locales) the spreadsheet starts a new cell there, and the
+#: csv module does not quote a cell for a ';'.
+_FORMULA_AFTER_SEMICOLON = re.compile(r";(?=[ \"]*[=+\-@\t\r])")
+
+
+def _defused(cell: str) -> str:
+    """``cell`` with a ``'`` before every place a spreadsheet could start a formula."""
+    cell = _FORMULA_AFTER_SEMICOLON.sub(";'", cell)
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 
 def csv_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
     """The audit trail as CSV text, one chunk per line (for a streaming response).
 
     Cells are text the admin opens in a spreadsheet, and some come from anyone (the
-    name tried at a failed login): a cell that would start a formula gets a ``'`` first.
+    name tried at a failed login): a cell that would start a formula gets a ``'`` first,
+    and so does every part after a ``;`` that would.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -173,7 +185,7 @@ def csv_lines(records: Iterable[AuditRecord]) -> Iterator[str]:
             r.detail or "",
             r.client_address or "",
         )
-        writer.writerow(["'" + c if c.startswith(_FORMULA_START) else c for c in cells])
+        writer.writerow([_defused(c) for c in cells])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

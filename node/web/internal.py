@@ -59,8 +59,10 @@ def _auth_dependency(node: Node) -> Callable[[Request], None]:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             presented.strip().encode(), token.encode()
         ):
+            # %r: the path is the caller's text; escaped, its control characters
+            # (terminal escapes) cannot rewrite what an operator sees in the log.
             log.warning(
-                "internal API: refused request without a valid token for %s", request.url.path
+                "internal API: refused request without a valid token for %r", request.url.path
             )
             raise HTTPException(
                 401, "bearer token required", headers={"WWW-Authenticate": "Bearer"}
