@@ -122,8 +122,11 @@ def check(path: RulesFile, config: ConfigOption = None) -> None:
     console.print(f"{escape(str(path))}: OK, {len(rule_set.rules)} rule(s)")
     if rule_set.rules:
         console.print(_rules_table(rule_set))
-    else:
-        console.print("[yellow]warning:[/yellow] no rules: every study will be not routed")
+    if not any(rule.enabled for rule in rule_set.rules):
+        console.print(
+            "[yellow]warning:[/yellow] no enabled rule: every study would be not routed; "
+            "import refuses such a file"
+        )
 
 
 def _explanation_tree(explanations: list[RuleExplanation]) -> Tree:

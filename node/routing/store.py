@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RULES = "default_rules.toml"
 #: ``created_by`` of the version imported at first start.
 SEED_AUTHOR = "system"
+#: Why a document without an enabled rule is not saved.
+NOTHING_ROUTED = "no enabled rule: every study would be recorded as not routed"
 _SAVE_ATTEMPTS = 10  # a save loses at most once per concurrent save that wins
 
 
@@ -92,6 +94,17 @@ class RuleStore:
             known_destinations=self._known_destinations,
         )
 
+    def _parse_to_save(self, text: str, source: str) -> RuleSet:
+        """:meth:`parse`, and refuse rules that route nothing.
+
+        A document without an enabled rule is valid to check or test, but made
+        active it would record every new study as not routed.
+        """
+        rule_set = self.parse(text, source)
+        if not any(rule.enabled for rule in rule_set.rules):
+            raise RuleError(source, [NOTHING_ROUTED])
+        return rule_set
+
     # -- reading -----------------------------------------------------------------------
     def active_version(self) -> int | None:
         with self._sessions() as session:
@@ -144,10 +157,11 @@ class RuleStore:
     def save(self, text: str, created_by: str, comment: str | None = None) -> int:
         """Validate ``text`` and store it as the new active version; returns its number.
 
-        On :class:`RuleError` nothing is written. Concurrent saves are serialised by
-        the unique version number: the loser of a race retries with the next one.
+        On :class:`RuleError` (a mistake, or no enabled rule) nothing is written.
+        Concurrent saves are serialised by the unique version number: the loser of a
+        race retries with the next one.
         """
-        self.parse(text, "new rules version")
+        self._parse_to_save(text, "new rules version")
         for attempt in range(_SAVE_ATTEMPTS):
             try:
                 return self._insert(text, created_by, comment, version=None)
@@ -181,7 +195,7 @@ class RuleStore:
             self._check_active(current)
             return current
         text, source = seed_text(rules_file)
-        self.parse(text, source)
+        self._parse_to_save(text, source)
         with contextlib.suppress(IntegrityError):  # another process seeded first
             self._insert(text, SEED_AUTHOR, f"imported from {source}", version=1)
         current = self.active_version()

@@ -176,3 +176,16 @@ def test_test_with_a_stored_study(
     result = runner.invoke(app, ["rules", "test", "--study", "1.2.3", "-c", str(config)])
     assert result.exit_code == 1
     assert "no study 1.2.3" in result.stderr
+
+
+def test_a_file_that_routes_nothing_is_checked_with_a_warning_and_not_imported(
+    runner: CliRunner, config: Path, tmp_path: Path
+) -> None:
+    off = tmp_path / "off.toml"
+    off.write_text("format = 1\n")
+    checked = runner.invoke(app, ["rules", "check", str(off)])
+    imported = runner.invoke(app, ["rules", "import", str(off), "-c", str(config)])
+    assert (checked.exit_code, imported.exit_code) == (0, 2), imported.output
+    assert "no enabled rule" in " ".join(checked.stdout.split())
+    refusal = "no enabled rule: every study would be recorded as not routed"
+    assert refusal in " ".join(imported.stderr.split())

@@ -164,3 +164,29 @@ def test_concurrent_saves_keep_one_active_version(sessions: sessionmaker[Session
     versions = store.versions()
     assert sorted(v.version for v in versions) == list(range(1, 8))
     assert [v.version for v in versions if v.active] == [7]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["format = 1\n", V1.replace("[rule.match]", "enabled = false\n[rule.match]")],
+    ids=["no rules", "every rule disabled"],
+)
+def test_rules_that_route_nothing_are_not_saved(
+    sessions: sessionmaker[Session], tmp_path: Path, text: str
+) -> None:
+    """Saved, such a document made every new study "not routed" until someone noticed."""
+    store = RuleStore(sessions)
+    store.save(V1, "alice")
+    with pytest.raises(RuleError) as caught:
+        store.save(text, "mallory")
+    assert caught.value.problems == ["no enabled rule: every study would be recorded as not routed"]
+    assert store.active()[0] == 1 and _rows(sessions) == 1
+
+    seed = tmp_path / "rules.toml"
+    seed.write_text(text)
+    empty = RuleStore(sessions)
+    with sessions.begin() as session:
+        session.query(RuleSetRow).delete()
+    with pytest.raises(RuleError, match="no enabled rule"):
+        empty.ensure_seeded(seed)
+    assert _rows(sessions) == 0
