@@ -121,6 +121,28 @@ def due(session: Session, now: datetime, limit: int = 100) -> list[Export]:
     )
 
 
+def claim(session: Session, ids: list[int], *, now: datetime, until: datetime) -> list[Export]:
+    """Claim the deliveries ``ids`` still due at ``now`` for one attempt, until ``until``.
+
+    One statement, so two exporters claiming the same row cannot both get it: the
+    second waits for the first's row lock (PostgreSQL) or write lock (SQLite), then
+    finds it no longer due. The attempt's outcome (:func:`record`) sets the next
+    attempt; a claim left by a process that died lapses at ``until``.
+    """
+    return list(
+        session.execute(
+            update(Export)
+            .where(
+                Export.id.in_(ids),
+                Export.state == ExportState.PENDING,
+                Export.next_attempt_at <= now,
+            )
+            .values(next_attempt_at=until)
+            .returning(Export)
+        ).scalars()
+    )
+
+
 def still_as_sent(current: Export, sent: Export) -> bool:
     """Whether the row still describes the object an attempt sent.
 

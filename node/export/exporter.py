@@ -42,13 +42,17 @@ class Exporter:
     def run_once(self) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
         with self.sessions() as session:
-            batch = deliveries.due(session, utcnow())
-            session.expunge_all()
-        by_destination: dict[str, list[Export]] = defaultdict(list)
-        for export in batch:
-            by_destination[export.destination].append(export)
+            due = [(e.destination, e.id) for e in deliveries.due(session, utcnow())]
+        by_destination: dict[str, list[int]] = defaultdict(list)
+        for name, export_id in due:
+            by_destination[name].append(export_id)
         cfg = self.settings.export
-        for name, exports in by_destination.items():
+        attempted = 0
+        for name, ids in by_destination.items():
+            exports = self._claim(ids)
+            attempted += len(exports)
+            if not exports:
+                continue
             destination = self.settings.destination(name)
             if destination is None:
                 results = [
@@ -93,7 +97,23 @@ class Exporter:
                         current.kind,
                         result.detail,
                     )
-        return len(batch)
+        return attempted
+
+    def _claim(self, ids: list[int]) -> list[Export]:
+        """Take the deliveries ``ids`` for this attempt, as they are now, in that order.
+
+        Another exporter on the same database (a second node process) skips them
+        until the claim lapses; it covers the longest the attempt may take (connect,
+        associate and each C-STORE bounded by ``export.timeout_seconds``), so a node
+        killed mid-send leaves them to the next one after that.
+        """
+        now = utcnow()
+        lease = timedelta(seconds=self.settings.export.timeout_seconds * (2 * len(ids) + 4))
+        with self.sessions.begin() as session:
+            claimed = deliveries.claim(session, ids, now=now, until=now + lease)
+            session.expunge_all()
+        order = {export_id: index for index, export_id in enumerate(ids)}
+        return sorted(claimed, key=lambda e: order[e.id])
 
     def _send(self, destination: Destination, items: list[Item]) -> list[Delivery]:
         """Send ``items``; for a ``deidentify`` destination, de-identified copies of them.

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -564,3 +565,30 @@ def test_more_than_128_contexts_go_over_several_associations(
         o.detail for o in outcomes
     }
     assert peer.received == [item.sop_instance_uid for item in items]
+
+
+def test_two_exporters_never_send_one_delivery_at_once(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """Two node processes on one database (a second dicom role, a restart overlapping
+    the old process) each read the due deliveries and both sent them: a delivery is
+    claimed before its send, and the other exporter leaves it alone."""
+    first = _exporter(tmp_path, sessions, destination.port)
+    second = _exporter(tmp_path, sessions, destination.port)
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(first.store, "v1", uid), uid)
+    # The first is still on the wire when the second looks for due deliveries.
+    destination.during_store = lambda: time.sleep(1.5)
+    attempted: list[int] = []
+    threads = [
+        threading.Thread(target=lambda e=e: attempted.append(e.run_once())) for e in (first, second)
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.5)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(attempted) == [0, 1]
+    assert destination.received == [uid]
+    row = _row(sessions)
+    assert (row.state, row.attempts) == (ExportState.DELIVERED, 1)
