@@ -192,7 +192,8 @@ def try_rules(
 ) -> None:
     """Show which rule matches a study (--study UID) or DICOM file (--file), and why.
 
-    Exit 0 when a rule routes it, 1 when it would be recorded as not routed.
+    Exit 0 when a rule routes it, 1 when it would be recorded as not routed. With
+    --study or --config, a rules file naming a destination the node lacks is refused.
     """
     from node.routing.attributes import file_series_attributes
     from node.routing.store import seed_text
@@ -200,10 +201,13 @@ def try_rules(
     if (study is None) == (dicom is None):
         err_console.print("[red]error:[/red] give exactly one of --study UID or --file PATH")
         raise typer.Exit(2)
-    settings = _settings(config) if path is None or study is not None else None
+    needs_settings = path is None or study is not None or config is not None
+    settings = _settings(config) if needs_settings else None
 
     if path is not None:
-        rule_set, label = _load(path), str(path)
+        # With a configuration, destinations are checked as import and routing do.
+        known = None if settings is None else [d.name for d in settings.destinations]
+        rule_set, label = _load(path, known), str(path)
     else:
         assert settings is not None
         with _database(settings) as sessions:

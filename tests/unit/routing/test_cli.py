@@ -189,3 +189,17 @@ def test_a_file_that_routes_nothing_is_checked_with_a_warning_and_not_imported(
     assert "no enabled rule" in " ".join(checked.stdout.split())
     refusal = "no enabled rule: every study would be recorded as not routed"
     assert refusal in " ".join(imported.stderr.split())
+
+
+def test_testing_a_file_with_a_config_refuses_destinations_the_node_lacks(
+    runner: CliRunner, config: Path, tmp_path: Path, shared_data: Path
+) -> None:
+    """The tester said "Routed ... destinations PACS" for rules this node refuses."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(EXAMPLE.read_text().replace("destinations = []", 'destinations = ["PACS"]'))
+    chest = shared_data / "dicom/modalities/cr/RG1_UNCR.dcm"
+    args = ["rules", "test", str(rules), "--file", str(chest)]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, [*args, "-c", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "unknown destination 'PACS'" in result.stderr
