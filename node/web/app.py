@@ -131,17 +131,24 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
+#: HSTS for a year; not includeSubDomains: other hosts of a hospital's domain may be HTTP.
+HSTS_SECONDS = 365 * 24 * 3600
 
 
 class SecurityHeaders:
     """The headers above, and the right Content-Security-Policy, on every response.
 
     Set for all routes (pages, API, static files, error pages) so no handler can
-    forget them; like :class:`NoStore`, they replace what a handler set.
+    forget them; like :class:`NoStore`, they replace what a handler set. With ``https``
+    (the node serves TLS or ``web.secure_cookies``: behind a TLS proxy) browsers are
+    also told to use HTTPS only (HSTS), so a session cookie never meets plain HTTP.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, https: bool = False) -> None:
         self._app = app
+        self._headers = dict(SECURITY_HEADERS)
+        if https:
+            self._headers["Strict-Transport-Security"] = f"max-age={HSTS_SECONDS}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -152,7 +159,7 @@ class SecurityHeaders:
         async def send_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                headers.update(SECURITY_HEADERS)
+                headers.update(self._headers)
                 headers["Content-Security-Policy"] = policy
             await send(message)
 
@@ -175,7 +182,7 @@ def create_app(node: Node) -> FastAPI:
         audit=_login_locked,
     )
     app.add_middleware(NoStore)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, https=settings.secure_cookies)
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret(node.settings),

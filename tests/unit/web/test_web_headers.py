@@ -9,11 +9,13 @@ description) that ever escaped their escaping would still not run.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
 from node.runtime import Node
+from node.web.app import create_app
 from tests.unit.web.test_web_api import add_study, login
 
 #: Every response: no framing, no MIME sniffing, no patient search terms in Referer.
@@ -91,3 +93,16 @@ def test_the_script_starts_each_pages_behaviour_itself(client: TestClient) -> No
     js = client.get("/static/app.js").text
     for name in ("pollWorklist", "overlayToggles", "echoButtons", "hourBars"):
         assert re.search(rf"^\s*{name}\(\);", js, re.M), name
+
+
+def test_https_only_when_the_node_serves_https(
+    start_node: Callable[..., Node], client: TestClient
+) -> None:
+    """Secure cookies mean HTTPS (TLS here or at a proxy): browsers must not fall back
+    to plain HTTP, where the session cookie would not be sent and a MITM could strip TLS."""
+    assert "Strict-Transport-Security" not in client.get("/login").headers
+    secure = start_node(web={"secure_cookies": True})
+    with TestClient(create_app(secure), base_url="https://testserver") as c:
+        r = c.get("/login")
+    assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert "; secure" in r.headers["set-cookie"].lower()
