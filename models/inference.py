@@ -7,12 +7,12 @@ MONOCHROME1 inversion, selection of one frame from a multi-frame object. This mo
 the rest with `models.preprocess.normalize_images` (the same function training used):
 percentile clip to [0, 1] and a stretch to the model's square input, then batching.
 
-Refused with a ValueError naming the image's index, rather than answered: NaN or infinite
-pixels (one percentile turns NaN and so does the whole image; the classifier then says
-pneumonia at 0.99999), and an image without contrast (its robust range is flat, so it
-normalises to zeros, on which the classifier says pneumonia at 0.99). Finite float
-values beyond float32's range are scaled by a power of two first: exact, and the
-normalisation is scale-invariant.
+Refused with a ValueError naming the image's index, rather than answered: an array that
+is not 2-D, not numeric or has no pixels; NaN or infinite pixels (one percentile turns NaN
+and so does the whole image; the classifier then says pneumonia at 0.99999), and an
+image without contrast (its robust range is flat, so it normalises to zeros, on which the
+classifier says pneumonia at 0.99). Finite float values beyond float32's range are scaled
+by a power of two first: exact, and the normalisation is scale-invariant.
 
 Every forward pass goes through a `tf.function` with a fixed input signature, traced once
 per model, instead of `model.predict` (which rebuilds its machinery on every call).
@@ -67,6 +67,8 @@ def _validate(images: Sequence[NDArray[Any]]) -> list[NDArray[np.float32]]:
             raise ValueError(f"image {i}: expected a 2-D (H, W) array, got shape {arr.shape}")
         if arr.dtype.kind not in "biuf":
             raise ValueError(f"image {i}: non-numeric dtype {arr.dtype}")
+        if arr.size == 0:  # would reach TF's resize and fail there, without the index
+            raise ValueError(f"image {i}: no pixels (shape {arr.shape})")
     return [_as_float32(i, arr) for i, arr in enumerate(arrays)]
 
 

@@ -68,8 +68,11 @@ def test_explain_shapes(classifier: Classifier) -> None:
     assert all(m.min() >= 0 and m.max() <= 1 for m in maps)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3)), np.zeros(7), np.array([["a"]])])
-def test_rejects_non_2d_or_non_numeric(classifier: Classifier, bad: np.ndarray) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((4, 4, 3)), np.zeros(7), np.array([["a"]]), np.zeros((0, 5)), np.zeros((0, 0))],
+)
+def test_rejects_non_2d_non_numeric_or_empty(classifier: Classifier, bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="image 0"):
         classifier.predict([bad])
 
