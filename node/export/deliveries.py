@@ -179,6 +179,10 @@ def record(
     either, and an admin can still re-arm it (``triage-node exports retry``).
     """
     now = utcnow()
+    if delivery.outcome is Outcome.UNSENT:
+        # Not attempted: due again now (the claim released), nothing counted.
+        export.next_attempt_at = now
+        return
     streak = _processing_failures(export) + 1 if delivery.status == PROCESSING_FAILURE else 0
     export.attempts += 1
     export.last_status = delivery.status

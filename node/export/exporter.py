@@ -68,7 +68,8 @@ class Exporter:
                 retry_for = timedelta(seconds=destination.retry_for_seconds)
             with self.sessions.begin() as session:
                 for export, result in zip(exports, results, strict=True):
-                    metrics.EXPORTS.labels(name, result.outcome.value).inc()
+                    if result.outcome is not Outcome.UNSENT:
+                        metrics.EXPORTS.labels(name, result.outcome.value).inc()
                     current = session.get(Export, export.id, with_for_update=True)
                     if current is None or not deliveries.still_as_sent(current, export):
                         log.info(
@@ -89,7 +90,9 @@ class Exporter:
                         max_processing_failures=cfg.max_processing_failures,
                     )
                     log.log(
-                        logging.INFO if result.outcome is Outcome.DELIVERED else logging.WARNING,
+                        logging.INFO
+                        if result.outcome in (Outcome.DELIVERED, Outcome.UNSENT)
+                        else logging.WARNING,
                         "export %s sop_instance_uid=%s destination=%s kind=%s: %s",
                         current.state,
                         current.sop_instance_uid,
@@ -124,7 +127,9 @@ class Exporter:
         timeout = self.settings.export.timeout_seconds
         calling = self.settings.dicom.ae_title
         if not destination.deidentify:
-            return send(destination, items, calling_ae_title=calling, timeout=timeout)
+            return send(
+                destination, items, calling_ae_title=calling, timeout=timeout, stop=self._stop
+            )
         results: list[Delivery | None] = [None] * len(items)
         try:
             deidentifier = Deidentifier(self.settings.privacy.pseudonym_key)
@@ -150,6 +155,7 @@ class Exporter:
                     [copy for _, copy in copies],
                     calling_ae_title=calling,
                     timeout=timeout,
+                    stop=self._stop,
                 )
                 for (index, _), delivery in zip(copies, sent, strict=True):
                     results[index] = delivery

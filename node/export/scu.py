@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
+    #: Not attempted: the association ended at an earlier object (a DIMSE timeout
+    #: aborts it) or the exporter is stopping. No attempt is counted; it goes next.
+    UNSENT = "unsent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,18 +107,32 @@ def send(
     *,
     calling_ae_title: str,
     timeout: float,
+    stop: threading.Event | None = None,
 ) -> list[Delivery]:
     """Send ``items``; one :class:`Delivery` per item, in order.
 
     One association, or several when the items need more than :data:`MAX_CONTEXTS`
-    presentation contexts (many SOP classes times transfer syntaxes).
+    presentation contexts (many SOP classes times transfer syntaxes). Once ``stop``
+    is set, the association is aborted (A-ABORT, PS3.8 7.3) before the next object
+    and the rest are :attr:`Outcome.UNSENT`.
     """
     results: list[Delivery] = []
     for batch in _batches(items):
+        if stop is not None and stop.is_set():
+            results.extend([_STOPPING] * len(batch))
+            continue
         results.extend(
-            _send_batch(destination, batch, calling_ae_title=calling_ae_title, timeout=timeout)
+            _send_batch(
+                destination, batch, calling_ae_title=calling_ae_title, timeout=timeout, stop=stop
+            )
         )
     return results
+
+
+_STOPPING = Delivery(Outcome.UNSENT, None, "not sent: the exporter is stopping")
+_ASSOCIATION_LOST = Delivery(
+    Outcome.UNSENT, None, "not sent: the association ended at an earlier object"
+)
 
 
 def _batches(items: Sequence[Item]) -> list[list[tuple[Item, list[Context]]]]:
@@ -153,6 +171,7 @@ def _send_batch(
     *,
     calling_ae_title: str,
     timeout: float,
+    stop: threading.Event | None,
 ) -> list[Delivery]:
     """Send ``batch`` over one association."""
     items = [item for item, _ in batch]
@@ -200,11 +219,30 @@ def _send_batch(
                 "no association (refused, aborted or timed out)"
             )
             return [Delivery(Outcome.TEMPORARY, None, detail)] * len(items)
-        return [_store(assoc, item) for item in items]
+        return _store_all(assoc, items, stop)
     finally:
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def _store_all(assoc: Any, items: Sequence[Item], stop: threading.Event | None) -> list[Delivery]:
+    """C-STORE ``items`` in order over ``assoc``, aborting it once ``stop`` is set."""
+    results: list[Delivery] = []
+    for item in items:
+        if stop is not None and stop.is_set():
+            if assoc.is_established:
+                assoc.abort()
+            results.append(_STOPPING)
+        elif results and not assoc.is_established:
+            # A DIMSE timeout aborted it (or the peer did): the objects behind the
+            # one that hung must not wait out its backoff, nor count an attempt.
+            # (The first object always counts one, so a peer that aborts every
+            # association still meets the backoff and the retry window.)
+            results.append(_ASSOCIATION_LOST)
+        else:
+            results.append(_store(assoc, item))
+    return results
 
 
 #: How a delivery's last_error starts when the destination took none of its SOP class.

@@ -62,6 +62,8 @@ class Destination:
     during_store: Callable[[], object] = lambda: None
     #: The C-STORE status it answers.
     status: int = 0x0000
+    #: Associations the SCU aborted (A-ABORT).
+    aborted: int = 0
 
     def on_store(self, event: evt.Event) -> int:
         self.during_store()
@@ -70,6 +72,9 @@ class Destination:
         ds.file_meta = event.file_meta
         self.pixels.append((str(event.context.transfer_syntax), ds.pixel_array))
         return self.status
+
+    def on_abort(self, event: evt.Event) -> None:
+        self.aborted += 1
 
 
 @pytest.fixture
@@ -96,7 +101,10 @@ def start_destination(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[...,
             ae.start_server(
                 ("127.0.0.1", peer.port),
                 block=False,
-                evt_handlers=[(evt.EVT_C_STORE, peer.on_store)],
+                evt_handlers=[
+                    (evt.EVT_C_STORE, peer.on_store),
+                    (evt.EVT_ABORTED, peer.on_abort),
+                ],
             )
         )
         return peer
@@ -592,3 +600,66 @@ def test_two_exporters_never_send_one_delivery_at_once(
     assert destination.received == [uid]
     row = _row(sessions)
     assert (row.state, row.attempts) == (ExportState.DELIVERED, 1)
+
+
+def _rows(sessions: sessionmaker[Session]) -> list[Export]:
+    with sessions() as session:
+        return list(session.scalars(select(Export).order_by(Export.id)))
+
+
+def test_objects_behind_one_the_destination_never_answers_go_on_the_next_cycle(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """The PACS hangs on one object: the DIMSE timeout aborts the association, and the
+    objects behind it failed "send failed: RuntimeError" unsent, backed off with it,
+    and met it first again on every later attempt."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    exporter.settings.export.timeout_seconds = 1.0
+    uids = [generate_uid(prefix=TEST_ROOT) for _ in range(2)]
+    for index, uid in enumerate(uids):
+        _queue(sessions, 1, _result(exporter.store, f"r{index}", uid), uid)
+    calls: list[int] = []
+
+    def hang_on_the_first() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.5)
+
+    destination.during_store = hang_on_the_first
+    assert exporter.run_once() == 2
+    hung, behind = _rows(sessions)
+    assert (hung.state, hung.attempts, hung.last_error) == (
+        ExportState.PENDING,
+        1,
+        "no response (timeout or abort)",
+    )
+    assert (behind.state, behind.attempts) == (ExportState.PENDING, 0)
+    assert exporter.run_once() == 1
+    hung, behind = _rows(sessions)
+    assert (behind.state, behind.attempts) == (ExportState.DELIVERED, 1)
+    assert hung.state == ExportState.PENDING and hung.attempts == 1
+
+
+def test_stopping_aborts_the_association_and_leaves_the_rest_due(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """Node shutdown while a batch is on the wire: the exporter went on sending the
+    whole batch (and was cut off without an A-ABORT past the 30 s join). Now it aborts
+    before the next object; those not sent are due at once, no attempt counted."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    uids = [generate_uid(prefix=TEST_ROOT) for _ in range(3)]
+    for index, uid in enumerate(uids):
+        _queue(sessions, 1, _result(exporter.store, f"r{index}", uid), uid)
+    destination.during_store = exporter.stop
+    assert exporter.run_once() == 3
+    assert destination.received == uids[:1]
+    first, *rest = _rows(sessions)
+    assert first.state == ExportState.DELIVERED
+    now = utcnow()
+    for row in rest:
+        assert (row.state, row.attempts, row.last_error) == (ExportState.PENDING, 0, None)
+        assert row.next_attempt_at is not None and row.next_attempt_at <= now
+    deadline = time.monotonic() + 5
+    while destination.aborted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert destination.aborted == 1
