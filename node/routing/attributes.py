@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from node.db.models import Instance, Series, Study
 from node.errors import StorageError
 from node.routing.keywords import CALLING_AE_TITLE
-from node.routing.match import SeriesAttributes
+from node.routing.match import Header, SeriesAttributes
 from node.storage import InstanceStore
 
 _OPAQUE = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
@@ -68,7 +68,7 @@ def study_series_attributes(
     study = session.get(Study, study_id)
     if study is None:
         raise StorageError(f"no study with id {study_id}")
-    out: list[SeriesAttributes] = []
+    read: list[tuple[str, list[Header]]] = []
     series_rows = session.execute(
         select(Series.id, Series.series_instance_uid)
         .where(Series.study_id == study_id)
@@ -82,7 +82,7 @@ def study_series_attributes(
         ).all()
         if not paths:
             continue
-        headers: list[dict[str, tuple[str, ...]]] = []
+        headers: list[Header] = []
         last_error = "no instances"
         for rel in paths:
             try:
@@ -91,10 +91,10 @@ def study_series_attributes(
                 last_error = f"{rel}: {type(exc).__name__}"
         if not headers:
             raise StorageError(f"cannot read a header of series {series_uid}: {last_error}")
-        out.append(SeriesAttributes(series_uid, headers[0], tuple(headers[1:])))
-    if not out:
+        read.append((series_uid, headers))
+    if not read:
         raise StorageError("no instance of the study is stored (none received, or all purged)")
-    return out
+    return with_query_attributes(read)
 
 
 def file_series_attributes(path: Path, calling_ae_title: str = "") -> list[SeriesAttributes]:
@@ -107,12 +107,9 @@ def file_series_attributes(path: Path, calling_ae_title: str = "") -> list[Serie
     """
     if not path.is_dir():
         ds = _read(path)
-        return [
-            SeriesAttributes(
-                str(ds.get("SeriesInstanceUID", "")), dataset_values(ds, calling_ae_title)
-            )
-        ]
-    by_series: dict[str, list[dict[str, tuple[str, ...]]]] = {}
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        return with_query_attributes([(uid, [dataset_values(ds, calling_ae_title)])])
+    by_series: dict[str, list[Header]] = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         try:
             ds = _read(file)
@@ -122,4 +119,34 @@ def file_series_attributes(path: Path, calling_ae_title: str = "") -> list[Serie
         by_series.setdefault(uid, []).append(dataset_values(ds, calling_ae_title))
     if not by_series:
         raise FileNotFoundError(f"no DICOM files under {path}")
-    return [SeriesAttributes(uid, h[0], tuple(h[1:])) for uid, h in by_series.items()]
+    return with_query_attributes(list(by_series.items()))
+
+
+def with_query_attributes(series: list[tuple[str, list[Header]]]) -> list[SeriesAttributes]:
+    """The series, each image's header completed with what a C-FIND SCP computes.
+
+    ``ModalitiesInStudy``, ``SOPClassesInStudy`` and the ``NumberOf...Related...``
+    counts (PS3.4 C.6.1.1.4, C.6.1.1.5) are query keys; images rarely carry them,
+    so a rule naming one would never match. They are derived from the images read;
+    a value an image does carry is kept.
+    """
+    everything = [h for _, headers in series for h in headers]
+    study: Header = {
+        "ModalitiesInStudy": _distinct(everything, "Modality"),
+        "SOPClassesInStudy": _distinct(everything, "SOPClassUID"),
+        "NumberOfStudyRelatedSeries": (str(len(series)),),
+        "NumberOfStudyRelatedInstances": (str(len(everything)),),
+    }
+    out = []
+    for uid, headers in series:
+        derived = {**study, "NumberOfSeriesRelatedInstances": (str(len(headers)),)}
+        completed = [
+            {**h, **{k: v for k, v in derived.items() if not any(x.strip() for x in h.get(k, ()))}}
+            for h in headers
+        ]
+        out.append(SeriesAttributes(uid, completed[0], tuple(completed[1:])))
+    return out
+
+
+def _distinct(headers: list[Header], keyword: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v.strip() for h in headers for v in h.get(keyword, ()) if v.strip()))

@@ -152,3 +152,36 @@ def test_a_series_matches_when_any_of_its_images_does(
     (folder / "b.dcm").write_bytes(_copy(chest, ViewPosition="PA"))
     (from_folder,) = file_series_attributes(folder, "CR_ROOM1")
     assert route(parse_rules(PA_ONLY), [from_folder]) is not None
+
+
+def test_study_level_query_attributes_are_derived(
+    sessions: sessionmaker[Session], tmp_path: Path, shared_data: Path
+) -> None:
+    """ModalitiesInStudy and the counts are what a C-FIND SCP computes (PS3.4 C.6.1.1);
+    image headers do not carry them, so a rule naming one silently never matched."""
+    chest = shared_data / "dicom/modalities/cr/RG1_UNCR.dcm"
+    store = InstanceStore(tmp_path / "var", fsync=False)
+    catalog = Catalog(sessions)
+    study_id = _store_instance(store, catalog, chest.read_bytes(), "CR_ROOM1")
+    dx = _copy(chest, new_series=True, Modality="DX")
+    _store_instance(store, catalog, dx, "CR_ROOM1")
+    _store_instance(store, catalog, _copy(chest, ViewPosition="LL"), "CR_ROOM1")
+
+    with sessions() as session:
+        cr, dx_series = study_series_attributes(session, store, study_id)
+    for s in (cr, dx_series):
+        assert s.get("ModalitiesInStudy") == ("CR", "DX")
+        assert s.get("NumberOfStudyRelatedSeries") == ("2",)
+        assert s.get("NumberOfStudyRelatedInstances") == ("3",)
+    assert cr.get("NumberOfSeriesRelatedInstances") == ("2",)
+    assert dx_series.get("SOPClassesInStudy") == (cr.get("SOPClassUID") or ("?",))
+
+    rules = parse_rules(
+        'format = 1\n[[rule]]\nname = "cr-of-mixed"\npriority = "routine"\n'
+        'models = ["lung-seg"]\n[rule.match]\nModalitiesInStudy = "DX"\nModality = "CR"\n'
+        "NumberOfStudyRelatedSeries = {min = 2}\n"
+    )
+    decision = route(rules, [cr, dx_series])
+    assert decision is not None and decision.series_instance_uids == (cr.series_instance_uid,)
+    (one,) = file_series_attributes(chest)
+    assert one.get("ModalitiesInStudy") == ("CR",)
