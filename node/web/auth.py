@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
 
 from fastapi import Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.config import WebSettings
@@ -45,7 +46,8 @@ CSRF_FIELD = "csrf_token"
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Where passwords are checked: the API's and the login form's POST.
 LOGIN_PATHS = frozenset({"/api/session", "/login"})
-_FORM = "application/x-www-form-urlencoded"
+#: The form encodings the login form's handler accepts (Starlette parses both).
+_FORMS = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 
 
 class NotAuthenticated(Exception):
@@ -200,7 +202,7 @@ class LoginThrottleMiddleware:
         body = await _read_body(receive)
         replay = _replay(body, receive)
         request = Request(scope, replay)
-        fields = _fields(scope, body)
+        fields = await _fields(scope, body)
         name, address = fields.get("name"), client_address(request)
         wait = self._throttle.retry_after(name, address)
         if wait is not None:
@@ -230,6 +232,11 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+async def _nothing_more() -> Message:
+    """After the whole body: what a server sends when the client goes away."""
+    return {"type": "http.disconnect"}
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     sent = False
 
@@ -243,13 +250,26 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _fields(scope: Scope, body: bytes) -> dict[str, str]:
-    """The string fields of a form or JSON body ({} if it is neither)."""
+async def _fields(scope: Scope, body: bytes) -> dict[str, str]:
+    """The string fields of a form (either encoding) or JSON body ({} if it is neither).
+
+    Forms are parsed by Starlette, as the login handler will parse them: a name the
+    handler checks a password for is a name the throttle counts (multipart/form-data
+    included, which a page or a script may post as well as a browser's default).
+    """
+    media = Headers(scope=scope).get("content-type", "").partition(";")[0].strip().lower()
+    if media in _FORMS:
+        request = Request(scope, _replay(body, _nothing_more))
+        try:
+            form = await request.form()
+        except (HTTPException, MultiPartException):  # malformed: the handler refuses it
+            return {}
+        try:
+            return {k: v for k, v in form.items() if isinstance(v, str)}
+        finally:
+            await form.close()
     try:
-        text = body.decode()
-        if Headers(scope=scope).get("content-type", "").startswith(_FORM):
-            return dict(parse_qsl(text, keep_blank_values=True))
-        data = json.loads(text)
+        data = json.loads(body.decode())
     except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         return {}
     if not isinstance(data, dict):

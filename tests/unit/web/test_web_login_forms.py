@@ -1,0 +1,50 @@
+"""The login throttle counts every way a browser or script can post the login form.
+
+The per-name lock is what stops a password guesser who rotates client addresses; it
+must see the name in every body the login handler accepts, not only in the encoding a
+browser uses by default.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.unit.web.test_web_api import PASSWORD
+
+GUESS = "guess-123"  # pragma: allowlist secret
+
+
+def _post(client: TestClient, encoding: str, password: str) -> int:
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    fields = {"name": "rad", "password": password, "csrf_token": token, "next": "/"}
+    if encoding == "multipart":  # what <form enctype="multipart/form-data"> sends
+        files = {k: (None, v) for k, v in fields.items()}
+        return client.post("/login", files=files, follow_redirects=False).status_code
+    return client.post("/login", data=fields, follow_redirects=False).status_code
+
+
+@pytest.mark.parametrize("encoding", ["urlencoded", "multipart"])
+def test_the_name_is_locked_however_the_login_form_is_encoded(
+    client: TestClient, encoding: str
+) -> None:
+    assert [_post(client, encoding, GUESS) for _ in range(5)] == [401] * 5
+    assert _post(client, encoding, PASSWORD) == 429  # the name is locked: not even tried
+
+
+def test_a_multipart_login_still_logs_in(client: TestClient) -> None:
+    assert _post(client, "multipart", PASSWORD) == 303
+    assert client.get("/api/session").json()["name"] == "rad"
+
+
+def test_an_uppercase_form_content_type_is_refused_before_any_password_check(
+    client: TestClient,
+) -> None:
+    """Not counted by the throttle, so it must not reach the password check either."""
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    body = f"name=rad&password={PASSWORD}&csrf_token={token}"
+    kind = {"content-type": "Application/X-WWW-Form-Urlencoded"}
+    r = client.post("/login", content=body, headers=kind, follow_redirects=False)
+    assert r.status_code == 403
