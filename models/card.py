@@ -21,7 +21,9 @@ LABELS = {
 
 def metrics_table(report: dict[str, Any]) -> str:
     """Metric | value | 95% bootstrap CI."""
-    lines = ["| Metric | Value | 95% CI (bootstrap) |", "|---|---:|---:|"]
+    unit = report.get("bootstrap", {}).get("unit")
+    header = f"95% CI (bootstrap over {unit}s)" if unit else "95% CI (bootstrap)"
+    lines = [f"| Metric | Value | {header} |", "|---|---:|---:|"]
     for key, (lo, hi) in report["ci95"].items():
         lines.append(f"| {LABELS.get(key, key)} | {report[key]:.4f} | {lo:.4f} - {hi:.4f} |")
     if "confusion_matrix" in report:

@@ -80,3 +80,15 @@ def test_train_adapt_needs_init_weights(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code != 0
+
+
+def test_card_table_names_the_bootstrap_unit() -> None:
+    from models.card import metrics_table
+
+    report = {
+        "accuracy": 0.9,
+        "ci95": {"accuracy": (0.8, 0.95)},
+        "n": 10,
+        "bootstrap": {"unit": "patient", "units": 7},
+    }
+    assert "95% CI (bootstrap over patients)" in metrics_table(report)
