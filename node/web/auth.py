@@ -268,8 +268,8 @@ async def _fields(scope: Scope, body: bytes) -> dict[str, str]:
             return {k: v for k, v in form.items() if isinstance(v, str)}
         finally:
             await form.close()
-    try:
-        data = json.loads(body.decode())
+    try:  # bytes, as Starlette reads them for the API: UTF-8, -16 or -32, a BOM or not
+        data = json.loads(body)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         return {}
     if not isinstance(data, dict):

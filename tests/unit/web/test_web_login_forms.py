@@ -7,6 +7,8 @@ browser uses by default.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -48,3 +50,19 @@ def test_an_uppercase_form_content_type_is_refused_before_any_password_check(
     kind = {"content-type": "Application/X-WWW-Form-Urlencoded"}
     r = client.post("/login", content=body, headers=kind, follow_redirects=False)
     assert r.status_code == 403
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-32"])
+def test_the_name_is_locked_however_the_json_login_is_encoded(
+    client: TestClient, encoding: str
+) -> None:
+    """The API reads JSON as bytes (UTF-8, -16 or -32, with or without a BOM); so must
+    the throttle, or a guesser's JSON in UTF-16 never locks the name."""
+
+    def post(password: str) -> int:
+        body = json.dumps({"name": "rad", "password": password}).encode(encoding)
+        kind = {"content-type": "application/json"}
+        return client.post("/api/session", content=body, headers=kind).status_code
+
+    assert [post(GUESS) for _ in range(5)] == [401] * 5
+    assert post(PASSWORD) == 429
