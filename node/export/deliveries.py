@@ -190,18 +190,19 @@ def record(
         export.state = ExportState.DELIVERED
         export.delivered_at = now
         export.next_attempt_at = None
-        export.last_error = None
+        # A Warning (0xB000 coercion, 0xB006 elements discarded, 0xB007 not matching
+        # the SOP class) is stored all the same, but an admin wants to know what changed.
+        export.last_error = delivery.as_recorded[:2000] if delivery.status else None
         return
-    export.last_error = delivery.detail[:2000]
+    export.last_error = delivery.as_recorded[:2000]
     if delivery.outcome is Outcome.PERMANENT:
         export.state = ExportState.FAILED
         export.next_attempt_at = None
         return
     if streak >= max_processing_failures:
         export.state = ExportState.FAILED
-        export.last_error = (
-            f"gave up after {streak} answers 0x{PROCESSING_FAILURE:04X} in a row: {delivery.detail}"
-        )[:2000]
+        gave_up = f"gave up after {streak} answers 0x{PROCESSING_FAILURE:04X} in a row"
+        export.last_error = f"{gave_up}: {delivery.as_recorded}"[:2000]
         export.next_attempt_at = None
         return
     if streak:
@@ -210,10 +211,13 @@ def record(
         # table has no column for it, and the previous answer is all the count needs.
         export.last_error = (
             f"{delivery.detail} {streak} of {max_processing_failures} in a row; retrying"
-        )
+            + delivery.as_recorded.removeprefix(delivery.detail)
+        )[:2000]
     if now - export.retry_started_at >= retry_for:
         export.state = ExportState.FAILED
-        export.last_error = f"gave up after {export.attempts} attempts: {delivery.detail}"[:2000]
+        export.last_error = f"gave up after {export.attempts} attempts: {delivery.as_recorded}"[
+            :2000
+        ]
         export.next_attempt_at = None
         return
     # The exponent is capped: 2 ** 1024 overflows a float, and a destination retried

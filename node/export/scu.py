@@ -25,6 +25,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from node import dicom_socket, tls
 from node.config import Destination
@@ -47,7 +48,16 @@ class Outcome(enum.StrEnum):
 class Delivery:
     outcome: Outcome
     status: int | None
+    #: What happened, for the delivery's record and the log.
     detail: str
+    #: The destination's Error Comment (0000,0902), for the record only: a PACS may
+    #: name the patient in it ("PatientID ... conflicts"), so it is never logged.
+    comment: str | None = None
+
+    @property
+    def as_recorded(self) -> str:
+        """``detail`` with the destination's comment, as the delivery keeps it."""
+        return self.detail if not self.comment else f'{self.detail}; Error Comment "{self.comment}"'
 
 
 #: PS3.7 C.4.2 "Resource limitation": like 0xA7xx, worth trying again later.
@@ -68,10 +78,15 @@ def classify(status: int) -> Outcome:
 
 
 def status_detail(status: int) -> str:
-    """How an attempt's C-STORE status reads in the delivery's last_error."""
+    """How an attempt's C-STORE status reads in the delivery's last_error.
+
+    With its meaning from PS3.4 Annex B as pynetdicom names it, where it has one.
+    (0x0110's text is what the count of answers in a row is read back from.)
+    """
     if status == PROCESSING_FAILURE:
         return f"C-STORE status 0x{status:04X} (processing failure)"
-    return f"C-STORE status 0x{status:04X}"
+    _, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))
+    return f"C-STORE status 0x{status:04X}" + (f" ({meaning})" if meaning else "")
 
 
 def unreadable(exc: Exception, what: str) -> Delivery:
@@ -300,7 +315,8 @@ def _store(assoc: Any, item: Item) -> Delivery:
     if rsp is None or "Status" not in rsp:
         return Delivery(Outcome.TEMPORARY, None, "no response (timeout or abort)")
     code = int(rsp.Status)
-    return Delivery(classify(code), code, status_detail(code))
+    comment = rsp.get("ErrorComment")
+    return Delivery(classify(code), code, status_detail(code), str(comment) if comment else None)
 
 
 def _transfer_syntax(path: Path) -> str | None:

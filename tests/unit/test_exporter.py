@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import shutil
 import socket
 import threading
@@ -64,14 +65,21 @@ class Destination:
     status: int = 0x0000
     #: Associations the SCU aborted (A-ABORT).
     aborted: int = 0
+    #: The Error Comment it answers with ``status``, if any.
+    error_comment: str | None = None
 
-    def on_store(self, event: evt.Event) -> int:
+    def on_store(self, event: evt.Event) -> int | Dataset:
         self.during_store()
         self.received.append(str(event.request.AffectedSOPInstanceUID))
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.pixels.append((str(event.context.transfer_syntax), ds.pixel_array))
-        return self.status
+        if self.error_comment is None:
+            return self.status
+        answer = Dataset()
+        answer.Status = self.status
+        answer.ErrorComment = self.error_comment
+        return answer
 
     def on_abort(self, event: evt.Event) -> None:
         self.aborted += 1
@@ -663,3 +671,39 @@ def test_stopping_aborts_the_association_and_leaves_the_rest_due(
     while destination.aborted == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert destination.aborted == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "meaning"),
+    [
+        (0xB007, ExportState.DELIVERED, "Data Set Does Not Match SOP Class"),
+        (0xB000, ExportState.DELIVERED, "Coercion of Data Elements"),
+        (0xA900, ExportState.FAILED, "Data Set Does Not Match SOP Class"),
+    ],
+)
+def test_warning_or_failure_keeps_the_destinations_meaning_and_comment_out_of_the_log(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    destination: Destination,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    state: ExportState,
+    meaning: str,
+) -> None:
+    """A Warning was recorded as a bare status the study page does not show (it shows
+    last_error, empty on delivery), and the PACS's Error Comment, which says what it
+    coerced or why it refused, was dropped. The comment may name the patient: kept on
+    the delivery, never logged."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)
+    destination.status = status
+    destination.error_comment = "PatientID PID-4711 coerced to PID-0815"
+    with caplog.at_level(logging.DEBUG):
+        exporter.run_once()
+    row = _row(sessions)
+    assert (row.state, row.last_status, row.attempts) == (state, status, 1)
+    assert row.last_error == (
+        f'C-STORE status 0x{status:04X} ({meaning}); Error Comment "{destination.error_comment}"'
+    )
+    assert "PID-4711" not in caplog.text
