@@ -55,6 +55,11 @@ def is_opaque(keyword: str) -> bool:
     return all(vr in _OPAQUE_VRS for vr in _vrs(keyword))
 
 
+def same_in_series(keyword: str) -> bool:
+    """Every image of a series has the same value (:data:`SAME_IN_SERIES`)."""
+    return keyword in SAME_IN_SERIES
+
+
 def suggest(keyword: str) -> str | None:
     """The known keyword closest to a misspelt one, if any is close."""
     if keyword.lower() == CALLING_AE_TITLE.lower():
@@ -64,3 +69,65 @@ def suggest(keyword: str) -> str | None:
         return by_lower[keyword.lower()]
     close = difflib.get_close_matches(keyword, [*keyword_dict, CALLING_AE_TITLE], n=1, cutoff=0.8)
     return close[0] if close else None
+
+
+#: Attributes every image of a series shares: those of the Patient, General Study,
+#: Patient Study, General Series, General Equipment and Frame of Reference modules
+#: (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2, C.7.3.1, C.7.5.1, C.7.4.1), the sending AE and
+#: the query keys derived per study or series. When a series' first image fails a
+#: condition on one of them, its other images need not be read.
+SAME_IN_SERIES = frozenset(
+    {
+        CALLING_AE_TITLE,
+        # Patient
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientSpeciesDescription",
+        "PatientBreedDescription",
+        "PatientIdentityRemoved",
+        # General Study, Patient Study
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "PregnancyStatus",
+        # General Series
+        "Modality",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "SeriesDate",
+        "SeriesTime",
+        "SeriesDescription",
+        "Laterality",
+        "ProtocolName",
+        "BodyPartExamined",
+        "PatientPosition",
+        "OperatorsName",
+        "PerformingPhysicianName",
+        # General Equipment
+        "Manufacturer",
+        "ManufacturerModelName",
+        "DeviceSerialNumber",
+        "SoftwareVersions",
+        "InstitutionName",
+        "InstitutionalDepartmentName",
+        "StationName",
+        # Frame of Reference
+        "FrameOfReferenceUID",
+        # query keys (node.routing.attributes derives them)
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "NumberOfSeriesRelatedInstances",
+    }
+)

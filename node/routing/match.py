@@ -8,7 +8,7 @@ match is a result too (``None``): the caller records the study as not routed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from node.db.models import Priority
@@ -26,21 +26,23 @@ class SeriesAttributes:
     ``values`` maps DICOM keywords (and ``CallingAETitle``) to the element's values
     as text, one string per value; an element present without a value maps to ``()``.
     It is the first image's header; ``more`` holds the series' other images, which
-    may differ in image-level attributes (ViewPosition, ImageType, ...).
+    may differ in image-level attributes (ViewPosition, ImageType, ...). ``more`` may
+    read its headers only when iterated (:mod:`node.routing.attributes` does).
     """
 
     series_instance_uid: str
     values: Header = field(hash=False)
-    more: tuple[Header, ...] = field(default=(), hash=False)
+    more: Collection[Header] = field(default=(), hash=False)
 
     def get(self, keyword: str) -> tuple[str, ...] | None:
         """``keyword`` in the first image's header."""
         return self.values.get(keyword)
 
     @property
-    def instances(self) -> tuple[Header, ...]:
+    def instances(self) -> Iterator[Header]:
         """Every image's header, first image first."""
-        return (self.values, *self.more)
+        yield self.values
+        yield from self.more
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +102,32 @@ def _check(keyword: str, rule: Rule, header: Header) -> Outcome:
     )
 
 
+def _only_series_level_failed(rule: Rule, header: Header) -> bool:
+    """``header`` fails ``rule`` on an attribute every image of its series shares."""
+    return any(
+        not _check(keyword, rule, header).matched
+        for keyword in rule.match
+        if keywords.same_in_series(keyword)
+    )
+
+
+def _header_matches(rule: Rule, header: Header) -> bool:
+    return all(_check(keyword, rule, header).matched for keyword in rule.match)
+
+
 def series_matches(rule: Rule, series: SeriesAttributes) -> bool:
     """One image of the series meets every condition of ``rule``.
 
     Conditions hold together on one image, as a C-FIND identifier does (PS3.4
     C.2.2.3): a lateral image never makes a PA image of the same series match.
+    The other images are looked at only when the first fails on an image-level
+    attribute (ViewPosition), not on one they share (Modality, PS3.3 C.7.3.1).
     """
-    return any(
-        all(_check(keyword, rule, header).matched for keyword in rule.match)
-        for header in series.instances
-    )
+    if _header_matches(rule, series.values):
+        return True
+    if _only_series_level_failed(rule, series.values):
+        return False
+    return any(_header_matches(rule, header) for header in series.more)
 
 
 def route(rule_set: RuleSet, series: Sequence[SeriesAttributes]) -> RoutingDecision | None:
@@ -147,21 +165,19 @@ def _explain_header(rule: Rule, header: Header) -> tuple[ConditionResult, ...]:
 
 def _explain_series(rule: Rule, series: SeriesAttributes) -> SeriesExplanation:
     """Why the series matched (its first matching image), or why not (its first image)."""
-    headers = series.instances
-    first = _explain_header(rule, headers[0])
+    first = _explain_header(rule, series.values)
     shown, results = 0, first
-    if not all(r.matched for r in first):
-        for index, header in enumerate(headers[1:], start=1):
-            candidate = _explain_header(rule, header)
-            if all(r.matched for r in candidate):
-                shown, results = index, candidate
+    if not all(r.matched for r in first) and not _only_series_level_failed(rule, series.values):
+        for index, header in enumerate(series.more, start=1):
+            if _header_matches(rule, header):
+                shown, results = index, _explain_header(rule, header)
                 break
     return SeriesExplanation(
         series_instance_uid=series.series_instance_uid,
         matched=all(r.matched for r in results),
         conditions=results,
         instance=shown,
-        instances=len(headers),
+        instances=1 + len(series.more),
     )
 
 

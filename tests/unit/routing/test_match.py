@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from node.db.models import Priority
@@ -243,3 +245,23 @@ def test_one_image_of_a_series_must_meet_every_condition() -> None:
     assert [c.values for c in sx.conditions] == [("PA",), ("ORIGINAL", "PRIMARY")]
     (rx,) = explain(rules, [mixed])
     assert not rx.matched and (rx.series[0].instance, rx.series[0].instances) == (0, 2)
+
+
+class _Unread(tuple[dict[str, tuple[str, ...]], ...]):
+    """Images a test expects never to be read."""
+
+    def __iter__(self) -> Iterator[dict[str, tuple[str, ...]]]:
+        raise AssertionError("the series' other images were read")
+
+
+def test_other_images_are_read_only_for_an_image_level_condition() -> None:
+    """A CT series fails "Modality = CR" on its first image; its other 2000 images
+    share the Modality (PS3.3 C.7.3.1) and are not read."""
+    ct = SeriesAttributes("8.1", {"Modality": ("CT",), "ViewPosition": ()}, _Unread(({},)))
+    rules = one_rule('Modality = "CR"\nViewPosition = "PA"')
+    assert route(rules, [ct]) is None
+    (rx,) = explain(rules, [ct])
+    assert not rx.matched and rx.series[0].instances == 2
+    cr = SeriesAttributes("8.2", {"Modality": ("CR",), "ViewPosition": ("LL",)}, _Unread(({},)))
+    with pytest.raises(AssertionError, match="other images were read"):
+        route(rules, [cr])
