@@ -17,8 +17,10 @@ NAME = "Smith^Johnathan=" + "x" * 80
 
 @pytest.fixture
 def warn_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pydicom validating as highdicom's writers leave it: warn, and log the warning."""
-    monkeypatch.setattr(pydicom_config.settings, "_writing_validation_mode", pydicom_config.WARN)
+    """pydicom validating as by default: warn, and log the warning (the SCP sets both
+    modes to IGNORE process-wide when it is imported, as other tests do first)."""
+    for mode in ("_reading_validation_mode", "_writing_validation_mode"):
+        monkeypatch.setattr(pydicom_config.settings, mode, pydicom_config.WARN)
 
 
 @pytest.mark.usefixtures("warn_mode")
