@@ -81,7 +81,10 @@ async def check_csrf(request: Request) -> None:
     ):
         value = (await request.form()).get(CSRF_FIELD)
         given = value if isinstance(value, str) else None
-    if not isinstance(expected, str) or given is None or not hmac.compare_digest(expected, given):
+    # As bytes: compare_digest raises on a non-ASCII str (a 500 instead of a 403).
+    if not isinstance(expected, str) or given is None:
+        raise CsrfFailed
+    if not hmac.compare_digest(expected.encode(), given.encode()):
         raise CsrfFailed
 
 

@@ -12,7 +12,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.unit.web.test_web_api import PASSWORD
+from tests.unit.web.test_web_api import PASSWORD, login
 
 GUESS = "guess-123"  # pragma: allowlist secret
 
@@ -66,3 +66,15 @@ def test_the_name_is_locked_however_the_json_login_is_encoded(
 
     assert [post(GUESS) for _ in range(5)] == [401] * 5
     assert post(PASSWORD) == 429
+
+
+def test_a_non_ascii_csrf_token_is_refused_not_an_error(client: TestClient) -> None:
+    """hmac.compare_digest raises on non-ASCII str: a 500 and a traceback in the log
+    for anyone who sends one, instead of the 403 of any other wrong token."""
+    client.get("/login")
+    fields = {"name": "rad", "password": GUESS, "csrf_token": "jeton-\u00e9"}
+    assert client.post("/login", data=fields).status_code == 403
+    login(client, "rad")
+    del client.headers["X-CSRF-Token"]
+    latin1 = {"X-CSRF-Token": b"jeton-\xe9"}  # the server reads header bytes as Latin-1
+    assert client.delete("/api/session", headers=latin1).status_code == 403
