@@ -23,8 +23,19 @@ _NUMERIC_VRS = frozenset(
 _OPAQUE_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "NONE"})
 
 
+#: Headers are read up to the pixel data (``stop_before_pixels``): from Float Pixel
+#: Data (7FE0,0008) on, nothing is seen.
+_FIRST_UNREAD_TAG = 0x7FE00008
+
+
 def is_known(keyword: str) -> bool:
     return keyword == CALLING_AE_TITLE or tag_for_keyword(keyword) is not None
+
+
+def is_read(keyword: str) -> bool:
+    """Routing sees ``keyword`` (pixel data and what follows it are never read)."""
+    tag = tag_for_keyword(keyword)
+    return tag is None or tag < _FIRST_UNREAD_TAG
 
 
 @cache

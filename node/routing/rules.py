@@ -57,6 +57,11 @@ _DICOM_RANGE = re.compile(r"^(?P<low>[\d.:]*)-(?P<high>[\d.:]*)$")
 
 
 def _keyword(value: str) -> str:
+    if keywords.is_known(value) and not keywords.is_read(value):
+        raise PydanticCustomError(
+            "unread_keyword",
+            f"{value} is not read for routing (only the header before the pixel data is)",
+        )
     if keywords.is_known(value):
         return value
     hint = keywords.suggest(value)

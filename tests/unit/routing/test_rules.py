@@ -276,3 +276,13 @@ def test_a_date_range_written_as_dicom_text_says_how_to_write_it() -> None:
     assert "{min = 20240101, max = 20240131}" in caught.value.problems[0]
     # An offset in a DT (date time) value is not a range.
     assert parse_rules(_RULE + 'match = {AcquisitionDateTime = "20240101120000-0500"}\n')
+
+
+@pytest.mark.parametrize("keyword", ["PixelData", "FloatPixelData", "DataSetTrailingPadding"])
+def test_attributes_routing_never_reads_are_refused(keyword: str) -> None:
+    """Headers are read up to the pixel data: {present = true} never matched."""
+    with pytest.raises(RuleError) as caught:
+        parse_rules(_RULE + f"match = {{{keyword} = {{present = true}}}}\n")
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"line 6: rule[0].match.{keyword}: ")
+    assert "not read for routing" in problem
