@@ -14,7 +14,8 @@ An attribute may hold several values (``ImageType = DERIVED\\PRIMARY``): a condi
 on text holds if it holds for one of the values or for the whole backslash-joined
 value. CS values compare ignoring case in equality, any-of and wildcards; a regular
 expression follows its own flags. Leading and trailing spaces are padding (PS3.5 6.2),
-in the rule as in the header. Ages (AS) are compared in years, dates (DA) as
+in the rule as in the header. Equality on DS and IS (numbers written as text) compares
+numbers: ``"0.5"`` equals ``0.50``. Ages (AS) are compared in years, dates (DA) as
 ``YYYYMMDD`` and times (TM) as ``HHMMSS`` numbers (:func:`as_number`).
 """
 
@@ -45,6 +46,8 @@ _AGE = re.compile(r"^(\d{3})([DWMY])$")
 _TIME = re.compile(r"^(?P<hms>\d{2}|\d{4}|\d{6})(?P<fraction>\.\d{0,6})?$")
 _OLD_TIME = re.compile(r"^\d{2}:\d{2}(:\d{2}(\.\d{0,6})?)?$")
 _OLD_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
+#: VRs holding numbers as decimal text (PS3.5 6.2), compared as numbers in equality.
+_DECIMAL_TEXT_VRS = frozenset({"DS", "IS"})
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
 FORMS = (
@@ -181,8 +184,15 @@ class Equals(ConditionBase):
         if values is None or not _has_value(values):
             return _absent(values)
         want = self.value.casefold() if fold else self.value
-        hit = want in _candidates(values, fold)
+        hit = want in _candidates(values, fold) or self._same_number(values, vr)
         return Outcome(hit, f"'{_show(values)}' {'=' if hit else '!='} '{self.value}'")
+
+    def _same_number(self, values: tuple[str, ...], vr: str) -> bool:
+        """DS and IS values are numbers written as text: ``"0.5"`` equals ``"0.50"``."""
+        if not set(vr.split(" or ")) & _DECIMAL_TEXT_VRS:
+            return False
+        want = as_number(self.value)
+        return want is not None and any(as_number(v) == want for v in values)
 
     def describe(self) -> str:
         return f"= '{self.value}'"

@@ -60,6 +60,11 @@ def matches(match: str, **values: str | tuple[str, ...] | None) -> bool:
         ("SeriesNumber = {max = 0}", {"SeriesNumber": "1"}, False),
         ("SeriesNumber = {max = 0}", {}, False),
         ("SeriesNumber = 3", {"SeriesNumber": "3"}, True),
+        # a quoted number on a DS or IS attribute is still a number: "0.5" is "0.50"
+        ('PixelSpacing = "0.5"', {"PixelSpacing": ("0.50", "0.50")}, True),
+        ('SliceThickness = ["1", "2.5"]', {"SliceThickness": "2.500"}, True),
+        ('SeriesNumber = "1"', {"SeriesNumber": "+1"}, True),
+        ('SeriesNumber = "1"', {"SeriesNumber": "10"}, False),
         ("SliceThickness = {max = 2.5}", {"SliceThickness": "2.50"}, True),
         ("PatientAge = {min = 18}", {"PatientAge": "045Y"}, True),
         ("PatientAge = {min = 18}", {"PatientAge": "017Y"}, False),
