@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 from pynetdicom import AE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
@@ -299,6 +307,7 @@ def _store(assoc: Any, item: Item) -> Delivery:
             # (Lossy Image Compression stays "01"). Deflate is undone by pynetdicom.
             try:
                 ds.decompress(generate_instance_uid=False)
+                _mark_lossy(ds, tsuid)
             except Exception as exc:
                 # No decoder here for this syntax, or pixel data it cannot decode: the
                 # next attempt would fail the same way.
@@ -317,6 +326,31 @@ def _store(assoc: Any, item: Item) -> Delivery:
     code = int(rsp.Status)
     comment = rsp.get("ErrorComment")
     return Delivery(classify(code), code, status_detail(code), str(comment) if comment else None)
+
+
+#: Syntaxes that are lossy whatever their parameters (PS3.5 A.4), with the Lossy Image
+#: Compression Method each implies (PS3.3 C.7.6.1.1.5.1). JPEG 2000 and HTJ2K may be
+#: either; for those only the object's own Lossy Image Compression can say.
+_LOSSY_METHODS = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+}
+
+
+def _mark_lossy(ds: Dataset, source_syntax: UID) -> None:
+    """Keep the decoded pixels marked as lossy once their transfer syntax no longer says so.
+
+    PS3.3 C.7.6.1.1.5: Lossy Image Compression is "01" once an image has been lossy
+    compressed, and is never reset. pydicom's decompress keeps the element but does not
+    add it, so a JPEG baseline original without it would reach the PACS looking lossless.
+    """
+    method = _LOSSY_METHODS.get(source_syntax)
+    if method is None:
+        return
+    ds.LossyImageCompression = "01"
+    if "LossyImageCompressionMethod" not in ds:
+        ds.LossyImageCompressionMethod = method
 
 
 def _transfer_syntax(path: Path) -> str | None:

@@ -65,6 +65,8 @@ class Destination:
     status: int = 0x0000
     #: Associations the SCU aborted (A-ABORT).
     aborted: int = 0
+    #: Every data set received, as received.
+    datasets: list[Dataset] = field(default_factory=list)
     #: The Error Comment it answers with ``status``, if any.
     error_comment: str | None = None
 
@@ -74,6 +76,7 @@ class Destination:
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.pixels.append((str(event.context.transfer_syntax), ds.pixel_array))
+        self.datasets.append(ds)
         if self.error_comment is None:
             return self.status
         answer = Dataset()
@@ -707,3 +710,64 @@ def test_warning_or_failure_keeps_the_destinations_meaning_and_comment_out_of_th
         f'C-STORE status 0x{status:04X} ({meaning}); Error Comment "{destination.error_comment}"'
     )
     assert "PID-4711" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("jpeg-baseline__JPEGBaseline_1s_1f_u_08_08.dcm", "ISO_10918_1"),
+        ("jpeg-ls-near-lossless__CT1_JLSN.dcm", "ISO_14495_1"),
+    ],
+)
+def test_lossy_original_decompressed_for_a_destination_stays_marked_lossy(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    start_destination: Callable[..., Destination],
+    shared_data: Path,
+    name: str,
+    method: str,
+) -> None:
+    """A lossy original without Lossy Image Compression (a modality that left it out),
+    decompressed for a PACS taking only little endian: the transfer syntax was the only
+    sign of the lossy pixels, and they arrived looking lossless. PS3.3 C.7.6.1.1.5."""
+    source = dcmread(shared_data / "dicom/transfer-syntaxes" / name)
+    del source.LossyImageCompression
+    if "LossyImageCompressionMethod" in source:
+        del source.LossyImageCompressionMethod
+    path = tmp_path / "lossy.dcm"
+    source.save_as(path, enforce_file_format=True)
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    peer = start_destination([build_context(str(source.SOPClassUID), uncompressed)])
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    _originals(exporter, sessions, path)
+    exporter.run_once()
+    assert _row(sessions).state == ExportState.DELIVERED
+    (received,) = peer.datasets
+    assert received.file_meta.TransferSyntaxUID in uncompressed
+    assert (received.LossyImageCompression, received.LossyImageCompressionMethod) == ("01", method)
+    assert np.array_equal(received.pixel_array, source.pixel_array)
+
+
+def test_ybr_jpeg_original_arrives_as_rgb_pixels_still_marked_lossy(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    start_destination: Callable[..., Destination],
+    shared_data: Path,
+) -> None:
+    """JPEG baseline YBR_FULL_422 (a 120-frame ultrasound) to a PACS taking only little
+    endian: decoded to RGB, interleaved, Lossy Image Compression kept "01"."""
+    source = shared_data / "dicom/modalities/multi-frame/color3d_jpeg_baseline.dcm"
+    original = dcmread(source)
+    peer = start_destination([build_context(str(original.SOPClassUID), [ExplicitVRLittleEndian])])
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    _originals(exporter, sessions, source)
+    exporter.run_once()
+    assert _row(sessions).state == ExportState.DELIVERED
+    (received,) = peer.datasets
+    assert (
+        received.PhotometricInterpretation,
+        received.PlanarConfiguration,
+        received.LossyImageCompression,
+        received.SOPInstanceUID,
+    ) == ("RGB", 0, "01", original.SOPInstanceUID)
+    assert np.array_equal(received.pixel_array, original.pixel_array)
