@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
+    JPEG2000MC,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -771,3 +772,33 @@ def test_ybr_jpeg_original_arrives_as_rgb_pixels_still_marked_lossy(
         received.SOPInstanceUID,
     ) == ("RGB", 0, "01", original.SOPInstanceUID)
     assert np.array_equal(received.pixel_array, original.pixel_array)
+
+
+def test_original_no_decoder_here_can_decompress_fails_once_with_the_reason(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    start_destination: Callable[..., Destination],
+    shared_data: Path,
+) -> None:
+    """A syntax pydicom has no decoder for (JPEG 2000 Part 2), to a PACS taking only
+    uncompressed: failed at once, saying so, not retried for the whole window."""
+    source = dcmread(shared_data / "dicom/transfer-syntaxes/jpeg2000__MR2_J2KI.dcm")
+    source.file_meta.TransferSyntaxUID = JPEG2000MC
+    path = tmp_path / "part2.dcm"
+    source.save_as(path, enforce_file_format=True)
+    peer = start_destination(
+        [build_context(MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    )
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    _originals(exporter, sessions, path)
+    exporter.run_once()
+    row = _row(sessions)
+    assert (row.state, row.attempts, row.next_attempt_at, peer.received) == (
+        ExportState.FAILED,
+        1,
+        None,
+        [],
+    )
+    assert (row.last_error or "").startswith(
+        "cannot decompress JPEG 2000 Part 2 Multi-component Image Compression"
+    )
