@@ -32,10 +32,31 @@ def is_known(keyword: str) -> bool:
     return keyword == CALLING_AE_TITLE or tag_for_keyword(keyword) is not None
 
 
+#: The Code Sequence Macro (PS3.3 8.8): attributes only ever found in sequence items
+#: (ProcedureCodeSequence, ViewCodeSequence, ...), which rules do not look into.
+_ONLY_IN_SEQUENCE_ITEMS = frozenset(
+    {
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "LongCodeValue",
+        "URNCodeValue",
+        "MappingResource",
+        "ContextIdentifier",
+        "ContextUID",
+    }
+)
+
+
 def is_read(keyword: str) -> bool:
     """Routing sees ``keyword`` (pixel data and what follows it are never read)."""
     tag = tag_for_keyword(keyword)
     return tag is None or tag < _FIRST_UNREAD_TAG
+
+
+def only_in_sequence_items(keyword: str) -> bool:
+    return keyword in _ONLY_IN_SEQUENCE_ITEMS
 
 
 @cache

@@ -62,6 +62,12 @@ def _keyword(value: str) -> str:
             "unread_keyword",
             f"{value} is not read for routing (only the header before the pixel data is)",
         )
+    if keywords.only_in_sequence_items(value):
+        raise PydanticCustomError(
+            "sequence_item_keyword",
+            f"{value} occurs only inside sequence items, which rules do not look into; "
+            "test the sequence with {present = ...}",
+        )
     if keywords.is_known(value):
         return value
     hint = keywords.suggest(value)

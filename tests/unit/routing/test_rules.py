@@ -278,11 +278,21 @@ def test_a_date_range_written_as_dicom_text_says_how_to_write_it() -> None:
     assert parse_rules(_RULE + 'match = {AcquisitionDateTime = "20240101120000-0500"}\n')
 
 
-@pytest.mark.parametrize("keyword", ["PixelData", "FloatPixelData", "DataSetTrailingPadding"])
-def test_attributes_routing_never_reads_are_refused(keyword: str) -> None:
-    """Headers are read up to the pixel data: {present = true} never matched."""
+@pytest.mark.parametrize(
+    ("keyword", "why"),
+    [
+        # Headers are read up to the pixel data: {present = true} never matched.
+        ("PixelData", "not read for routing"),
+        ("FloatPixelData", "not read for routing"),
+        ("DataSetTrailingPadding", "not read for routing"),
+        # Only inside sequence items (PS3.3 8.8): such a rule never matched.
+        ("CodeValue", "inside sequence items"),
+        ("CodeMeaning", "inside sequence items"),
+        ("CodingSchemeDesignator", "inside sequence items"),
+    ],
+)
+def test_attributes_routing_never_sees_are_refused(keyword: str, why: str) -> None:
     with pytest.raises(RuleError) as caught:
         parse_rules(_RULE + f"match = {{{keyword} = {{present = true}}}}\n")
     (problem,) = caught.value.problems
-    assert problem.startswith(f"line 6: rule[0].match.{keyword}: ")
-    assert "not read for routing" in problem
+    assert problem.startswith(f"line 6: rule[0].match.{keyword}: ") and why in problem, problem
