@@ -235,12 +235,22 @@ def _processing_failures(export: Export) -> int:
 
 
 def retry(session: Session, export_id: int) -> bool:
-    """Re-arm one delivery now (after an admin fixed the cause); False if unknown."""
+    """Re-arm one delivery now (after an admin fixed the cause); False if unknown.
+
+    A delivered one is sent again (the PACS lost it, say): pending, it no longer shows
+    a delivery time until the new send.
+    """
     now = utcnow()
     changed = session.execute(
         update(Export)
         .where(Export.id == export_id)
-        .values(state=ExportState.PENDING, next_attempt_at=now, retry_started_at=now, attempts=0)
+        .values(
+            state=ExportState.PENDING,
+            next_attempt_at=now,
+            retry_started_at=now,
+            attempts=0,
+            delivered_at=None,
+        )
         .returning(Export.id)
     ).first()
     return changed is not None

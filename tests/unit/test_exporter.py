@@ -802,3 +802,24 @@ def test_original_no_decoder_here_can_decompress_fails_once_with_the_reason(
     assert (row.last_error or "").startswith(
         "cannot decompress JPEG 2000 Part 2 Multi-component Image Compression"
     )
+
+
+def test_admin_retry_of_a_delivered_object_sends_it_again(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """``exports retry`` on a delivered object (the PACS lost it) sends it again; while
+    pending it showed its old delivery time next to "pending"."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    uid = generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "v1", uid), uid)
+    exporter.run_once()
+    row = _row(sessions)
+    assert row.state == ExportState.DELIVERED
+    with sessions.begin() as session:
+        assert deliveries.retry(session, row.id)
+        assert not deliveries.retry(session, row.id + 1000)
+    row = _row(sessions)
+    assert (row.state, row.attempts, row.delivered_at) == (ExportState.PENDING, 0, None)
+    assert exporter.run_once() == 1
+    assert _row(sessions).state == ExportState.DELIVERED
+    assert destination.received == [uid, uid]
