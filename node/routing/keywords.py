@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from functools import cache
 
-from pydicom.datadict import dictionary_VR, keyword_dict, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_dict, tag_for_keyword
 
 #: Not a DICOM attribute: the AE title of the association that sent the study.
 CALLING_AE_TITLE = "CallingAETitle"
@@ -47,6 +47,14 @@ _ONLY_IN_SEQUENCE_ITEMS = frozenset(
         "ContextUID",
     }
 )
+
+
+def is_single_valued(keyword: str) -> bool:
+    """The dictionary allows ``keyword`` one value only (VM 1, PS3.6)."""
+    if keyword == CALLING_AE_TITLE:
+        return True
+    tag = tag_for_keyword(keyword)
+    return tag is not None and dictionary_VM(tag) == "1"
 
 
 def is_read(keyword: str) -> bool:

@@ -36,6 +36,7 @@ from node.routing.conditions import (
     ConditionBase,
     Equals,
     Not,
+    Wildcard,
     as_number,
     parse_condition,
 )
@@ -230,14 +231,41 @@ def _unsuitable_conditions(text: str, rules: list[Any]) -> list[tuple[int, str]]
             elif condition.uses_numbers() and not keywords.is_numeric(key):
                 message = f"a number or range needs a numeric attribute; {key} has VR {vr}"
                 found.append(_problem(text, loc, message))
-            elif vr in ("DA", "TM") and (hint := _range_text(condition, vr)):
+            elif hint := _text_never_equal(condition, key, vr):
                 found.append(_problem(text, loc, hint))
     return found
+
+
+def _text_never_equal(condition: ConditionBase, key: str, vr: str) -> str | None:
+    """Why a text condition could never equal a stored value of ``key``, or ``None``."""
+    if vr in ("DA", "TM") and (hint := _range_text(condition, vr)):
+        return hint
+    if keywords.is_single_valued(key):
+        return _several_values(condition, key)
+    return None
+
+
+def _several_values(condition: ConditionBase, key: str) -> str | None:
+    """Why ``"CR\\DX"`` on a one-valued attribute is refused, or ``None``.
+
+    A backslash separates values (PS3.5 6.4): the text is one multi-valued value,
+    which a single-valued attribute never equals.
+    """
+    for value in _texts(condition):
+        if "\\" in value:
+            items = ", ".join(f'"{v.strip()}"' for v in value.split("\\"))
+            return (
+                f"'{value}' has several values but {key} holds one; "
+                f"for any of them write a list: [{items}]"
+            )
+    return None
 
 
 def _texts(condition: ConditionBase) -> list[str]:
     if isinstance(condition, Equals):
         return [condition.value]
+    if isinstance(condition, Wildcard):
+        return [condition.pattern]
     if isinstance(condition, AnyOf):
         return [t for option in condition.options for t in _texts(option)]
     if isinstance(condition, Not):

@@ -296,3 +296,15 @@ def test_attributes_routing_never_sees_are_refused(keyword: str, why: str) -> No
         parse_rules(_RULE + f"match = {{{keyword} = {{present = true}}}}\n")
     (problem,) = caught.value.problems
     assert problem.startswith(f"line 6: rule[0].match.{keyword}: ") and why in problem, problem
+
+
+def test_a_backslash_on_a_single_valued_attribute_is_refused() -> None:
+    """``"CR\\\\DX"`` is one two-valued value (PS3.5 6.4); Modality holds one value, so
+    such a rule never matched. A list says "any of"."""
+    with pytest.raises(RuleError) as caught:
+        parse_rules(_RULE + 'match = {Modality = "CR\\\\DX"}\n')
+    assert caught.value.problems == [
+        "line 6: rule[0].match.Modality: 'CR\\DX' has several values but Modality holds "
+        'one; for any of them write a list: ["CR", "DX"]'
+    ]
+    assert parse_rules(_RULE + 'match = {ImageType = "ORIGINAL\\\\PRIMARY*"}\n')
