@@ -119,7 +119,8 @@ class Accounts:
         outdated hash is written back, if it is still the one stored.
         """
         with self._reads() as session:
-            user = session.scalar(select(User).where(User.name == name))
+            # No account name has a NUL, and PostgreSQL would refuse it with an error.
+            user = None if "\x00" in name else session.scalar(select(User).where(User.name == name))
             account = Account.of(user) if user is not None else None
             stored = user.password_hash if user is not None else None
         ok, new_hash = passwords.verify(password, stored)

@@ -166,6 +166,29 @@ class SecurityHeaders:
         await self._app(scope, receive, send_headers)
 
 
+class RefuseNul:
+    """400 for a NUL character in the path or the query string, before any handler.
+
+    PostgreSQL text cannot hold one: the query would fail with a 500 and a traceback
+    in the log, for anyone (the login page needs no account). No UID, user name,
+    search or filter of the node contains one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope["path"]
+            or b"%00" in scope["query_string"]
+            or b"\x00" in scope["query_string"]
+        ):
+            response = JSONResponse({"detail": "NUL character in the URL"}, status_code=400)
+            await response(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
+
+
 def create_app(node: Node) -> FastAPI:
     app = FastAPI(
         title="triage-node",
@@ -181,6 +204,7 @@ def create_app(node: Node) -> FastAPI:
         refuse=_login_refused,
         audit=_login_locked,
     )
+    app.add_middleware(RefuseNul)  # added first, runs inside: its 400 gets the headers
     app.add_middleware(NoStore)
     app.add_middleware(SecurityHeaders, https=settings.secure_cookies)
     app.add_middleware(

@@ -62,6 +62,12 @@ def listing(filters: str, uids: Sequence[str]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _storable(text: str) -> str:
+    """``text`` with NUL shown as U+FFFD: PostgreSQL text cannot hold NUL, and a name
+    tried at a failed login (anyone's text) must still be recorded, not fail the login."""
+    return text.replace("\x00", "\ufffd")
+
+
 class AuditTrail:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
@@ -79,10 +85,10 @@ class AuditTrail:
             session.add(
                 AuditEvent(
                     time=utcnow(),
-                    user_name=user_name[:64],
+                    user_name=_storable(user_name)[:64],
                     action=action[:64],
                     study_instance_uid=study_instance_uid,
-                    detail=detail,
+                    detail=None if detail is None else _storable(detail),
                     client_address=(client_address or "")[:64] or None,
                 )
             )
