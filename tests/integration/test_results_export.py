@@ -9,16 +9,19 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
-from node.config import load_settings
+from node.config import Destination, load_settings
 from node.db.models import Export, ExportState, Finding, Study
+from node.export.scu import Item, Outcome, send
 from node.runtime import Node
 from tests.conftest import node_config
 from tests.dicomgen import cxr_from_jpeg
@@ -257,3 +260,34 @@ def _walk(items: Any) -> Iterator[Any]:
         yield item
         if "ContentSequence" in item:
             yield from _walk(item.ContentSequence)
+
+
+def test_originals_reach_orthanc_in_their_own_transfer_syntax(
+    orthanc: Orthanc, shared_data: Path
+) -> None:
+    """Originals in every transfer syntax of the corpus, in one association to a PACS
+    that takes them all: each is stored as it was (no decompression), same pixels."""
+    files = sorted((shared_data / "dicom" / "transfer-syntaxes").glob("*.dcm"))
+    items = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append(Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    destination = Destination(
+        name="pacs", ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port
+    )
+    outcomes = send(destination, items, calling_ae_title="TRIAGE", timeout=30)
+    assert [o.outcome for o in outcomes] == [Outcome.DELIVERED] * len(items), [
+        (p.name, o.detail) for p, o in zip(files, outcomes, strict=True)
+    ]
+    stored = {str(i["SOPInstanceUID"]): str(i["id"]) for i in orthanc.instances()}
+    # Files of the corpus share one SOP Instance UID (MR_small in several syntaxes):
+    # Orthanc keeps the first one it got (OverwriteInstances is off).
+    first: dict[str, Path] = {}
+    for path, item in zip(files, items, strict=True):
+        first.setdefault(item.sop_instance_uid, path)
+    assert set(stored) == set(first)
+    for uid, oid in stored.items():
+        sent = dcmread(first[uid])
+        kept = dcmread(BytesIO(orthanc.file(oid)))
+        assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID, first[uid].name
+        assert np.array_equal(kept.pixel_array, sent.pixel_array), first[uid].name
