@@ -31,9 +31,16 @@ def _text_values(elem: pydicom.DataElement) -> tuple[str, ...]:
         return (f"[{len(elem.value)} bytes]",) if elem.value else ()
     if elem.VM == 0 or elem.value is None:
         return ()
-    if elem.VM > 1:
-        return tuple(str(v) for v in elem.value)
-    return (str(elem.value),)
+    texts = [str(v) for v in elem.value] if elem.VM > 1 else [str(elem.value)]
+    if elem.VR == "PN":
+        return tuple(_person_name(t) for t in texts)
+    return tuple(texts)
+
+
+def _person_name(text: str) -> str:
+    """``SMITH^JOHN^^^`` as ``SMITH^JOHN``: empty trailing components and groups carry
+    nothing (PS3.5 6.2, PN), and a rule should not have to spell them."""
+    return "=".join(group.rstrip("^") for group in text.split("=")).rstrip("=")
 
 
 def dataset_values(ds: Dataset, calling_ae_title: str) -> dict[str, tuple[str, ...]]:

@@ -12,7 +12,7 @@
 
 An attribute may hold several values (``ImageType = DERIVED\\PRIMARY``): a condition
 on text holds if it holds for one of the values or for the whole backslash-joined
-value. CS values compare ignoring case in equality, any-of and wildcards; a regular
+value. CS and PN values compare ignoring case in equality, any-of and wildcards; a regular
 expression follows its own flags. Leading and trailing spaces are padding (PS3.5 6.2),
 in the rule as in the header. Equality on DS and IS (numbers written as text) compares
 numbers: ``"0.5"`` equals ``0.50``. Ages (AS) are compared in years, dates (DA) as

@@ -1,6 +1,6 @@
 """The attribute names a rule may test: DICOM keywords (PS3.6) plus ``CallingAETitle``.
 
-The value representation decides how a condition compares: CS values (PS3.5 6.2)
+The value representation decides how a condition compares: CS and PN values
 compare case-insensitively, numeric VRs allow ranges, sequences and bulk data only
 presence.
 """
@@ -83,8 +83,13 @@ def _vrs(keyword: str) -> list[str]:
 
 
 def is_case_insensitive(keyword: str) -> bool:
-    """CS (Code String) values are compared ignoring case; everything else exactly."""
-    return _vrs(keyword) == ["CS"]
+    """CS (Code String) and PN (Person Name) values are compared ignoring case.
+
+    CS values are upper case by definition (PS3.5 6.2); names may be matched
+    ignoring case (PS3.4 C.2.2.2.1), and senders differ in how they write them.
+    Everything else compares exactly.
+    """
+    return _vrs(keyword) in (["CS"], ["PN"])
 
 
 def is_numeric(keyword: str) -> bool:

@@ -185,3 +185,18 @@ def test_study_level_query_attributes_are_derived(
     assert decision is not None and decision.series_instance_uids == (cr.series_instance_uid,)
     (one,) = file_series_attributes(chest)
     assert one.get("ModalitiesInStudy") == ("CR",)
+
+
+def test_person_names_lose_empty_trailing_components(tmp_path: Path, shared_data: Path) -> None:
+    """``SMITH^JOHN^^^`` is ``SMITH^JOHN`` (PS3.5 6.2, PN): equality must not see the carets."""
+    path = tmp_path / "pn.dcm"
+    path.write_bytes(
+        _copy(
+            shared_data / "dicom/modalities/cr/RG1_UNCR.dcm",
+            ReferringPhysicianName="SMITH^JOHN^^^",
+            PerformingPhysicianName="Yamada^Tarou^^=^=",
+        )
+    )
+    (series,) = file_series_attributes(path)
+    assert series.get("ReferringPhysicianName") == ("SMITH^JOHN",)
+    assert series.get("PerformingPhysicianName") == ("Yamada^Tarou",)

@@ -39,6 +39,10 @@ def matches(match: str, **values: str | tuple[str, ...] | None) -> bool:
         ('Modality = "CR"', {}, False),
         ('SeriesDescription = "Chest"', {"SeriesDescription": "chest"}, False),
         ('SeriesDescription = "Chest"', {"SeriesDescription": "Chest "}, True),
+        # PN: case-insensitive (PS3.4 C.2.2.2.1), empty trailing components do not count
+        ('ReferringPhysicianName = "SMITH^JOHN"', {"ReferringPhysicianName": "Smith^John"}, True),
+        ('ReferringPhysicianName = "Smith*"', {"ReferringPhysicianName": "SMITH^JOHN"}, True),
+        ('ReferringPhysicianName = "SMITH^JOHN"', {"ReferringPhysicianName": "SMITH^JANE"}, False),
         # any of
         ('Modality = ["CR", "DX"]', {"Modality": "DX"}, True),
         ('Modality = ["CR", "DX"]', {"Modality": "CT"}, False),
