@@ -16,7 +16,8 @@ value. CS and PN values compare ignoring case in equality, any-of and wildcards;
 expression follows its own flags. Leading and trailing spaces are padding (PS3.5 6.2),
 in the rule as in the header. Equality on DS and IS (numbers written as text) compares
 numbers: ``"0.5"`` equals ``0.50``. Ages (AS) are compared in years, dates (DA) as
-``YYYYMMDD`` and times (TM) as ``HHMMSS`` numbers (:func:`as_number`).
+``YYYYMMDD``, times (TM) as ``HHMMSS`` and date-times (DT) as ``YYYYMMDDHHMMSS``
+numbers (:func:`as_number`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ _EMPTY_TEXT = "empty string; use {present = false} for an absent or empty attrib
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
 _TIME = re.compile(r"^(?P<hms>\d{2}|\d{4}|\d{6})(?P<fraction>\.\d{0,6})?$")
 _OLD_TIME = re.compile(r"^\d{2}:\d{2}(:\d{2}(\.\d{0,6})?)?$")
+#: DT: YYYY[MM[DD[HH[MM[SS[.F{1,6}]]]]]][&ZZXX] (PS3.5 6.2); the offset is left aside.
+_DATE_TIME = re.compile(r"^(?P<digits>\d{4}(?:\d{2}){0,5})(?P<fraction>\.\d{1,6})?(?:[+-]\d{4})?$")
+#: What a shorter DT lacks, as its first instant: 2024 is 20240101000000.
+_DT_PADDING = "0101000000"
 _OLD_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
 #: VRs holding numbers as decimal text (PS3.5 6.2), compared as numbers in equality.
 _DECIMAL_TEXT_VRS = frozenset({"DS", "IS"})
@@ -89,7 +94,8 @@ def as_number(value: str, *, vr: str = "") -> float | None:
     AS ages (``045Y``, ``006M``) in years; TM times as ``HHMMSS.FFFFFF``, so the
     shorter ``HHMM`` and ``HH`` forms (``1830`` is 18:30) and the ACR-NEMA
     ``HH:MM:SS`` read as the same time; DA dates as ``YYYYMMDD``, the ACR-NEMA
-    ``YYYY.MM.DD`` too.
+    ``YYYY.MM.DD`` too; DT date-times as ``YYYYMMDDHHMMSS.FFFFFF``, a shorter one at
+    its first instant (``2024`` is ``20240101000000``), the UTC offset left aside.
     """
     text = value.strip()
     if vr == "AS":
@@ -103,6 +109,12 @@ def as_number(value: str, *, vr: str = "") -> float | None:
         text = m.group("hms").ljust(6, "0") + (m.group("fraction") or "")
     elif vr == "DA" and _OLD_DATE.match(text):
         text = text.replace(".", "")
+    elif vr == "DT":
+        m = _DATE_TIME.match(text)
+        if m is None:
+            return None
+        digits = m.group("digits")
+        text = digits + _DT_PADDING[len(digits) - 4 :] + (m.group("fraction") or "")
     try:
         return float(text)
     except ValueError:

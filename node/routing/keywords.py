@@ -17,7 +17,7 @@ CALLING_AE_TITLE = "CallingAETitle"
 
 #: VRs whose values are numbers (or read as numbers: dates, times, ages in years).
 _NUMERIC_VRS = frozenset(
-    {"DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AS", "DA", "TM"}
+    {"DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AS", "DA", "TM", "DT"}
 )
 #: VRs whose values are not text a rule can compare: only presence is testable.
 _OPAQUE_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "NONE"})

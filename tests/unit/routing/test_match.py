@@ -82,6 +82,19 @@ def matches(match: str, **values: str | tuple[str, ...] | None) -> bool:
         ("StudyTime = {min = 180000}", {"StudyTime": "183000.250"}, True),
         ("StudyTime = {min = 180000}", {"StudyTime": "18:30:00"}, True),  # ACR-NEMA form
         ("StudyDate = {min = 20240101}", {"StudyDate": "2024.01.31"}, True),
+        # DT as YYYYMMDDHHMMSS, shorter forms padded, the UTC offset left aside
+        (
+            "AcquisitionDateTime = {min = 20240101180000}",
+            {"AcquisitionDateTime": "202401011830"},
+            True,
+        ),
+        (
+            "AcquisitionDateTime = {max = 20240101180000}",
+            {"AcquisitionDateTime": "20240101183000.5-0500"},
+            False,
+        ),
+        ("AcquisitionDateTime = {min = 20240101000000}", {"AcquisitionDateTime": "2024"}, True),
+        ("AcquisitionDateTime = {min = 20240101000000}", {"AcquisitionDateTime": "2023"}, False),
         # padding is not part of a value (PS3.5 6.2), in the rule as in the header
         ('BodyPartExamined = "CHEST "', {"BodyPartExamined": "CHEST"}, True),
         ('Modality = [" CR", "DX"]', {"Modality": "CR"}, True),
