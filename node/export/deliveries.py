@@ -143,6 +143,22 @@ def claim(session: Session, ids: list[int], *, now: datetime, until: datetime) -
     )
 
 
+def extend_claim(session: Session, ids: list[int], *, held: datetime, until: datetime) -> None:
+    """Keep a claim (:func:`claim`, held until ``held``) ahead of a long attempt.
+
+    A row re-armed meanwhile (due now, not at ``held``) is left as it is.
+    """
+    session.execute(
+        update(Export)
+        .where(
+            Export.id.in_(ids),
+            Export.state == ExportState.PENDING,
+            Export.next_attempt_at == held,
+        )
+        .values(next_attempt_at=until)
+    )
+
+
 def still_as_sent(current: Export, sent: Export) -> bool:
     """Whether the row still describes the object an attempt sent.
 

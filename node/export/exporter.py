@@ -6,9 +6,12 @@ import logging
 import tempfile
 import threading
 from collections import defaultdict
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, Settings
@@ -21,6 +24,41 @@ from node.observability import metrics
 from node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
+
+
+#: A claim lasts this many export.timeout_seconds: connect, associate and one C-STORE
+#: (each bounded by it) fit, and it is renewed before each object while it goes.
+_LEASE_TIMEOUTS = 4
+
+
+@dataclass(slots=True)
+class Claim:
+    """Deliveries taken for one attempt (:func:`deliveries.claim`).
+
+    Another exporter on the same database (a second node process) skips them while
+    the claim holds. It is kept a few timeouts ahead of the send rather than sized for
+    the longest batch, so deliveries a killed node was sending go again soon after.
+    """
+
+    sessions: sessionmaker[Session]
+    ids: list[int]
+    until: datetime
+    lease: timedelta
+
+    def renew(self) -> None:
+        """Push the claim a lease ahead once half of it is gone."""
+        now = utcnow()
+        if not self.ids or self.until - now > self.lease / 2:
+            return
+        until = now + self.lease
+        try:
+            with self.sessions.begin() as session:
+                deliveries.extend_claim(session, self.ids, held=self.until, until=until)
+        except SQLAlchemyError as exc:
+            # The send goes on: at worst another node sends some of them once more.
+            log.warning("cannot renew the claim on %d deliveries: %s", len(self.ids), exc)
+            return
+        self.until = until
 
 
 class Exporter:
@@ -49,7 +87,7 @@ class Exporter:
         cfg = self.settings.export
         attempted = 0
         for name, ids in by_destination.items():
-            exports = self._claim(ids)
+            exports, claim = self._claim(ids)
             attempted += len(exports)
             if not exports:
                 continue
@@ -64,7 +102,7 @@ class Exporter:
                     Item(Path(self.store.path(e.path)), e.sop_class_uid, e.sop_instance_uid)
                     for e in exports
                 ]
-                results = self._send(destination, items)
+                results = self._send(destination, items, claim.renew)
                 retry_for = timedelta(seconds=destination.retry_for_seconds)
             with self.sessions.begin() as session:
                 for export, result in zip(exports, results, strict=True):
@@ -102,23 +140,23 @@ class Exporter:
                     )
         return attempted
 
-    def _claim(self, ids: list[int]) -> list[Export]:
-        """Take the deliveries ``ids`` for this attempt, as they are now, in that order.
-
-        Another exporter on the same database (a second node process) skips them
-        until the claim lapses; it covers the longest the attempt may take (connect,
-        associate and each C-STORE bounded by ``export.timeout_seconds``), so a node
-        killed mid-send leaves them to the next one after that.
-        """
+    def _claim(self, ids: list[int]) -> tuple[list[Export], Claim]:
+        """Take the deliveries ``ids`` for this attempt, as they are now, in that order."""
         now = utcnow()
-        lease = timedelta(seconds=self.settings.export.timeout_seconds * (2 * len(ids) + 4))
+        lease = timedelta(seconds=self.settings.export.timeout_seconds * _LEASE_TIMEOUTS)
         with self.sessions.begin() as session:
             claimed = deliveries.claim(session, ids, now=now, until=now + lease)
             session.expunge_all()
         order = {export_id: index for index, export_id in enumerate(ids)}
-        return sorted(claimed, key=lambda e: order[e.id])
+        exports = sorted(claimed, key=lambda e: order[e.id])
+        return exports, Claim(self.sessions, [e.id for e in exports], now + lease, lease)
 
-    def _send(self, destination: Destination, items: list[Item]) -> list[Delivery]:
+    def _send(
+        self,
+        destination: Destination,
+        items: list[Item],
+        heartbeat: Callable[[], None] | None = None,
+    ) -> list[Delivery]:
         """Send ``items``; for a ``deidentify`` destination, de-identified copies of them.
 
         The copies (no PHI left in them) live in a temporary folder under the store's
@@ -128,7 +166,12 @@ class Exporter:
         calling = self.settings.dicom.ae_title
         if not destination.deidentify:
             return send(
-                destination, items, calling_ae_title=calling, timeout=timeout, stop=self._stop
+                destination,
+                items,
+                calling_ae_title=calling,
+                timeout=timeout,
+                stop=self._stop,
+                heartbeat=heartbeat,
             )
         results: list[Delivery | None] = [None] * len(items)
         try:
@@ -139,6 +182,8 @@ class Exporter:
         with tempfile.TemporaryDirectory(prefix="deid-", dir=self.store.tmp_dir) as workdir:
             copies: list[tuple[int, Item]] = []
             for index, item in enumerate(items):
+                if heartbeat is not None:
+                    heartbeat()
                 target = Path(workdir) / f"{index}.dcm"
                 try:
                     uid = deidentifier.deidentify_file(item.path, target)
@@ -156,6 +201,7 @@ class Exporter:
                     calling_ae_title=calling,
                     timeout=timeout,
                     stop=self._stop,
+                    heartbeat=heartbeat,
                 )
                 for (index, _), delivery in zip(copies, sent, strict=True):
                     results[index] = delivery

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,22 +131,31 @@ def send(
     calling_ae_title: str,
     timeout: float,
     stop: threading.Event | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> list[Delivery]:
     """Send ``items``; one :class:`Delivery` per item, in order.
 
     One association, or several when the items need more than :data:`MAX_CONTEXTS`
     presentation contexts (many SOP classes times transfer syntaxes). Once ``stop``
     is set, the association is aborted (A-ABORT, PS3.8 7.3) before the next object
-    and the rest are :attr:`Outcome.UNSENT`.
+    and the rest are :attr:`Outcome.UNSENT`. ``heartbeat`` is called before each
+    association and each object (the exporter keeps its claim on them alive).
     """
     results: list[Delivery] = []
     for batch in _batches(items):
         if stop is not None and stop.is_set():
             results.extend([_STOPPING] * len(batch))
             continue
+        if heartbeat is not None:
+            heartbeat()
         results.extend(
             _send_batch(
-                destination, batch, calling_ae_title=calling_ae_title, timeout=timeout, stop=stop
+                destination,
+                batch,
+                calling_ae_title=calling_ae_title,
+                timeout=timeout,
+                stop=stop,
+                heartbeat=heartbeat,
             )
         )
     return results
@@ -195,6 +204,7 @@ def _send_batch(
     calling_ae_title: str,
     timeout: float,
     stop: threading.Event | None,
+    heartbeat: Callable[[], None] | None,
 ) -> list[Delivery]:
     """Send ``batch`` over one association."""
     items = [item for item, _ in batch]
@@ -242,17 +252,24 @@ def _send_batch(
                 "no association (refused, aborted or timed out)"
             )
             return [Delivery(Outcome.TEMPORARY, None, detail)] * len(items)
-        return _store_all(assoc, items, stop)
+        return _store_all(assoc, items, stop, heartbeat)
     finally:
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
 
 
-def _store_all(assoc: Any, items: Sequence[Item], stop: threading.Event | None) -> list[Delivery]:
+def _store_all(
+    assoc: Any,
+    items: Sequence[Item],
+    stop: threading.Event | None,
+    heartbeat: Callable[[], None] | None,
+) -> list[Delivery]:
     """C-STORE ``items`` in order over ``assoc``, aborting it once ``stop`` is set."""
     results: list[Delivery] = []
     for item in items:
+        if heartbeat is not None:
+            heartbeat()
         if stop is not None and stop.is_set():
             if assoc.is_established:
                 assoc.abort()

@@ -823,3 +823,53 @@ def test_admin_retry_of_a_delivered_object_sends_it_again(
     assert exporter.run_once() == 1
     assert _row(sessions).state == ExportState.DELIVERED
     assert destination.received == [uid, uid]
+
+
+def test_claim_of_a_node_killed_mid_send_lapses_within_a_few_timeouts(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """The claim was sized for the longest batch (twice the timeout per object): a node
+    killed while sending 10 objects left them unsent for 24 timeouts after its restart."""
+    exporter = _exporter(tmp_path, sessions, destination.port)
+    exporter.settings.export.timeout_seconds = 10.0
+    for index in range(10):
+        uid = generate_uid(prefix=TEST_ROOT)
+        _queue(sessions, 1, _result(exporter.store, f"r{index}", uid), uid)
+
+    def killed(*args: object, **kwargs: object) -> list[Delivery]:
+        raise SystemExit("killed mid-send")
+
+    exporter._send = killed  # type: ignore[method-assign,assignment]
+    with pytest.raises(SystemExit):
+        exporter.run_once()
+    latest = utcnow() + timedelta(seconds=4 * 10.0 + 5)
+    for row in _rows(sessions):
+        assert row.state == ExportState.PENDING and row.attempts == 0
+        assert row.next_attempt_at is not None and row.next_attempt_at <= latest
+
+
+def test_claim_is_kept_ahead_of_a_batch_longer_than_it(
+    tmp_path: Path, sessions: sessionmaker[Session], destination: Destination
+) -> None:
+    """A batch outlasting the first lease (4 timeouts): the claim is renewed before each
+    object, so a second exporter polling all along takes none of it."""
+    first = _exporter(tmp_path, sessions, destination.port)
+    second = _exporter(tmp_path, sessions, destination.port)
+    first.settings.export.timeout_seconds = second.settings.export.timeout_seconds = 1.0
+    uids = [generate_uid(prefix=TEST_ROOT) for _ in range(8)]
+    for index, uid in enumerate(uids):
+        _queue(sessions, 1, _result(first.store, f"r{index}", uid), uid)
+    destination.during_store = lambda: time.sleep(0.7)  # 8 x 0.7 s > 4 s
+    sending = threading.Thread(target=first.run_once)
+    sending.start()
+    deadline = time.monotonic() + 10
+    while not destination.received and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first has claimed them and is sending
+    taken = 0
+    while sending.is_alive():
+        taken += second.run_once()
+        time.sleep(0.2)
+    sending.join()
+    assert taken == 0
+    assert destination.received == uids
+    assert {row.state for row in _rows(sessions)} == {ExportState.DELIVERED}
