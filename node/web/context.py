@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
+from fastapi import Path as PathParameter
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,6 +60,14 @@ def web_context(request: Request) -> WebContext:
 
 
 Context = Annotated[WebContext, Depends(web_context)]
+
+#: The largest row offset or rules version a URL may give: the database's 32-bit
+#: integers (a larger number overflowed the query: a 500 instead of a 422).
+MAX_URL_NUMBER = 2**31 - 1
+#: ``?offset=`` of a paged list.
+Offset = Annotated[int, Query(ge=0, le=MAX_URL_NUMBER)]
+#: A rules version in a path.
+RulesVersion = Annotated[int, PathParameter(ge=1, le=MAX_URL_NUMBER)]
 
 
 def client_address(request: Request) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -24,7 +24,7 @@ from node.web.api.rules import Problem, TestResult, active_rules, run_test, vali
 from node.web.api.status import node_dashboard, node_models, switch_model
 from node.web.api.worklist import WorklistParams, flag, item
 from node.web.audit import listing
-from node.web.context import Context, WebContext, client_address
+from node.web.context import Context, Offset, RulesVersion, WebContext, client_address
 from node.web.model_catalogue import card
 from node.web.studies import Mark, mark_and_audit, study_detail
 from node.worklist import worklist_fingerprint, worklist_page
@@ -128,9 +128,7 @@ def _worklist_params(request: Request) -> WorklistParams:
 
 
 @router.get("/", response_class=HTMLResponse)
-def worklist(
-    user: auth.User, ctx: Context, request: Request, offset: Annotated[int, Query(ge=0)] = 0
-) -> HTMLResponse:
+def worklist(user: auth.User, ctx: Context, request: Request, offset: Offset = 0) -> HTMLResponse:
     params = _worklist_params(request)
     values = _worklist_values(ctx, params, offset)
     ctx.audit.record(
@@ -159,7 +157,7 @@ def worklist(
 
 @router.get("/worklist/rows", response_class=HTMLResponse)
 def worklist_rows(
-    user: auth.User, ctx: Context, request: Request, offset: Annotated[int, Query(ge=0)] = 0
+    user: auth.User, ctx: Context, request: Request, offset: Offset = 0
 ) -> HTMLResponse:
     """The worklist's rows alone, for the live update of an open page."""
     params = _worklist_params(request)
@@ -358,7 +356,7 @@ def rules_test(
 
 @router.post("/admin/rules/versions/{version}/activate")
 def rules_activate(
-    version: int, admin: auth.Admin, ctx: Context, request: Request
+    version: RulesVersion, admin: auth.Admin, ctx: Context, request: Request
 ) -> RedirectResponse:
     try:
         new = ctx.rules.activate(version, admin.name)
@@ -414,7 +412,7 @@ def audit_page(
     admin: auth.Admin,
     ctx: Context,
     request: Request,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> HTMLResponse:
     """The filters come from the form as typed: empty fields mean "any", and a bad
     date is answered with the form, its input and the reason (not a JSON error)."""

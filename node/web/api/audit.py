@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from node.web import auth
 from node.web.audit import AuditQuery, csv_lines, utc
-from node.web.context import Context, client_address
+from node.web.context import Context, Offset, client_address
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 
@@ -82,7 +82,7 @@ def audit_events(
     admin: auth.Admin,
     ctx: Context,
     params: Annotated[AuditParams, Query()],
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventOut]:
     """Audit events, newest first."""

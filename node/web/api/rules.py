@@ -14,7 +14,7 @@ from node.errors import RuleError, StorageError
 from node.routing.attributes import study_series_attributes
 from node.routing.match import explain
 from node.web import auth
-from node.web.context import Context, WebContext, client_address
+from node.web.context import Context, RulesVersion, WebContext, client_address
 
 router = APIRouter(prefix="/api/rules", tags=["rules"])
 
@@ -224,7 +224,7 @@ def list_versions(admin: auth.Admin, ctx: Context) -> list[VersionOut]:
 
 
 @router.get("/versions/{version}", response_model=RulesText)
-def version_text(version: int, admin: auth.Admin, ctx: Context) -> RulesText:
+def version_text(version: RulesVersion, admin: auth.Admin, ctx: Context) -> RulesText:
     try:
         return RulesText(text=ctx.rules.text(version))
     except RuleError:
@@ -232,7 +232,9 @@ def version_text(version: int, admin: auth.Admin, ctx: Context) -> RulesText:
 
 
 @router.post("/versions/{version}/activate", response_model=VersionOut)
-def activate(version: int, admin: auth.Admin, ctx: Context, request: Request) -> VersionOut:
+def activate(
+    version: RulesVersion, admin: auth.Admin, ctx: Context, request: Request
+) -> VersionOut:
     """Roll back (or forward): the old text becomes a new active version."""
     try:
         new = ctx.rules.activate(version, admin.name)

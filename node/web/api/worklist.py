@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from node.db.models import Priority, StudyStatus
 from node.web import auth
 from node.web.audit import listing
-from node.web.context import Context, client_address
+from node.web.context import Context, Offset, client_address
 from node.worklist import WorklistFilter, WorklistRow, worklist_fingerprint, worklist_page
 
 router = APIRouter(prefix="/api/worklist", tags=["worklist"])
@@ -122,7 +122,7 @@ def worklist(
     ctx: Context,
     request: Request,
     params: Annotated[WorklistParams, Query()],
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
 ) -> WorklistPage:
     """Studies in reading order: STAT, urgent, routine; then model score; then oldest first."""
