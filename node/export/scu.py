@@ -10,6 +10,11 @@ failure (0xA9xx data set does not match SOP class, 0xCxxx cannot understand,
 again cannot succeed, so we do not retry in a loop. With ``destination.tls`` the
 association runs over DICOM TLS (PS3.15 B.2); a failed handshake is temporary
 and its delivery detail says why (e.g. "TLS certificate verify failed: ...").
+
+Presentation contexts (PS3.8 9.3.2.2, 9.3.3.2): each object's own transfer syntax in a
+context of its own, then Explicit and Implicit VR Little Endian, at most 128 contexts
+per association; what the destination accepted decides whether an object goes as
+stored or decompressed.
 """
 
 from __future__ import annotations
