@@ -873,3 +873,25 @@ def test_claim_is_kept_ahead_of_a_batch_longer_than_it(
     assert taken == 0
     assert destination.received == uids
     assert {row.state for row in _rows(sessions)} == {ExportState.DELIVERED}
+
+
+def test_sop_class_refused_among_others_fails_alone_and_the_rest_go(
+    tmp_path: Path, sessions: sessionmaker[Session], start_destination: Callable[..., Destination]
+) -> None:
+    peer = start_destination([build_context(MRImageStorage)])
+    exporter = _exporter(tmp_path, sessions, peer.port)
+    ct_uid, mr_uid = generate_uid(prefix=TEST_ROOT), generate_uid(prefix=TEST_ROOT)
+    _queue(sessions, 1, _result(exporter.store, "ct", ct_uid), ct_uid)
+    mr = _result(exporter.store, "mr", mr_uid)
+    ds = dcmread(exporter.store.path(mr))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.save_as(exporter.store.path(mr), enforce_file_format=True)
+    _queue(sessions, 1, mr, mr_uid, sop_class=MRImageStorage)
+    assert exporter.run_once() == 2
+    ct, delivered = _rows(sessions)
+    assert (ct.state, ct.attempts, ct.last_status) == (ExportState.FAILED, 1, None)
+    assert (
+        ct.last_error
+        == f"destination does not accept SOP class {CTImageStorage} (CT Image Storage)"
+    )
+    assert delivered.state == ExportState.DELIVERED and peer.received == [mr_uid]
