@@ -514,17 +514,49 @@ def worker(
 
 @app.command()
 def echo(
-    host: Annotated[str, typer.Argument(help="Host of the remote AE.")],
-    port: Annotated[int, typer.Argument(help="Port of the remote AE.")],
+    host: Annotated[
+        str | None, typer.Argument(help="Host of the remote AE (or use --destination).")
+    ] = None,
+    port: Annotated[int | None, typer.Argument(help="Port of the remote AE.")] = None,
+    *,
+    destination: Annotated[
+        str | None,
+        typer.Option(
+            "--destination",
+            "-d",
+            help="A configured destination: its host, port, AE titles and TLS, as exports use.",
+        ),
+    ] = None,
     aec: Annotated[str, typer.Option("--aec", help="Called AE title.")] = "ANY-SCP",
-    aet: Annotated[str, typer.Option("--aet", help="Our calling AE title.")] = "TRIAGE",
+    aet: Annotated[
+        str | None, typer.Option("--aet", help="Our calling AE title (default: dicom.ae_title).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+    config: ConfigOption = None,
 ) -> None:
-    """Send a C-ECHO (verification) to a DICOM AE."""
-    from node.verification import c_echo
+    """Send a C-ECHO (verification) to a DICOM AE or to a configured destination."""
+    from node.verification import c_echo, echo_destination
 
-    result = c_echo(host, port, called_ae_title=aec, calling_ae_title=aet, timeout=timeout)
-    (console if result.ok else err_console).print(result.detail)
+    settings = _settings(config)
+    if destination is not None:
+        if host is not None:
+            err_console.print("[red]error:[/red] give HOST PORT or --destination, not both")
+            raise typer.Exit(2)
+        dest = settings.destination(destination)
+        if dest is None:
+            known = ", ".join(d.name for d in settings.destinations) or "none configured"
+            err_console.print(
+                f"[red]error:[/red] no destination {escape(destination)!r} ({escape(known)})"
+            )
+            raise typer.Exit(2)
+        result = echo_destination(settings, dest, timeout=timeout)
+    elif host is None or port is None:
+        err_console.print("[red]error:[/red] give HOST PORT, or --destination NAME")
+        raise typer.Exit(2)
+    else:
+        calling = aet or settings.dicom.ae_title
+        result = c_echo(host, port, called_ae_title=aec, calling_ae_title=calling, timeout=timeout)
+    (console if result.ok else err_console).print(result.detail, markup=False)
     raise typer.Exit(0 if result.ok else 1)
 
 

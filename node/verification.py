@@ -1,18 +1,22 @@
 """Verification SOP class SCU (C-ECHO, PS3.4 Annex A): is that AE there and does it talk to us?
 
-Used by ``serve`` to show the listener works, by ``triage-node echo`` and, later,
-by the admin page's test button for destinations.
+Used by ``serve`` to show the listener works, by ``triage-node echo`` and by the
+admin page's test button for destinations (:func:`echo_destination`).
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import dicom_socket, tls
+
+if TYPE_CHECKING:
+    from node.config import Destination, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +68,26 @@ def c_echo(
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def echo_destination(
+    settings: Settings, destination: Destination, *, timeout: float = 10.0
+) -> EchoResult:
+    """C-ECHO a configured destination as an export reaches it: its calling AE title
+    (or ``dicom.ae_title``), its called AE title and its TLS settings."""
+    try:
+        context = (
+            None
+            if destination.tls is None
+            else tls.client_context(destination.tls, what=f"destination {destination.name} tls")
+        )
+    except tls.TlsError as exc:  # unreadable certificate files: say so, as the export would
+        return EchoResult(False, str(exc))
+    return c_echo(
+        destination.host,
+        destination.port,
+        called_ae_title=destination.ae_title,
+        calling_ae_title=destination.calling_ae_title or settings.dicom.ae_title,
+        timeout=timeout,
+        tls_context=context,
+    )

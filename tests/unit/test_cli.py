@@ -204,3 +204,56 @@ def test_users_commands_print_markup_in_config_errors_literally(
     result = runner.invoke(cli.app, ["users", "list", "-c", str(bad)])
     assert result.exit_code == 2, result.exception
     assert "[/b]x" in result.stderr
+
+
+@pytest.fixture
+def verification_scp() -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """A real C-ECHO SCP that answers only to the called AE title "PACS"; it records
+    (calling, called) AE titles of every echo it answers."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    seen: list[tuple[str, str]] = []
+
+    def on_echo(event: evt.Event) -> int:
+        seen.append((event.assoc.requestor.ae_title, event.assoc.acceptor.ae_title))
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, on_echo)]
+    )
+    try:
+        yield port, seen
+    finally:
+        server.shutdown()
+
+
+def test_echo_a_configured_destination_as_exports_reach_it(
+    runner: CliRunner, tmp_path: Path, verification_scp: tuple[int, list[tuple[str, str]]]
+) -> None:
+    port, seen = verification_scp
+    config = write_config(
+        tmp_path / "node.toml",
+        {
+            "dicom": {"ae_title": "TRIAGE_HQ"},
+            "storage": {"data_dir": str(tmp_path / "var")},
+            "destinations": [
+                {"name": "main-pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port},
+            ],
+        },
+    )
+    done = runner.invoke(cli.app, ["echo", "--destination", "main-pacs", "-c", str(config)])
+    assert done.exit_code == 0, done.output
+    # No --aet: the node's own AE title, not a made-up one the PACS may refuse.
+    done = runner.invoke(
+        cli.app, ["echo", "127.0.0.1", str(port), "--aec", "PACS", "-c", str(config)]
+    )
+    assert done.exit_code == 0, done.output
+    assert seen == [("TRIAGE_HQ", "PACS"), ("TRIAGE_HQ", "PACS")]
+    unknown = runner.invoke(cli.app, ["echo", "--destination", "nope", "-c", str(config)])
+    assert unknown.exit_code == 2 and "main-pacs" in unknown.output
+    assert runner.invoke(cli.app, ["echo", "-c", str(config)]).exit_code == 2

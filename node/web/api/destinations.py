@@ -6,9 +6,8 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from node import tls
 from node.db.models import Export
-from node.verification import EchoResult, c_echo
+from node.verification import echo_destination
 from node.web import auth
 from node.web.context import Context, WebContext, client_address
 
@@ -64,23 +63,9 @@ def echo(name: str, admin: auth.Admin, ctx: Context, request: Request) -> EchoOu
     dest = ctx.settings.destination(name)
     if dest is None:
         raise HTTPException(404, "no such destination")
-    try:
-        context = (
-            None
-            if dest.tls is None
-            else tls.client_context(dest.tls, what=f"destination {dest.name} tls")
-        )
-    except tls.TlsError as exc:  # unreadable certificate files: say so, as the export would
-        result = EchoResult(False, str(exc))
-    else:
-        result = c_echo(
-            dest.host,
-            dest.port,
-            called_ae_title=dest.ae_title,
-            calling_ae_title=dest.calling_ae_title or ctx.settings.dicom.ae_title,
-            timeout=min(ctx.settings.export.timeout_seconds, 10.0),
-            tls_context=context,
-        )
+    result = echo_destination(
+        ctx.settings, dest, timeout=min(ctx.settings.export.timeout_seconds, 10.0)
+    )
     ctx.audit.record(
         admin.name,
         "destination.echo",
