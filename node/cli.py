@@ -672,7 +672,9 @@ def exports_list(
         later = (
             f"{r.next_attempt_at:%H:%M:%S}" if r.state == "pending" and r.next_attempt_at else ""
         )
+        # A pending delivery that failed before says why next to when it goes again.
         # last_error is the remote PACS's text: never markup.
+        why = r.last_error or ""
         cells = (
             str(r.id),
             r.destination,
@@ -681,7 +683,7 @@ def exports_list(
             r.state,
             str(r.attempts),
             status,
-            later or (r.last_error or ""),
+            f"{later}: {why}" if later and why else (later or why),
         )
         table.add_row(*(escape(cell) for cell in cells))
     console.print(table)

@@ -156,6 +156,23 @@ def test_exports_state_takes_only_real_states(runner: CliRunner, config: Path) -
     assert "No deliveries." in delivered.stdout
 
 
+def test_a_pending_delivery_says_why_it_waits(
+    runner: CliRunner, config: Path, terminal: io.StringIO, sessions: sessionmaker[Session]
+) -> None:
+    """ "Next try" alone hides why: a pending retry shows the time and the last error."""
+    from datetime import timedelta
+
+    with sessions.begin() as session:
+        export = session.query(Export).one()
+        export.state = ExportState.PENDING
+        export.last_error = "association rejected by PACS"
+        export.next_attempt_at = utcnow() + timedelta(minutes=5)
+    result = runner.invoke(cli.app, ["exports", "-c", str(config)])
+    assert result.exit_code == 0, result.exception
+    shown = " ".join(terminal.getvalue().split())
+    assert f"{export.next_attempt_at:%H:%M:%S}: association rejected by PACS" in shown
+
+
 @DATABASE_COMMANDS
 def test_database_commands_report_a_broken_database_in_one_line(
     runner: CliRunner, tmp_path: Path, args: list[str]
