@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,7 +25,7 @@ from node.users.throttle import Lock, LoginThrottle
 from node.web import auth, pages
 from node.web.api import audit, destinations, rules, session, status, studies, worklist
 from node.web.context import STATIC_DIR, WebContext, client_address
-from node.web.internal import internal_router
+from node.web.internal import FILES_PREFIX, internal_router
 from node.web.secret import session_secret
 from node.web.service import health_router
 
@@ -189,6 +189,63 @@ class RefuseNul:
         await self._app(scope, receive, send)
 
 
+#: The largest request body the user-facing app reads: forms, logins and rules
+#: documents are far smaller. Result uploads (internal API) have their own limit.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for a request body over ``MAX_BODY_BYTES``, before any handler reads it.
+
+    FastAPI reads a JSON or form body whole before the route's dependencies (the login
+    check among them) run: unbounded, one anonymous POST could fill the memory. A
+    declared Content-Length over the limit is refused unread; a chunked body is cut
+    off where it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(FILES_PREFIX):
+            await self._app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await _too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(scope, receive, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse({"detail": "request body too large"}, status_code=413)
+    await response(scope, receive, send)
+
+
 def create_app(node: Node) -> FastAPI:
     app = FastAPI(
         title="triage-node",
@@ -204,6 +261,7 @@ def create_app(node: Node) -> FastAPI:
         refuse=_login_refused,
         audit=_login_locked,
     )
+    app.add_middleware(BodyLimit)  # outside the throttle, which reads login bodies itself
     app.add_middleware(RefuseNul)  # added first, runs inside: its 400 gets the headers
     app.add_middleware(NoStore)
     app.add_middleware(SecurityHeaders, https=settings.secure_cookies)
