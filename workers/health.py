@@ -228,6 +228,11 @@ class WorkerHealth:
         probes = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                """Monitors that probe with HEAD get the status line and headers only."""
+                self._head_only = True
+                self.do_GET()
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics" and probes.settings.web.metrics:
@@ -245,7 +250,8 @@ class WorkerHealth:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not getattr(self, "_head_only", False):
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 """Quiet: probes every few seconds would flood the worker's log."""

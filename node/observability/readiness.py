@@ -22,7 +22,7 @@ def readiness_router(node: Node) -> APIRouter:
     """``/readyz`` of ``node``'s role; include it before the service router's routes."""
     router = APIRouter(tags=["health"])
 
-    @router.get("/readyz")
+    @router.api_route("/readyz", methods=["GET", "HEAD"])
     def readyz() -> JSONResponse:
         """Readiness: listener accepting, database answering, storage writable (by role)."""
         checks = node.readiness()

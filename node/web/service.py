@@ -29,7 +29,7 @@ def health_router(node: Node) -> APIRouter:
     """/healthz and (when ``web.metrics``) /metrics of ``node``'s role."""
     router = APIRouter(tags=["health"])
 
-    @router.get("/healthz")
+    @router.api_route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> JSONResponse:
         """Liveness: 200 while every component thread of this role runs, else 503."""
         components = node.components()

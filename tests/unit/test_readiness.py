@@ -31,6 +31,15 @@ def test_ready_node_reports_every_check_by_name(start_node: Callable[..., Node])
     assert all(check == {"ok": True} for check in checks.values()), checks
 
 
+def test_monitors_may_probe_with_head(start_node: Callable[..., Node]) -> None:
+    """Load balancers and uptime monitors often send HEAD: same status, no body."""
+    node = start_node(web={"enabled": True})
+    assert node.web_url is not None
+    for path in ("healthz", "readyz"):
+        answer = httpx.head(node.web_url + path, timeout=30)
+        assert answer.status_code == 200 and answer.content == b"", (path, answer.status_code)
+
+
 def test_store_that_cannot_be_written_is_not_ready(start_node: Callable[..., Node]) -> None:
     """Free space alone says nothing of a read-only or broken store (runs as root too:
     the temp folder is replaced by a file, so no permission bit is involved)."""

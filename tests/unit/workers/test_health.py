@@ -73,3 +73,14 @@ def test_weights_gone_after_start_make_the_worker_not_ready(probes: WorkerHealth
     (folder / "pneumonia-triage.weights.npz").unlink()
     (reason,) = _model_reasons(probes)
     assert reason.startswith("models.weights_dir: ") and "pneumonia-triage.weights.npz" in reason
+
+
+def test_worker_endpoints_answer_head(probes: WorkerHealth) -> None:
+    """HEAD, as monitors probe: the status of GET, no body."""
+    import httpx
+
+    probes.start()
+    base = f"http://127.0.0.1:{probes.bound_port}"
+    get, head = httpx.get(f"{base}/readyz", timeout=10), httpx.head(f"{base}/readyz", timeout=10)
+    assert head.status_code == get.status_code == 503 and head.content == b""
+    assert httpx.head(f"{base}/healthz", timeout=10).status_code == probes.liveness()[0]
