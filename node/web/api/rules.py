@@ -13,6 +13,7 @@ from node.db.models import Study
 from node.errors import RuleError, StorageError
 from node.routing.attributes import study_series_attributes
 from node.routing.match import explain
+from node.routing.store import NOTHING_ROUTED
 from node.web import auth
 from node.web.context import Context, RulesVersion, WebContext, client_address
 
@@ -55,6 +56,10 @@ class SeriesOut(BaseModel):
     series_instance_uid: str
     matched: bool
     conditions: list[ConditionOut]
+    #: Which image of the series ``conditions`` describe (1-based), of how many: the
+    #: first that meets every condition, else the first.
+    image: int = 1
+    images: int = 1
 
 
 class RuleOut(BaseModel):
@@ -123,7 +128,12 @@ def validate(ctx: WebContext, text: str) -> Validation:
         rule_set = ctx.rules.parse(text, "rules")
     except RuleError as exc:
         return Validation(ok=False, problems=problems_of(exc))
-    return Validation(ok=True, problems=[], rules=[r.name for r in rule_set.rules])
+    names = [r.name for r in rule_set.rules]
+    if not any(r.enabled for r in rule_set.rules):
+        # Saving refuses it (RuleStore.save); say so before the admin presses Save.
+        nothing = Problem(line=None, message=NOTHING_ROUTED)
+        return Validation(ok=False, problems=[nothing], rules=names)
+    return Validation(ok=True, problems=[], rules=names)
 
 
 def run_test(ctx: WebContext, study_uid: str, text: str | None) -> TestResult:
@@ -156,6 +166,8 @@ def run_test(ctx: WebContext, study_uid: str, text: str | None) -> TestResult:
                     SeriesOut(
                         series_instance_uid=s.series_instance_uid,
                         matched=s.matched,
+                        image=s.instance + 1,
+                        images=s.instances,
                         conditions=[
                             ConditionOut(
                                 keyword=c.keyword,

@@ -39,6 +39,7 @@ from node.db.models import (
     WebSession,
 )
 from node.errors import ConfigError
+from node.routing.store import NOTHING_ROUTED
 from node.runtime import Node
 from node.users.accounts import Accounts
 from node.web.app import SESSION_COOKIE, create_app
@@ -716,6 +717,20 @@ def test_rules_validate_save_test_and_rollback(client: TestClient, node: Node) -
     back = client.post("/api/rules/versions/1/activate")
     assert back.status_code == 200 and back.json()["version"] == 3
     assert client.post("/api/rules/test", json={"study_instance_uid": "9.9"}).status_code == 404
+
+
+def test_validate_says_a_document_without_an_enabled_rule_cannot_be_saved(
+    client: TestClient, node: Node
+) -> None:
+    """Saving refuses rules that would route nothing; Validate must not call them valid."""
+    login(client, "admin")
+    text = client.get("/api/rules").json()["text"]
+    disabled = text.replace("[[rule]]\n", "[[rule]]\nenabled = false\n")
+    assert disabled != text
+    checked = client.post("/api/rules/validate", json={"text": disabled}).json()
+    assert not checked["ok"] and checked["rules"]
+    assert checked["problems"] == [{"line": None, "message": NOTHING_ROUTED}]
+    assert client.post("/api/rules", json={"text": disabled}).status_code == 422
 
 
 def test_status_and_destinations(client: TestClient, node: Node) -> None:
