@@ -292,11 +292,7 @@ def rules_submit(
             admin,
             text=text,
             comment=comment,
-            message=(
-                f"Valid: {len(checked.rules)} rules ({', '.join(checked.rules)}); not saved."
-                if checked.rules
-                else "Valid, but no rules: every study would be not routed. Not saved."
-            ),
+            message=f"Valid: {len(checked.rules)} rules ({', '.join(checked.rules)}); not saved.",
         )
     try:
         version = ctx.rules.save(text, admin.name, comment or None)

@@ -587,8 +587,8 @@ def test_rules_page_warns_that_an_empty_document_routes_nothing(
     page = client.post(
         "/admin/rules", data={"text": "format = 1\n", "action": "validate", "csrf_token": token}
     )
-    assert page.status_code == 200
-    assert "no rules: every study would be not routed" in page.text
+    assert page.status_code == 422  # refused as saving would refuse it, with the reason
+    assert NOTHING_ROUTED in html.unescape(page.text)
 
 
 def test_audit_browse_and_csv(client: TestClient, node: Node) -> None:
