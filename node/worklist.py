@@ -6,9 +6,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, SQLColumnExpression, func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
+from node.db.matching import holds_item
 from node.db.models import Priority, Study, StudyMark
 
 
@@ -185,27 +186,12 @@ _ROW_COLUMNS = (
 )
 
 
-def _holds_item(column: SQLColumnExpression[str], value: str) -> ColumnElement[bool]:
-    """Whether a backslash-separated list (ModalitiesInStudy) holds ``value`` whole.
-
-    A substring match would find CT in OCT and US in IVUS. The LIKE escape is ``/``:
-    backslash is the separator here, and PostgreSQL's default escape.
-    """
-    item = value.replace("/", "//").replace("%", "/%").replace("_", "/_")
-    return or_(
-        column == value,
-        column.like(f"{item}\\%", escape="/"),
-        column.like(f"%\\{item}", escape="/"),
-        column.like(f"%\\{item}\\%", escape="/"),
-    )
-
-
 def _where(query: WorklistFilter) -> list[ColumnElement[bool]]:
     clauses: list[ColumnElement[bool]] = []
     if query.statuses:
         clauses.append(Study.status.in_(query.statuses))
     if query.modality:
-        clauses.append(_holds_item(Study.modalities, query.modality))
+        clauses.append(holds_item(Study.modalities, query.modality, "\\"))  # whole item
     if query.priority is not None:
         clauses.append(Study.priority == int(query.priority))
     if query.received_from is not None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.db.matching import holds_item
 from node.db.models import AuditEvent
 from node.db.types import utcnow
 
@@ -128,20 +129,13 @@ LISTING_ACTIONS = ("worklist.view", "worklist.refresh", "worklist.api")
 
 
 def _concerns(study_instance_uid: str) -> ColumnElement[bool]:
-    """Events about one study: its own column, or a worklist listing that showed it.
-
-    The UID is matched as a whole word of the listing (space before, space or the end
-    after), so 1.2.3 does not find 1.2.34; LIKE's wildcards in the filter are escaped.
-    """
-    word = study_instance_uid.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    """Events about one study: its own column, or a worklist listing that showed it
+    (the UID as a whole word of the listing, so 1.2.3 does not find 1.2.34)."""
     return or_(
         AuditEvent.study_instance_uid == study_instance_uid,
         and_(
             AuditEvent.action.in_(LISTING_ACTIONS),
-            or_(
-                AuditEvent.detail.like(f"% {word} %", escape="\\"),
-                AuditEvent.detail.like(f"% {word}", escape="\\"),
-            ),
+            holds_item(AuditEvent.detail, study_instance_uid, " "),
         ),
     )
 
